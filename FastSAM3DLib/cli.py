@@ -1,0 +1,407 @@
+"""The ``fastsam3d`` command line.
+
+Exit status: 0 done; 2 bad input (a message on stderr names the file or field and what was
+expected; nothing is written and no existing output is touched); 1 an internal fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import FastSAM3DInputError
+
+logger = logging.getLogger("fastsam3d")
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO_ROOT / "Resources" / "Sample"
+
+
+class UsageError(FastSAM3DInputError):
+    """A command-line argument that cannot be used."""
+
+
+def _triple(text: str, what: str, count: int = 3) -> Tuple[float, ...]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != count or not all(np.isfinite(values)):
+        example = ",".join(["12.5", "-30", "8"] if count == 3 else ["0", "0", "0", "10", "10", "10"])
+        raise UsageError(f"{what}: expected {count} comma-separated numbers like {example}, got {text!r}")
+    return values
+
+
+class _OrderedPrompts(argparse.Action):
+    """Keep --point / --negative / --box in the order given (clicks are sequential)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prompts = list(getattr(namespace, "prompts", None) or [])
+        prompts.append((self.dest, values))
+        namespace.prompts = prompts
+
+
+def _check_output_path(path: Optional[str], what: str, suffixes: Sequence[str]) -> Optional[Path]:
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{what} {out}: is a folder; expected a file name")
+    if not out.parent.exists():
+        raise UsageError(f"{what} {out}: its folder {out.parent} does not exist")
+    if not out.name.lower().endswith(tuple(suffixes)):
+        raise UsageError(f"{what} {out}: expected a file name ending in one of {', '.join(suffixes)}")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"{what} {out}: its folder is not writable")
+    return out
+
+
+class _Outputs:
+    """Collect outputs, then write them all (temp file + rename each) only when everything succeeded."""
+
+    def __init__(self) -> None:
+        self._writers: List[Tuple[Path, Callable[[str], None]]] = []
+
+    def add(self, path: Path, write: Callable[[str], None]) -> None:
+        self._writers.append((path, write))
+
+    def commit(self) -> None:
+        staged: List[Tuple[str, Path]] = []
+        try:
+            for path, write in self._writers:
+                suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+                handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+                os.close(handle)
+                staged.append((tmp, path))
+                write(tmp)
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        finally:
+            for tmp, _ in staged:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def _load_model(args: argparse.Namespace):
+    from .checkpoint import load_model
+
+    return load_model(args.model, device=args.device, decoder_path=getattr(args, "decoder", None))
+
+
+def _model_summary(model) -> Dict[str, object]:
+    from .build import count_parameters
+
+    return {
+        "source": model.config.get("source"),
+        "sha256": model.config.get("sha256"),
+        "architecture": model.config.get("name"),
+        "parameters": count_parameters(model),
+    }
+
+
+def _intensity(args: argparse.Namespace):
+    from .preprocess import IntensitySettings
+
+    if args.ct_window is None:
+        return IntensitySettings()
+    low, high = _triple(args.ct_window, "--ct-window", 2)
+    try:
+        return IntensitySettings(mode="ct", window=(low, high))
+    except ValueError as error:
+        raise UsageError(f"--ct-window: {error}") from None
+
+
+def _add_prompts(session, image, args: argparse.Namespace) -> List[Dict[str, object]]:
+    from .preprocess import index_to_physical
+
+    def to_lps(values: Tuple[float, ...]) -> np.ndarray:
+        if args.voxel:
+            return index_to_physical(image, values)
+        if args.ras:
+            return np.asarray([-values[0], -values[1], values[2]])
+        return np.asarray(values)
+
+    prompts = getattr(args, "prompts", None) or []
+    if not prompts:
+        raise UsageError("give at least one prompt: --point x,y,z (or --box x1,y1,z1,x2,y2,z2)")
+    record = []
+    for kind, text in prompts:
+        if kind == "box":
+            values = _triple(text, "--box", 6)
+            a, b = to_lps(values[:3]), to_lps(values[3:])
+            session.add_box(a, b)
+            record.append({"box_lps": [a.tolist(), b.tolist()]})
+        else:
+            point = to_lps(_triple(text, f"--{kind}"))
+            session.add_point(point, positive=kind == "point")
+            record.append({"point_lps": point.tolist(), "positive": kind == "point"})
+    return record
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from .io import load_image
+    from .session import Session
+    from .visualize import overlay_png
+
+    out = _check_output_path(args.out, "--out", IMAGE_SUFFIXES)
+    uncertainty_out = _check_output_path(args.uncertainty, "--uncertainty", IMAGE_SUFFIXES)
+    png_out = _check_output_path(args.png, "--png", (".png",))
+    if args.voxel and args.ras:
+        raise UsageError("--voxel and --ras cannot be combined: points are either voxel indices or RAS millimetres")
+    intensity = _intensity(args)
+    started = time.perf_counter()
+    image = load_image(args.image)
+    read_s = time.perf_counter() - started
+    model = _load_model(args)
+    with Session(model, precision=args.precision, intensity=intensity, click_mode=args.click_mode, prefetch=False) as session:
+        start = time.perf_counter()
+        session.set_image(image)
+        prompts = _add_prompts(session, image, args)
+        mask = session.predict()
+        segment_s = time.perf_counter() - start
+        timings = {"read_s": read_s, "segment_s": segment_s, **session.last_timings}
+        outputs = _Outputs()
+        outputs.add(out, lambda tmp: sitk.WriteImage(mask, tmp, True))
+        if uncertainty_out is not None:
+            start = time.perf_counter()
+            _, spread = session.uncertainty(n=args.uncertainty_n, method=args.uncertainty_method)
+            timings["uncertainty_s"] = time.perf_counter() - start
+            outputs.add(uncertainty_out, lambda tmp: sitk.WriteImage(spread, tmp, True))
+        if png_out is not None:
+            points = [(p["point_lps"], p["positive"]) for p in prompts if "point_lps" in p]
+            picture = overlay_png(image, mask, points, title=Path(str(args.image)).name)
+            outputs.add(png_out, lambda tmp: Path(tmp).write_bytes(picture))
+        outputs.commit()
+        array = sitk.GetArrayViewFromImage(mask)
+        voxels = int(np.count_nonzero(array))
+        if args.json:
+            report = {
+                "image": str(args.image),
+                "output": str(out),
+                "voxels": voxels,
+                "volume_ml": voxels * float(np.prod(image.GetSpacing())) / 1000.0,
+                "bounding_box_voxels": _bounding_box(array),
+                "predicted_iou": session.predicted_iou(),
+                "prompts": prompts,
+                "click_consistency": {"clicks": session.clicks_checked, "raw_model_violations": session.click_violations},
+                "timings_s": timings,
+                "model": _model_summary(model),
+                "device": str(session.device),
+                "precision": session.precision,
+            }
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"wrote {out}: {voxels} voxels, {voxels * float(np.prod(image.GetSpacing())) / 1000.0:.2f} ml")
+    return 0
+
+
+def _bounding_box(array: np.ndarray) -> Optional[Dict[str, List[int]]]:
+    nonzero = np.nonzero(array)
+    if not nonzero[0].size:
+        return None
+    return {
+        "start_xyz": [int(axis.min()) for axis in reversed(nonzero)],
+        "stop_xyz": [int(axis.max()) + 1 for axis in reversed(nonzero)],
+    }
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from .io import load_image
+
+    sample = Path(args.sample) if args.sample else SAMPLE_DIR
+    info_path = sample / "colin27_sample.json"
+    if not info_path.exists():
+        raise UsageError(f"{info_path}: the demo sample is missing from this install")
+    info = json.loads(info_path.read_text())
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_path = sample / info["image"]
+    args.image = str(image_path)
+    args.prompts = [("point", ",".join(str(v) for v in info["click_point_lps_mm"]))]
+    args.out = str(out_dir / "demo_mask.nii.gz")
+    args.png = str(out_dir / "demo_overlay.png")
+    args.uncertainty = None
+    args.voxel = args.ras = False
+    args.ct_window = None
+    args.click_mode = "all"
+    print(f"segmenting {info.get('structure', 'the sample structure')} in {image_path.name} from one click at LPS {info['click_point_lps_mm']} mm")
+    status = cmd_segment(args)
+    label_path = sample / info["label"] if info.get("label") else None
+    if status == 0 and label_path is not None and label_path.exists():
+        truth = sitk.GetArrayFromImage(load_image(label_path)) > 0
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(args.out)) > 0
+        dice = 2.0 * np.logical_and(truth, predicted).sum() / max(truth.sum() + predicted.sum(), 1)
+        print(f"Dice against the atlas label: {dice:.3f}")
+    print(f"overlay: {args.png}")
+    if info.get("attribution"):
+        print(f"data: {info['attribution']}")
+    return status
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+    import torch
+
+    from . import __version__
+    from .attention import available_backends, flash_attn_installed, get_backend
+    from .checkpoint import bundled_model_path, read_checksum_file, sha256_file
+
+    report: Dict[str, object] = {
+        "fastsam3d": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "SimpleITK": sitk.Version.VersionString(),
+        "numpy": np.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_bf16": _cpu_bf16(),
+        "attention_backend": get_backend(),
+        "attention_backends_available": available_backends(),
+        "flash_attn_installed": flash_attn_installed(),
+    }
+    path = Path(args.model) if args.model else bundled_model_path()
+    if path is None:
+        report["model"] = "no bundled weights in this install; pass --model PATH"
+    else:
+        model_info: Dict[str, object] = {"path": str(path), "sha256": sha256_file(path) if path.exists() else None}
+        expected = read_checksum_file(path) if path.exists() else None
+        if expected is not None:
+            model_info["checksum_verified"] = expected == model_info["sha256"]
+        if args.model or path.exists():
+            model = _load_model(args)
+            model_info.update(_model_summary(model))
+            model_info["block_kinds"] = model.config.get("block_kinds")
+            model_info["embed_dim"] = model.config.get("embed_dim")
+        report["model"] = model_info
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            print(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+def _cpu_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import convert_checkpoint, load_model
+
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"OUT {out}: expected a .safetensors file name")
+    digest = convert_checkpoint(args.input, out, trust=args.trust)
+    load_model(out, device="cpu")  # proves the result is a complete, loadable model
+    print(f"wrote {out} (sha256 {digest}) and {out.name}.sha256")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastsam3d", description="Interactive 3D segmentation from clicks with FastSAM3D.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", help="checkpoint (.pth/.safetensors); default: the bundled model")
+        sub.add_argument("--decoder", help="full checkpoint supplying the decoder for an encoder-only --model")
+        sub.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+        sub.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+
+    segment = commands.add_parser("segment", help="segment a volume from clicks / a box")
+    segment.add_argument("image", help="image file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
+    segment.add_argument("--point", action=_OrderedPrompts, metavar="X,Y,Z", help="positive click (repeatable)")
+    segment.add_argument("--negative", action=_OrderedPrompts, metavar="X,Y,Z", help="negative click (repeatable)")
+    segment.add_argument("--box", action=_OrderedPrompts, metavar="X1,Y1,Z1,X2,Y2,Z2", help="two opposite box corners")
+    segment.add_argument("--voxel", action="store_true", help="coordinates are voxel indices (x, y, z) instead of LPS mm")
+    segment.add_argument("--ras", action="store_true", help="coordinates are RAS mm (as Slicer shows them) instead of LPS mm")
+    segment.add_argument("--out", required=True, help="output mask (.nii.gz, .nrrd, .mha)")
+    segment.add_argument("--uncertainty", help="also write a per-voxel uncertainty map here")
+    segment.add_argument("--uncertainty-n", type=int, default=16, help="stochastic decodes for --uncertainty (16)")
+    segment.add_argument("--uncertainty-method", default="mc-dropout", choices=["mc-dropout", "click-jitter"])
+    segment.add_argument("--png", help="write a three-plane overlay picture here")
+    segment.add_argument("--json", action="store_true", help="print one JSON object describing the result")
+    segment.add_argument("--ct-window", metavar="LOW,HIGH", help="CT intensity window in HU (default: MR z-normalisation)")
+    segment.add_argument("--click-mode", default="all", choices=["all", "newest"], help="decode with all clicks or only the newest")
+    model_options(segment)
+    segment.set_defaults(func=cmd_segment, prompts=[])
+
+    demo = commands.add_parser("demo", help="segment the bundled Colin27 sample from one click")
+    demo.add_argument("--out-dir", default="fastsam3d-demo", help="where to write the mask and overlay (./fastsam3d-demo)")
+    demo.add_argument("--sample", help=argparse.SUPPRESS)
+    demo.add_argument("--json", action="store_true")
+    model_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    info = commands.add_parser("info", help="versions, devices, attention backends, model")
+    info.add_argument("--json", action="store_true")
+    model_options(info)
+    info.set_defaults(func=cmd_info)
+
+    convert = commands.add_parser("convert-checkpoint", help="rewrite a checkpoint as weights-only safetensors")
+    convert.add_argument("input", metavar="IN")
+    convert.add_argument("output", metavar="OUT")
+    convert.add_argument("--trust", action="store_true", help="allow full unpickling (runs code in the file: trusted sources only)")
+    convert.set_defaults(func=cmd_convert)
+
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_optional_commands(commands) -> None:
+    """Subcommands that live in their own modules (training, evaluation, benchmarks)."""
+    for module_name, function in (("train.cli", "add_train_subparsers"), ("evaluate", "add_subparser"), ("benchmark", "add_subparser")):
+        try:
+            module = __import__(f"{__package__}.{module_name}", fromlist=[function])
+        except ImportError as error:
+            logger.debug("command module %s unavailable: %s", module_name, error)
+            continue
+        getattr(module, function)(commands)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except FastSAM3DInputError as error:
+        print(f"fastsam3d: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastsam3d: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a fault of ours: report it plainly, traceback with --debug
+        if args.debug:
+            raise
+        print(f"fastsam3d: internal error ({type(error).__name__}): {error}; rerun with --debug for details", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

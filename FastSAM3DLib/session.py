@@ -1,0 +1,673 @@
+"""The interactive session: set a volume once, then click and get a 3D mask back, click after click.
+
+In the manner of SAM's predictor: :meth:`Session.set_image` prepares the image and starts embedding
+the most likely crop in the background; every prompt then costs a decode of that crop's cached
+embedding plus the paste-back of what can change. Volumes bigger than one 128^3 crop at 1.5 mm get
+more crops as clicks land elsewhere; embeddings are cached (LRU, bounded in bytes) and shared by
+all objects of the session.
+
+Coordinates: points are physical LPS millimetres (as ITK/SimpleITK use them) unless a ``*_voxel``
+method is used, which takes SimpleITK (x, y, z) voxel indices of the set image.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .checkpoint import resolve_device
+from .errors import PromptError
+from .io import ImageLike, load_image
+from .modeling import Sam3D
+from .paste import CropPaster
+from .preprocess import (
+    CropGrid,
+    IntensitySettings,
+    Region,
+    image_affine,
+    index_to_physical,
+    normalize_crop,
+    physical_to_index,
+    resample_to_crop,
+)
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, float], None]
+
+# Clicks closer than this to a crop's faces (in crop voxels) open a crop centred on them instead.
+CROP_MARGIN = 12
+PRECISIONS = ("auto", "fp32", "bf16")
+_model_locks: "weakref.WeakKeyDictionary[Sam3D, threading.Lock]" = weakref.WeakKeyDictionary()
+_model_locks_guard = threading.Lock()
+_cancel_state = threading.local()
+
+
+class EmbeddingCancelled(RuntimeError):
+    """A background embedding was abandoned because the session moved on (new image, closed)."""
+
+
+def _model_lock(model: Sam3D) -> threading.Lock:
+    """One lock per model: decodes toggle dropout modules, which must not leak into another thread's decode."""
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.Lock()
+        return lock
+
+
+def _install_cancel_hooks(model: Sam3D) -> None:
+    """Let a thread abandon an encoder forward between blocks (and report progress)."""
+    if getattr(model.image_encoder, "_fastsam3d_hooks", False):
+        return
+
+    def make_hook(index: int, depth: int):
+        def hook(module, inputs):
+            check = getattr(_cancel_state, "check", None)
+            if check is not None:
+                check(index / depth)
+
+        return hook
+
+    depth = len(model.image_encoder.blocks)
+    for index, block in enumerate(model.image_encoder.blocks):
+        block.register_forward_pre_hook(make_hook(index, depth))
+    model.image_encoder._fastsam3d_hooks = True
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user prompt: a point (``corner`` is None) or a box from ``point`` to ``corner`` (LPS mm)."""
+
+    point: Tuple[float, float, float]
+    positive: bool = True
+    corner: Optional[Tuple[float, float, float]] = None
+
+    @property
+    def is_box(self) -> bool:
+        return self.corner is not None
+
+    @property
+    def center(self) -> np.ndarray:
+        if self.corner is None:
+            return np.asarray(self.point)
+        return (np.asarray(self.point) + np.asarray(self.corner)) / 2.0
+
+
+@dataclass
+class _ObjectState:
+    prompts: List[Prompt] = field(default_factory=list)
+    crops: List[CropGrid] = field(default_factory=list)
+    logits: Dict[CropGrid, torch.Tensor] = field(default_factory=dict)
+    decoded: Dict[CropGrid, int] = field(default_factory=dict)  # crop -> number of prompts decoded
+    iou: Dict[CropGrid, float] = field(default_factory=dict)
+    checked: int = 0  # prompts whose click consistency has been counted
+    history: List[tuple] = field(default_factory=list)
+
+    def snapshot(self) -> tuple:
+        return (list(self.prompts), list(self.crops), dict(self.logits), dict(self.decoded), dict(self.iou), self.checked)
+
+    def restore(self, state: tuple) -> None:
+        self.prompts, self.crops, self.logits, self.decoded, self.iou = (copy.copy(s) for s in state[:5])
+        self.checked = state[5]
+
+
+class Session:
+    """An interactive segmentation session on one volume at a time.
+
+    Arguments:
+      model: a loaded model (``load_model``); it may be shared by several sessions and threads.
+      device: "auto" keeps the model where it is; anything else moves the model there.
+      precision: "fp32" (exact), "bf16" (the image encoder under bfloat16 autocast), or "auto"
+        (bf16 on CUDA, fp32 on CPU).
+      intensity: crop normalisation (MR z-normalisation by default; a CT window is a setting).
+      cache_bytes: memory budget of cached crop embeddings (LRU).
+      click_mode: "all" decodes each crop with every click inside it; "newest" with only the
+        latest one (the public evaluation's way).
+      prefetch: start embedding the crop at the image centre as soon as an image is set.
+      mc_dropout_rate: dropout rate for MC-dropout uncertainty when the model was trained without
+        dropout (its configured rate is used otherwise).
+      progress_callback: called as ``callback(stage, fraction)`` from the embedding thread.
+    """
+
+    def __init__(
+        self,
+        model: Sam3D,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        *,
+        intensity: IntensitySettings = IntensitySettings(),
+        cache_bytes: int = 1 << 30,
+        click_mode: str = "all",
+        prefetch: bool = True,
+        mc_dropout_rate: float = 0.1,
+        progress_callback: Optional[ProgressCallback] = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if click_mode not in ("all", "newest"):
+            raise ValueError(f"click_mode must be 'all' or 'newest', got {click_mode!r}")
+        if device != "auto":
+            model = model.to(resolve_device(device))
+        self.model = model.eval()
+        self.device = model.device
+        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.intensity = intensity
+        self.cache_bytes = int(cache_bytes)
+        self.click_mode = click_mode
+        self.prefetch = prefetch
+        self.mc_dropout_rate = mc_dropout_rate
+        self.progress_callback = progress_callback
+        _install_cancel_hooks(model)
+
+        self.encoder_calls = 0
+        self.click_violations = 0
+        self.clicks_checked = 0
+        self.last_timings: Dict[str, float] = {}
+        self.progress: Dict[str, object] = {"stage": "idle", "fraction": 0.0}
+
+        self._lock = threading.RLock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsam3d-embed")
+        self._generation = 0
+        self._image: Optional[sitk.Image] = None
+        self._embeddings: "OrderedDict[CropGrid, torch.Tensor]" = OrderedDict()
+        self._pending: Dict[CropGrid, Future] = {}
+        self._pasters: Dict[CropGrid, CropPaster] = {}
+        self._objects: Dict[int, _ObjectState] = {}
+        self._next_object = 0
+
+    # -- image -----------------------------------------------------------------------------------
+
+    @property
+    def image(self) -> sitk.Image:
+        if self._image is None:
+            raise RuntimeError("no image is set: call Session.set_image(image) first")
+        return self._image
+
+    def set_image(self, image: ImageLike, wait: bool = False) -> None:
+        """Set the volume to segment (a SimpleITK image or a path); forgets all prompts and crops.
+
+        Embedding of the crop at the image centre starts in the background at once (``wait=True``
+        blocks until it is done). Raises ImageError for unusable images.
+        """
+        loaded = load_image(image)
+        with self._lock:
+            self._generation += 1
+            self._image = loaded
+            self._embeddings.clear()
+            self._pending.clear()
+            self._pasters.clear()
+            self._objects = {0: _ObjectState()}
+            self._next_object = 1
+        if self.prefetch:
+            size = np.asarray(loaded.GetSize(), dtype=np.float64)
+            center = index_to_physical(loaded, (size - 1) / 2.0)
+            future = self._ensure_embedding(CropGrid.around(center))
+            if wait:
+                future.result()
+
+    def close(self) -> None:
+        """Abandon background work and release cached embeddings."""
+        with self._lock:
+            self._generation += 1
+            self._embeddings.clear()
+            self._pending.clear()
+            self._pasters.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    def _report(self, stage: str, fraction: float) -> None:
+        self.progress = {"stage": stage, "fraction": float(fraction)}
+        if self.progress_callback is not None:
+            self.progress_callback(stage, float(fraction))
+
+    def _embed(self, crop: CropGrid, generation: int) -> torch.Tensor:
+        """Preprocess and encode one crop (runs on the embedding thread)."""
+
+        def check(fraction: float) -> None:
+            if generation != self._generation:
+                raise EmbeddingCancelled("the session's image changed while embedding")
+            self._report("embedding", fraction)
+
+        _cancel_state.check = check
+        try:
+            start = time.perf_counter()
+            check(0.0)
+            default = self.intensity.window[0] if self.intensity.mode == "ct" else 0.0
+            array = resample_to_crop(self.image, crop, default=default)
+            tensor = torch.from_numpy(normalize_crop(array, self.intensity))[None, None].to(self.device)
+            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+                embedding = self.model.image_encoder(tensor)
+            embedding = embedding.float()
+            with self._lock:
+                if generation != self._generation:
+                    raise EmbeddingCancelled("the session's image changed while embedding")
+                self.encoder_calls += 1
+                self._embeddings[crop] = embedding
+                self._evict()
+            self.last_timings["embed_s"] = time.perf_counter() - start
+            self._report("ready", 1.0)
+            return embedding
+        finally:
+            _cancel_state.check = None
+
+    def _evict(self) -> None:
+        total = sum(e.numel() * e.element_size() for e in self._embeddings.values())
+        while total > self.cache_bytes and len(self._embeddings) > 1:
+            _, dropped = self._embeddings.popitem(last=False)
+            total -= dropped.numel() * dropped.element_size()
+
+    def _ensure_embedding(self, crop: CropGrid) -> Future:
+        with self._lock:
+            if crop in self._embeddings:
+                self._embeddings.move_to_end(crop)
+                done: Future = Future()
+                done.set_result(self._embeddings[crop])
+                return done
+            pending = self._pending.get(crop)
+            if pending is not None and not pending.cancelled():
+                return pending
+            future = self._executor.submit(self._embed, crop, self._generation)
+            self._pending[crop] = future
+            return future
+
+    def _embedding(self, crop: CropGrid) -> torch.Tensor:
+        start = time.perf_counter()
+        embedding = self._ensure_embedding(crop).result()
+        self.last_timings["wait_embed_s"] = time.perf_counter() - start
+        return embedding
+
+    def cached_bytes(self) -> int:
+        """Bytes held by cached crop embeddings."""
+        with self._lock:
+            return sum(e.numel() * e.element_size() for e in self._embeddings.values())
+
+    # -- objects and prompts ---------------------------------------------------------------------
+
+    def new_object(self) -> int:
+        """A handle for another object segmented on the same image (sharing the embeddings)."""
+        self.image  # noqa: B018 - raises if no image is set
+        with self._lock:
+            handle = self._next_object
+            self._next_object += 1
+            self._objects[handle] = _ObjectState()
+            return handle
+
+    @property
+    def objects(self) -> List[int]:
+        return sorted(self._objects)
+
+    def _object(self, handle: int) -> _ObjectState:
+        self.image  # noqa: B018
+        if handle not in self._objects:
+            raise PromptError(f"object {handle!r} does not exist (known: {self.objects}); use new_object()")
+        return self._objects[handle]
+
+    def _check_point(self, point: Sequence[float], what: str) -> Tuple[float, float, float]:
+        values = np.asarray(point, dtype=np.float64).reshape(-1)
+        if values.size != 3 or not np.all(np.isfinite(values)):
+            raise PromptError(f"{what} must be three finite numbers (x, y, z), got {_fmt(np.asarray(point).reshape(-1))}")
+        index = physical_to_index(self.image, values)
+        size = np.asarray(self.image.GetSize())
+        if np.any(index < -0.5) or np.any(index > size - 0.5):
+            low = index_to_physical(self.image, np.zeros(3))
+            high = index_to_physical(self.image, size - 1)
+            raise PromptError(
+                f"{what} {_fmt(values)} (LPS mm) is outside the image: it falls at voxel {_fmt(index, 1)}, "
+                f"the image has {_fmt(size, 0)} voxels (corner voxel centres at {_fmt(low, 1)} and {_fmt(high, 1)} mm)"
+            )
+        return tuple(float(v) for v in values)
+
+    def _crop_for(self, state: _ObjectState, center: np.ndarray) -> CropGrid:
+        """The crop a prompt at ``center`` is decoded in: the object's own, a cached one, or a new one."""
+        candidates = list(state.crops) + [c for c in list(self._embeddings) + list(self._pending) if c not in state.crops]
+        inside = [c for c in candidates if c.contains(center, margin=CROP_MARGIN)]
+        if inside:
+            return min(inside, key=lambda c: np.linalg.norm(c.to_index(center)[0] - c.size / 2))
+        return CropGrid.around(center)
+
+    def _push(self, state: _ObjectState, prompt: Prompt) -> None:
+        state.history.append(state.snapshot())
+        state.prompts.append(prompt)
+        crop = self._crop_for(state, prompt.center)
+        if crop not in state.crops:
+            state.crops.append(crop)
+        self._ensure_embedding(crop)
+
+    def add_point(self, point_lps: Sequence[float], positive: bool = True, object: int = 0) -> None:
+        """Add a click at a physical point (LPS mm): positive (include) or negative (exclude)."""
+        state = self._object(object)
+        self._push(state, Prompt(self._check_point(point_lps, "point"), bool(positive)))
+
+    def add_point_voxel(self, index_xyz: Sequence[float], positive: bool = True, object: int = 0) -> None:
+        """Add a click at a voxel index (x, y, z) of the set image."""
+        values = np.asarray(index_xyz, dtype=np.float64).reshape(-1)
+        if values.size != 3 or not np.all(np.isfinite(values)):
+            raise PromptError(f"voxel index must be three finite numbers (x, y, z), got {_fmt(values)}")
+        self.add_point(index_to_physical(self.image, values), positive, object)
+
+    def add_box(self, corner_lps: Sequence[float], opposite_lps: Sequence[float], object: int = 0) -> None:
+        """Add a box given by two opposite corners (LPS mm); the object is segmented inside it."""
+        state = self._object(object)
+        a = self._check_point(corner_lps, "box corner")
+        b = self._check_point(opposite_lps, "opposite box corner")
+        extent = np.abs(np.asarray(a) - np.asarray(b))
+        if np.any(extent < min(self.image.GetSpacing())):
+            raise PromptError(f"box {_fmt(a)} - {_fmt(b)} is flat (extent {_fmt(extent)} mm): give two opposite corners of a 3D box")
+        self._push(state, Prompt(a, True, b))
+
+    def undo(self, object: int = 0) -> bool:
+        """Undo the last prompt of an object, restoring its previous mask exactly; False if nothing to undo."""
+        state = self._object(object)
+        if not state.history:
+            return False
+        state.restore(state.history.pop())
+        return True
+
+    def reset(self, object: int = 0) -> None:
+        """Forget an object's prompts (the image and its embeddings stay)."""
+        self._object(object)
+        self._objects[object] = _ObjectState()
+
+    def prompts(self, object: int = 0) -> List[Prompt]:
+        return list(self._object(object).prompts)
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def _crop_prompts(self, state: _ObjectState, crop: CropGrid) -> Tuple[np.ndarray, np.ndarray, List[Prompt]]:
+        """Point coordinates (crop voxel indices) and labels of the object's prompts decoded in ``crop``."""
+        points: List[np.ndarray] = []
+        labels: List[int] = []
+        used: List[Prompt] = []
+        prompts = [p for p in state.prompts if crop.contains(p.center)]
+        if self.click_mode == "newest" and prompts:
+            # A box stays in force: it sets the region, later clicks refine it.
+            boxes = [p for p in prompts if p.is_box]
+            prompts = ([boxes[-1]] if boxes and not prompts[-1].is_box else []) + [prompts[-1]]
+        for prompt in prompts:
+            used.append(prompt)
+            if prompt.is_box:
+                box_points, box_labels = box_to_points(crop, np.asarray(prompt.point), np.asarray(prompt.corner))
+                points.extend(box_points)
+                labels.extend(box_labels)
+            else:
+                points.append(crop.to_index(np.asarray(prompt.point))[0])
+                labels.append(1 if prompt.positive else 0)
+        index = np.clip(np.asarray(points, dtype=np.float32).reshape(-1, 3), 0, crop.size - 1)
+        return index, np.asarray(labels, dtype=np.int64), used
+
+    def _decode_crop(self, state: _ObjectState, crop: CropGrid) -> None:
+        coords, labels, used = self._crop_prompts(state, crop)
+        if not used:
+            return
+        embedding = self._embedding(crop)
+        start = time.perf_counter()
+        previous = state.logits.get(crop)
+        if previous is None:
+            previous = torch.zeros((1, 1, *self.model.low_res_size), device=self.device)
+        with _model_lock(self.model), torch.inference_mode():
+            logits, iou = self.model.decode(
+                embedding,
+                torch.from_numpy(coords)[None].to(self.device),
+                torch.from_numpy(labels)[None].to(self.device),
+                previous.to(self.device),
+            )
+        state.logits[crop] = logits.float()
+        state.iou[crop] = float(iou.reshape(-1)[0])
+        state.decoded[crop] = len(state.prompts)
+        self.last_timings["decode_s"] = self.last_timings.get("decode_s", 0.0) + time.perf_counter() - start
+
+    def _update(self, state: _ObjectState) -> None:
+        """Decode the crops that received prompts since their last decode."""
+        for crop in state.crops:
+            done = state.decoded.get(crop, 0)
+            if done == len(state.prompts):
+                continue
+            if crop not in state.logits or any(crop.contains(p.center) for p in state.prompts[done:]):
+                self._decode_crop(state, crop)
+            else:
+                state.decoded[crop] = len(state.prompts)
+
+    def _paster(self, crop: CropGrid) -> CropPaster:
+        with self._lock:
+            paster = self._pasters.get(crop)
+            if paster is None:
+                paster = self._pasters[crop] = CropPaster(crop, self.image, self.model.low_res_size[0])
+            return paster
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def predict_region(self, object: int = 0) -> Tuple[Region, np.ndarray]:
+        """The object's mask where it can be non-zero: the union of its crops' regions.
+
+        Returns:
+          the region (x, y, z voxel box of the set image) and a uint8 (z, y, x) array for it; the
+          mask is 0 everywhere outside the region. GUIs update just this box.
+        """
+        start_total = time.perf_counter()
+        self.last_timings = {"decode_s": 0.0}
+        state = self._object(object)
+        self._update(state)
+        crops = [c for c in state.crops if c in state.logits]
+        start = time.perf_counter()
+        region = Region((0, 0, 0), (0, 0, 0))
+        for crop in crops:
+            region = region.union(self._paster(crop).region)
+        mask = np.zeros(tuple(reversed(region.size)), dtype=np.uint8)
+        for crop in crops:
+            paster = self._paster(crop)
+            if paster.region.empty:
+                continue
+            local = Region(
+                tuple(a - r for a, r in zip(paster.region.start, region.start)),
+                tuple(b - r for b, r in zip(paster.region.stop, region.start)),
+            )
+            mask[local.slices()] |= paster.mask(state.logits[crop])
+        self._apply_boxes(state, region, mask)
+        self._enforce_clicks(state, region, mask)
+        self.last_timings["paste_s"] = time.perf_counter() - start
+        self.last_timings["total_s"] = time.perf_counter() - start_total
+        return region, mask
+
+    def _region_index(self, region: Region, point: Sequence[float]) -> Optional[Tuple[int, int, int]]:
+        index = np.round(physical_to_index(self.image, point)).astype(int)
+        local = index - np.asarray(region.start)
+        if np.any(local < 0) or np.any(local >= np.asarray(region.size)):
+            return None
+        return tuple(int(v) for v in local[::-1])  # (z, y, x)
+
+    def _apply_boxes(self, state: _ObjectState, region: Region, mask: np.ndarray) -> None:
+        boxes = [p for p in state.prompts if p.is_box]
+        if not boxes or region.empty:
+            return
+        box = boxes[-1]
+        low = np.minimum(box.point, box.corner)
+        high = np.maximum(box.point, box.corner)
+        zs, ys, xs = (np.arange(a, b) for a, b in zip(reversed(region.start), reversed(region.stop)))
+        grid = np.stack(np.meshgrid(xs, ys, zs, indexing="ij"), axis=-1).reshape(-1, 3)
+        matrix, origin = image_affine(self.image)
+        physical = grid @ matrix.T + origin
+        margin = 0.1 * (high - low)
+        inside = np.all((physical >= low - margin) & (physical <= high + margin), axis=1)
+        inside = inside.reshape(len(xs), len(ys), len(zs)).transpose(2, 1, 0)
+        mask &= inside.astype(np.uint8)
+
+    def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray) -> None:
+        """A positive click's voxel is always in the mask, a negative one's never (later clicks win).
+
+        How often the model's own answer disagreed is counted once per click.
+        """
+        for number, prompt in enumerate(state.prompts):
+            where = None if prompt.is_box else self._region_index(region, prompt.point)
+            if where is None:
+                continue
+            if number >= state.checked:
+                self.clicks_checked += 1
+                self.click_violations += int(bool(mask[where]) != prompt.positive)
+            mask[where] = 1 if prompt.positive else 0
+        state.checked = len(state.prompts)
+
+    def predict(self, object: int = 0) -> sitk.Image:
+        """The object's mask as a uint8 SimpleITK image on the set image's exact grid."""
+        region, local = self.predict_region(object)
+        full = np.zeros(tuple(reversed(self.image.GetSize())), dtype=np.uint8)
+        if not region.empty:
+            full[region.slices()] = local
+        return self._to_image(full)
+
+    def predict_proba(self, object: int = 0) -> sitk.Image:
+        """The object's foreground probability (float32, sigmoid of the logits) on the set image's grid."""
+        state = self._object(object)
+        self._update(state)
+        full = np.zeros(tuple(reversed(self.image.GetSize())), dtype=np.float32)
+        for crop in [c for c in state.crops if c in state.logits]:
+            paster = self._paster(crop)
+            if paster.region.empty:
+                continue
+            probability = 1.0 / (1.0 + np.exp(-paster.values(state.logits[crop]).astype(np.float64)))
+            target = full[paster.region.slices()]
+            np.maximum(target, probability.astype(np.float32), out=target)
+        return self._to_image(full)
+
+    def predicted_iou(self, object: int = 0) -> Optional[float]:
+        """The decoder's IoU estimate for the object's most recently decoded crop."""
+        state = self._object(object)
+        self._update(state)
+        return state.iou[state.crops[-1]] if state.crops and state.crops[-1] in state.iou else None
+
+    def _to_image(self, array: np.ndarray) -> sitk.Image:
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(self.image)
+        return image
+
+    # -- uncertainty -----------------------------------------------------------------------------
+
+    def uncertainty(
+        self,
+        n: int = 16,
+        method: str = "mc-dropout",
+        object: int = 0,
+        measure: str = "entropy",
+        seed: int = 0,
+    ) -> Tuple[sitk.Image, sitk.Image]:
+        """Mean foreground probability and a per-voxel uncertainty from ``n`` stochastic decodes.
+
+        Arguments:
+          n: number of stochastic decodes, batched in one decoder forward pass per crop.
+          method: "mc-dropout" (decoder dropout active) or "click-jitter" (FastSAM-3DSlicer's
+            method: each decode adds a random positive point drawn from the current mask).
+          object: which object.
+          measure: "entropy" (binary entropy of the mean probability, bits) or "variance".
+          seed: makes the stochastic decodes reproducible.
+
+        Returns:
+          (mean probability, uncertainty) as float32 images on the set image's grid.
+        """
+        if method not in ("mc-dropout", "click-jitter"):
+            raise ValueError(f"uncertainty method must be 'mc-dropout' or 'click-jitter', got {method!r}")
+        if measure not in ("entropy", "variance"):
+            raise ValueError(f"uncertainty measure must be 'entropy' or 'variance', got {measure!r}")
+        if n < 2:
+            raise ValueError(f"n must be at least 2 stochastic decodes, got {n}")
+        state = self._object(object)
+        self._update(state)
+        mean_full = np.zeros(tuple(reversed(self.image.GetSize())), dtype=np.float32)
+        unc_full = np.zeros_like(mean_full)
+        generator = torch.Generator().manual_seed(seed)
+        for crop in [c for c in state.crops if c in state.logits]:
+            probabilities = self._stochastic_decodes(state, crop, n, method, generator)
+            mean = probabilities.mean(0)
+            if measure == "variance":
+                spread = probabilities.var(0, unbiased=False)
+            else:
+                p = mean.clamp(1e-6, 1 - 1e-6)
+                spread = -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
+            paster = self._paster(crop)
+            if paster.region.empty:
+                continue
+            for field_, target in ((mean, mean_full), (spread, unc_full)):
+                values = np.nan_to_num(paster.values(field_), neginf=0.0).astype(np.float32)
+                view = target[paster.region.slices()]
+                np.maximum(view, values, out=view)
+        return self._to_image(mean_full), self._to_image(unc_full)
+
+    def _stochastic_decodes(
+        self, state: _ObjectState, crop: CropGrid, n: int, method: str, generator: torch.Generator
+    ) -> torch.Tensor:
+        coords, labels, _ = self._crop_prompts(state, crop)
+        embedding = self._embedding(crop)
+        previous = state.logits[crop]
+        batch_coords = torch.from_numpy(coords)[None].repeat(n, 1, 1)
+        batch_labels = torch.from_numpy(labels)[None].repeat(n, 1)
+        if method == "click-jitter":
+            cells = torch.nonzero(previous[0, 0] > 0)
+            if len(cells) == 0:
+                cells = torch.nonzero(previous[0, 0] >= previous.max())
+            scale = crop.size / previous.shape[-1]
+            picks = cells[torch.randint(len(cells), (n,), generator=generator)].float()
+            jitter = (picks + torch.rand((n, 3), generator=generator)) * scale - 0.5
+            batch_coords = torch.cat([batch_coords, jitter[:, None, :].clamp(0, crop.size - 1)], dim=1)
+            batch_labels = torch.cat([batch_labels, torch.ones((n, 1), dtype=torch.int64)], dim=1)
+        decoder = self.model.mask_decoder
+        dropouts = [m for m in decoder.modules() if isinstance(m, torch.nn.Dropout)]
+        with _model_lock(self.model), torch.inference_mode():
+            saved = [(m, m.p, m.training) for m in dropouts]
+            try:
+                if method == "mc-dropout":
+                    configured = float(self.model.config.get("decoder_dropout", 0.0))
+                    rate = configured if configured > 0 else self.mc_dropout_rate
+                    if self.device.type == "cpu":
+                        torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=generator)))
+                    for module in dropouts:
+                        module.p = rate
+                        module.train()
+                logits, _ = self.model.decode(
+                    embedding,
+                    batch_coords.to(self.device),
+                    batch_labels.to(self.device),
+                    previous.repeat(n, 1, 1, 1, 1).to(self.device),
+                )
+            finally:
+                for module, p, training in saved:
+                    module.p = p
+                    module.train(training)
+        return torch.sigmoid(logits[:, 0].float().cpu())
+
+
+def _fmt(values: Sequence[float], digits: int = 2) -> str:
+    """(1.5, -2.0, 3.25) style text for messages."""
+    return "(" + ", ".join(f"{float(v):.{digits}f}" if digits else str(int(v)) for v in values) + ")"
+
+
+def box_to_points(crop: CropGrid, corner_a: np.ndarray, corner_b: np.ndarray) -> Tuple[List[np.ndarray], List[int]]:
+    """A box as prompts the public models understand: a positive point at its centre, negatives at its 8 corners.
+
+    The public weights have no box embedding (DESIGN.md §4); the corners of a box drawn around an
+    object lie outside it, and the centre of a compact object inside it. Output is also clipped
+    to the box by the session.
+
+    Returns:
+      crop voxel indices (model order) and labels (1 positive, 0 negative).
+    """
+    low, high = np.minimum(corner_a, corner_b), np.maximum(corner_a, corner_b)
+    center = crop.to_index((low + high) / 2.0)[0]
+    corners = [crop.to_index(np.where(np.array(bits, dtype=bool), high, low))[0] for bits in np.ndindex(2, 2, 2)]
+    return [center] + corners, [1] + [0] * len(corners)

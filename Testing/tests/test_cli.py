@@ -1,0 +1,140 @@
+"""The ``fastsam3d`` command line on real files: Colin27 from Debian mricron-data, and broken inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FastSAM3DLib import build_model, save_model
+from FastSAM3DLib.cli import main
+
+TEMPLATES = Path("/usr/share/mricron/templates")
+needs_colin27 = pytest.mark.skipif(not (TEMPLATES / "ch2.nii.gz").exists(), reason="Debian mricron-data (Colin27) is not installed")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(build_model("tiny"), path)
+    return path
+
+
+@needs_colin27
+def test_segment_colin27_writes_mask_on_the_input_grid_and_json(model_path, tmp_path, capsys):
+    out = tmp_path / "mask.nii.gz"
+    png = tmp_path / "overlay.png"
+    status = main([
+        "segment", str(TEMPLATES / "ch2.nii.gz"), "--point", "20.4,-13.6,-5.2", "--negative", "28,-13,-5",
+        "--model", str(model_path), "--out", str(out), "--png", str(png), "--json",
+    ])
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)
+    image = sitk.ReadImage(str(TEMPLATES / "ch2.nii.gz"))
+    mask = sitk.ReadImage(str(out))
+    assert mask.GetSize() == image.GetSize()
+    assert np.allclose(mask.GetSpacing(), image.GetSpacing())
+    assert np.allclose(mask.GetOrigin(), image.GetOrigin())
+    assert np.allclose(mask.GetDirection(), image.GetDirection())
+    voxels = int(sitk.GetArrayViewFromImage(mask).sum())
+    assert voxels > 0 and report["voxels"] == voxels
+    assert report["volume_ml"] == pytest.approx(voxels / 1000.0)
+    assert report["prompts"][1] == {"point_lps": [28.0, -13.0, -5.0], "positive": False}
+    assert report["click_consistency"]["clicks"] == 2
+    assert {"segment_s", "decode_s", "paste_s"} <= set(report["timings_s"])
+    assert report["model"]["sha256"] and report["device"] == "cpu"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the positive click's voxel is inside, the negative one's outside
+    array = sitk.GetArrayViewFromImage(mask)
+    for point, value in (((20.4, -13.6, -5.2), 1), ((28.0, -13.0, -5.0), 0)):
+        x, y, z = image.TransformPhysicalPointToIndex(point)
+        assert array[z, y, x] == value
+
+
+def _write(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _volume(values: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.SetSpacing((1.5, 1.5, 1.5))
+    return image
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("nan", "NaN or infinite"),
+        ("inf", "NaN or infinite"),
+        ("constant", "same value"),
+        ("outside", "outside the image"),
+        ("unreadable", "not a readable image"),
+        ("truncated", "truncated"),
+        ("missing", "no such image"),
+        ("bad_point", "expected 3 comma-separated numbers"),
+        ("bad_out", "expected a file name ending in"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(case, message, model_path, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    values = rng.normal(100, 10, (30, 30, 30))
+    image_path = tmp_path / "image.nrrd"
+    point = "10,10,10"
+    out = tmp_path / "mask.nii.gz"
+    out.write_bytes(b"precious existing output")
+    if case in ("nan", "inf"):
+        values[5, 6, 7] = np.nan if case == "nan" else np.inf
+        _write(_volume(values), image_path)  # NRRD keeps NaN/Inf (NIfTI would turn NaN into 0)
+    elif case == "constant":
+        _write(_volume(np.full((30, 30, 30), 7.0)), image_path)
+    elif case == "outside":
+        _write(_volume(values), image_path)
+        point = "500,10,10"
+    elif case == "unreadable":
+        image_path = tmp_path / "image.mha"
+        image_path.write_bytes(b"not an image at all" * 10)
+    elif case == "truncated":
+        image_path = tmp_path / "image.nii.gz"
+        _write(_volume(values), image_path)
+        image_path.write_bytes(image_path.read_bytes()[: image_path.stat().st_size // 5])
+    elif case == "missing":
+        image_path = tmp_path / "absent.nii.gz"
+    elif case == "bad_point":
+        _write(_volume(values), image_path)
+        point = "10,10"
+    else:
+        _write(_volume(values), image_path)
+        out = tmp_path / "mask.txt"
+    status = main(["segment", str(image_path), "--point", point, "--model", str(model_path), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert message in captured.err
+    if out.suffix != ".txt":
+        assert out.read_bytes() == b"precious existing output"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_bad_model_exits_2(tmp_path, capsys):
+    image_path = tmp_path / "image.nrrd"
+    _write(_volume(np.random.default_rng(0).normal(size=(20, 20, 20))), image_path)
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(b"\x00" * 100)
+    status = main(["segment", str(image_path), "--point", "5,5,5", "--model", str(bad), "--out", str(tmp_path / "m.nii.gz")])
+    assert status == 2
+    assert "model.pth" in capsys.readouterr().err
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_info_reports_backends_and_model(model_path, capsys):
+    assert main(["info", "--json", "--model", str(model_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["attention_backend"] in report["attention_backends_available"]
+    assert report["model"]["sha256"] and report["model"]["checksum_verified"] is True
+    assert report["torch"] == torch.__version__

@@ -1,0 +1,313 @@
+"""The interactive session: geometry, caching, undo/reset, click consistency, uncertainty, errors.
+
+Geometry tests use generated images with oblique/anisotropic/flipped grids where the right answer
+is known; real anatomy comes from Colin27 (Debian mricron-data). The model is the tiny test
+configuration with fixed weights, or — where an answer must be anatomically right — a model whose
+decoder is replaced by an oracle of known logits (see ``_OracleDecoder``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FastSAM3DLib import ImageError, PromptError, Session, build_model
+from FastSAM3DLib.preprocess import index_to_physical
+
+
+def _image(size=(40, 50, 30), spacing=(1.0, 1.0, 1.0), direction=None, origin=(0.0, 0.0, 0.0), seed=0) -> sitk.Image:
+    rng = np.random.default_rng(seed)
+    array = rng.normal(100, 10, size[::-1]).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    return image
+
+
+def _rotation(ax: float, ay: float, az: float) -> tuple:
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return tuple((rz @ ry @ rx).flatten())
+
+
+class _OracleDecoder(torch.nn.Module):
+    """Stands in for the mask decoder: returns the logits of a sphere of ``radius_mm`` around the first
+    positive point, in the crop's own grid. With it, the correct mask in any user geometry is known."""
+
+    def __init__(self, radius_mm: float, low_res: int = 32, crop_size: int = 128, spacing: float = 1.5) -> None:
+        super().__init__()
+        self.radius_cells = radius_mm / (spacing * crop_size / low_res)
+        self.low_res, self.scale = low_res, crop_size / low_res
+        self.calls = 0
+
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output=False):
+        self.calls += 1
+        center = (self.point + 0.5) / self.scale - 0.5
+        grid = torch.stack(torch.meshgrid(*[torch.arange(self.low_res, dtype=torch.float32)] * 3, indexing="ij"), -1)
+        logits = self.radius_cells - (grid - center).norm(dim=-1)
+        batch = sparse_prompt_embeddings.shape[0]
+        return logits.expand(batch, 1, -1, -1, -1).clone(), torch.ones(batch, 1)
+
+
+def _oracle_model(radius_mm: float):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    oracle = _OracleDecoder(radius_mm)
+    original = model.decode
+
+    def decode(embedding, coords, labels, mask_logits=None, multimask_output=False):
+        positives = coords[0][labels[0] == 1]
+        oracle.point = positives[0] if len(positives) else coords[0, 0]
+        return original(embedding, coords, labels, mask_logits, multimask_output)
+
+    model.mask_decoder = oracle
+    model.decode = decode
+    return model, oracle
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("tiny")
+
+
+GEOMETRIES = {
+    "identity": dict(spacing=(1.0, 1.0, 1.0)),
+    "anisotropic": dict(spacing=(0.7, 0.9, 3.0)),
+    "coarse": dict(spacing=(2.5, 2.5, 2.5), size=(30, 30, 30)),
+    "flipped_ras": dict(spacing=(1.2, 1.2, 1.2), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1), origin=(40.0, 50.0, -10.0)),
+    "oblique": dict(spacing=(1.0, 1.3, 2.0), direction=_rotation(0.3, -0.2, 0.5), origin=(-12.0, 7.0, 3.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_sphere_comes_back_in_the_image_geometry(name):
+    """A 12 mm sphere predicted around a click is returned on the user's exact grid, in the right place."""
+    params = dict(GEOMETRIES[name])
+    size = params.pop("size", (48, 48, 32))
+    image = _image(size=size, **params)
+    model, _ = _oracle_model(12.0)
+    session = Session(model, prefetch=False)
+    session.set_image(image)
+    center_index = (np.asarray(image.GetSize()) - 1) / 2.0
+    center = index_to_physical(image, center_index)
+    session.add_point(center)
+    mask = session.predict()
+    assert mask.GetSize() == image.GetSize()
+    assert mask.GetSpacing() == image.GetSpacing()
+    assert mask.GetOrigin() == image.GetOrigin()
+    assert mask.GetDirection() == image.GetDirection()
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    array = sitk.GetArrayFromImage(mask).astype(bool)
+    # The expected sphere, computed directly in physical space on the user's grid.
+    zs, ys, xs = np.indices(array.shape)
+    physical = np.stack([xs, ys, zs], -1).reshape(-1, 3) @ (
+        np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    ).T + np.asarray(image.GetOrigin())
+    distance = np.linalg.norm(physical - center, axis=1).reshape(array.shape)
+    assert array[distance < 12.0 - 1.6].all()  # a trilinear band of one low-res cell (6 mm / 2 + slack)
+    assert not array[distance > 12.0 + 1.6].any()
+    expected_ml = 4 / 3 * np.pi * 12.0**3 / 1000
+    measured_ml = array.sum() * np.prod(image.GetSpacing()) / 1000
+    assert abs(measured_ml - expected_ml) / expected_ml < 0.15
+
+
+def test_mask_matches_direct_sampling_everywhere(tiny):
+    """The block-wise paste-back equals interpolating every voxel (no shortcut changes an answer)."""
+    image = _image(size=(60, 50, 40), spacing=(0.8, 1.1, 2.0), direction=_rotation(0.2, 0.1, -0.3))
+    session = Session(tiny, prefetch=False)
+    session.set_image(image)
+    session.add_point(index_to_physical(image, (30, 25, 20)))
+    mask = sitk.GetArrayFromImage(session.predict())
+    state = session._objects[0]
+    crop = state.crops[0]
+    paster = session._paster(crop)
+    direct = (paster.values(state.logits[crop]) > 0).astype(np.uint8)
+    full = np.zeros_like(mask)
+    full[paster.region.slices()] = direct
+    differing = np.argwhere(full != mask)
+    # Only the clicked voxel may differ (click consistency is enforced there).
+    assert len(differing) <= 1
+
+
+def test_later_clicks_in_the_crop_do_not_re_embed(tiny):
+    image = _image(size=(60, 60, 60))
+    session = Session(tiny, prefetch=True)
+    session.set_image(image, wait=True)
+    assert session.encoder_calls == 1
+    center = index_to_physical(image, (30, 30, 30))
+    for offset in ([0, 0, 0], [3, -2, 1], [-4, 4, 0], [5, 0, -5]):
+        session.add_point(center + np.asarray(offset), positive=offset[0] >= 0)
+        session.predict()
+    assert session.encoder_calls == 1
+    # A click far outside the first crop opens a second crop (and only then embeds again).
+    big = _image(size=(300, 60, 60), spacing=(1.5, 1.0, 1.0))
+    session.set_image(big, wait=True)
+    calls = session.encoder_calls
+    session.add_point(index_to_physical(big, (5, 30, 30)))
+    session.predict()
+    session.add_point(index_to_physical(big, (290, 30, 30)))
+    session.predict()
+    assert session.encoder_calls == calls + 2  # the prefetched centre crop covered neither end
+    assert len(session._objects[0].crops) == 2
+
+
+def test_undo_restores_the_previous_mask_exactly_and_reset_clears(tiny):
+    image = _image(size=(50, 50, 50))
+    session = Session(tiny, prefetch=False)
+    session.set_image(image)
+    c = index_to_physical(image, (25, 25, 25))
+    session.add_point(c)
+    first = sitk.GetArrayFromImage(session.predict())
+    session.add_point(c + np.array([4.0, 0, 0]), positive=False)
+    second = sitk.GetArrayFromImage(session.predict())
+    assert session.undo()
+    again = sitk.GetArrayFromImage(session.predict())
+    assert np.array_equal(first, again)
+    session.add_point(c + np.array([4.0, 0, 0]), positive=False)
+    assert np.array_equal(second, sitk.GetArrayFromImage(session.predict()))
+    session.reset()
+    assert session.prompts() == []
+    assert not sitk.GetArrayFromImage(session.predict()).any()
+    assert not session.undo()
+
+
+def test_clicked_voxels_are_always_consistent(tiny):
+    image = _image(size=(50, 50, 50))
+    session = Session(tiny, prefetch=False)
+    session.set_image(image)
+    rng = np.random.default_rng(1)
+    clicks = []
+    for _ in range(6):
+        index = rng.integers(10, 40, 3)
+        positive = bool(rng.integers(0, 2))
+        clicks.append((index, positive))
+        session.add_point_voxel(index, positive)
+        mask = sitk.GetArrayFromImage(session.predict())
+        for earlier, label in clicks:
+            latest = [p for i, p in clicks if np.array_equal(i, earlier)][-1]
+            assert mask[tuple(earlier[::-1])] == int(latest)
+    assert session.clicks_checked == 6
+    assert 0 <= session.click_violations <= 6
+
+
+def test_several_objects_share_embeddings(tiny):
+    image = _image(size=(50, 50, 50))
+    session = Session(tiny, prefetch=False)
+    session.set_image(image)
+    other = session.new_object()
+    session.add_point(index_to_physical(image, (20, 25, 25)))
+    session.add_point(index_to_physical(image, (30, 25, 25)), object=other)
+    session.predict()
+    session.predict(object=other)
+    assert session.encoder_calls == 1
+    assert session.objects == [0, other]
+    with pytest.raises(PromptError, match="object 7 does not exist"):
+        session.add_point((0, 0, 0), object=7)
+
+
+def test_embedding_cache_is_bounded_by_bytes(tiny):
+    image = _image(size=(400, 40, 40), spacing=(1.5, 1.0, 1.0))
+    one = 48 * 8 * 8 * 8 * 4
+    session = Session(tiny, prefetch=False, cache_bytes=2 * one)
+    session.set_image(image)
+    for x in (10, 150, 290, 390):
+        session.add_point(index_to_physical(image, (x, 20, 20)))
+        session.predict()
+    assert session.cached_bytes() <= 2 * one
+    assert session.encoder_calls == 4
+
+
+def test_uncertainty_methods_and_scaling(tiny):
+    image = _image(size=(40, 40, 40))
+    session = Session(tiny, prefetch=False)
+    session.set_image(image)
+    session.add_point(index_to_physical(image, (20, 20, 20)))
+    for method in ("mc-dropout", "click-jitter"):
+        mean, spread = session.uncertainty(n=4, method=method)
+        assert mean.GetSize() == image.GetSize() and spread.GetSize() == image.GetSize()
+        m, u = sitk.GetArrayFromImage(mean), sitk.GetArrayFromImage(spread)
+        assert 0.0 <= m.min() and m.max() <= 1.0
+        assert 0.0 <= u.min() and u.max() <= 1.0 and u.max() > 0
+    again, _ = session.uncertainty(n=4, method="mc-dropout")
+    first, _ = session.uncertainty(n=4, method="mc-dropout")
+    assert np.array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(first))  # seeded
+    # dropout is switched off again afterwards: plain predictions are deterministic
+    assert not any(m.training for m in tiny.mask_decoder.modules() if isinstance(m, torch.nn.Dropout))
+    with pytest.raises(ValueError, match="uncertainty method"):
+        session.uncertainty(method="ensembles")
+
+
+def test_box_prompt_is_clipped_to_the_box():
+    image = _image(size=(60, 60, 60))
+    model, _ = _oracle_model(40.0)  # a sphere much bigger than the box
+    session = Session(model, prefetch=False)
+    session.set_image(image)
+    a, b = index_to_physical(image, (20, 20, 20)), index_to_physical(image, (40, 36, 30))
+    session.add_box(a, b)
+    mask = sitk.GetArrayFromImage(session.predict())
+    nz = np.argwhere(mask)
+    assert nz.size
+    low, high = nz.min(0)[::-1], nz.max(0)[::-1]  # x, y, z
+    assert np.all(low >= np.array([20, 20, 20]) - 3) and np.all(high <= np.array([40, 36, 30]) + 3)
+    with pytest.raises(PromptError, match="is flat"):
+        session.add_box(a, a + np.array([5.0, 5.0, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: sitk.Image([10, 10], sitk.sitkFloat32) + 1, "expected a 3D volume, got a 2D image"),
+        (lambda: sitk.GetImageFromArray(np.random.rand(3, 10, 10, 10).astype(np.float32), isVector=False), "expected a 3D volume, got a 4D image"),
+        (lambda: sitk.Image([10, 10, 10], sitk.sitkVectorFloat32, 3), "single-channel"),
+        (lambda: sitk.Image([10, 10, 10], sitk.sitkFloat32) + 5, "every voxel has the same value"),
+        (lambda: _nan_image(), "NaN or infinite"),
+    ],
+)
+def test_bad_images_are_refused(tiny, make, message):
+    session = Session(tiny, prefetch=False)
+    with pytest.raises(ImageError, match=message):
+        session.set_image(make())
+
+
+def _nan_image() -> sitk.Image:
+    image = _image(size=(10, 10, 10))
+    array = sitk.GetArrayFromImage(image)
+    array[3, 4, 5] = np.nan
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def test_bad_prompts_are_refused(tiny):
+    image = _image(size=(20, 20, 20))
+    session = Session(tiny, prefetch=False)
+    with pytest.raises(RuntimeError, match="no image is set"):
+        session.add_point((0, 0, 0))
+    session.set_image(image)
+    with pytest.raises(PromptError, match=r"outside the image: it falls at voxel \(100.0, 5.0, 5.0\)"):
+        session.add_point((100.0, 5.0, 5.0))
+    with pytest.raises(PromptError, match="three finite numbers"):
+        session.add_point((1.0, float("nan"), 2.0))
+    assert session.prompts() == []
+
+
+def test_background_embedding_is_cancelled_by_a_new_image():
+    torch.manual_seed(0)
+    model = build_model("fastsam3d")  # big enough that the embedding is still running
+    session = Session(model, prefetch=True)
+    session.set_image(_image(size=(40, 40, 40), seed=1))
+    future = session._ensure_embedding(next(iter(session._pending)))
+    session.set_image(_image(size=(30, 30, 30), seed=2), wait=False)
+    from FastSAM3DLib.session import EmbeddingCancelled
+
+    with pytest.raises(EmbeddingCancelled):
+        future.result(timeout=60)
+    session.close()
+    assert session.encoder_calls == 0
