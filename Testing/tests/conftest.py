@@ -9,8 +9,10 @@ import pytest
 import torch
 
 TESTING_DIR = Path(__file__).resolve().parents[1]
-if str(TESTING_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTING_DIR))
+REPO_ROOT = TESTING_DIR.parent
+for path in (REPO_ROOT, TESTING_DIR):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 torch.set_num_threads(2)
 

@@ -1,0 +1,72 @@
+"""Reading users' files: DICOM series folders, and geometry preserved through the formats Slicer users have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FastSAM3DLib import ImageError
+from FastSAM3DLib.io import load_image, read_image, write_image_atomic
+
+
+def _write_dicom_series(array: np.ndarray, spacing, origin, folder: Path) -> None:
+    """One CT slice per file, with the tags ITK/GDCM use to rebuild the volume's geometry."""
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.1234567890"
+    for z in range(array.shape[0]):
+        slice_image = sitk.GetImageFromArray(array[z : z + 1].astype(np.int16))
+        slice_image.SetSpacing((spacing[0], spacing[1], spacing[2]))
+        slice_image.SetOrigin((origin[0], origin[1], origin[2] + z * spacing[2]))
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        tags = {
+            "0008|0060": "CT",
+            "0020|000e": series_uid,
+            "0020|000d": series_uid + ".0",
+            "0020|0013": str(z + 1),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in (origin[0], origin[1], origin[2] + z * spacing[2])),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",
+            "0018|0050": f"{spacing[2]:.4f}",
+            "0008|0018": f"{series_uid}.{z + 1}",
+        }
+        for key, value in tags.items():
+            slice_image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice_{z:03d}.dcm"))
+        writer.Execute(slice_image)
+
+
+def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1000, 1000, size=(12, 20, 24)).astype(np.int16)
+    spacing, origin = (0.8, 0.8, 2.5), (-10.0, 20.0, 30.0)
+    _write_dicom_series(array, spacing, origin, tmp_path)
+    image = load_image(tmp_path)
+    assert image.GetSize() == (24, 20, 12)
+    assert np.allclose(image.GetSpacing(), spacing, atol=1e-3)
+    assert np.allclose(image.GetOrigin(), origin, atol=1e-3)
+    assert np.array_equal(sitk.GetArrayFromImage(image), array)
+
+
+def test_folder_without_dicom_is_an_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ImageError, match="folder holds no DICOM series"):
+        read_image(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_geometry_round_trip(tmp_path, suffix):
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(6, 7, 8)).astype(np.float32))
+    image.SetSpacing((0.7, 1.1, 3.0))
+    image.SetOrigin((5.0, -3.0, 12.0))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    path = tmp_path / f"image{suffix}"
+    write_image_atomic(image, path)
+    back = load_image(path)
+    assert back.GetSize() == image.GetSize()
+    assert np.allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-5)
+    assert np.allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    assert np.allclose(back.GetDirection(), image.GetDirection(), atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
