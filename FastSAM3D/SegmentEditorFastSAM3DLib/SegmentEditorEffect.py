@@ -1,0 +1,263 @@
+"""The "FastSAM3D" Segment Editor effect: click in a slice view, the selected segment follows.
+
+Left-click adds an include point, Ctrl+left-click an exclude point (other clicks and keys go to the
+views as usual). Each click re-segments the selected segment from all clicks so far: the engine runs
+on a worker thread, and the result is written through the Segment Editor (its editable-area masking,
+overwrite-other-segments setting and undo apply; only the selected segment changes).
+
+Registered by the FastSAM3D module at application startup (``FastSAM3D.registerEditorEffect``).
+"""
+
+import logging
+import os
+
+import qt
+import vtk
+
+import slicer
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+from FastSAM3DLogic import FastSAM3DLogic, PredictionQueue, sharedLogic
+
+SHOW_CLICKS = "FastSAM3D.ShowClicks"
+
+
+def _moduleResource(*parts):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for base in (here, os.path.dirname(here)):
+        path = os.path.join(base, "Resources", *parts)
+        if os.path.exists(path):
+            return path
+    return ""
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    """Click-based 3D segmentation of the selected segment."""
+
+    POLL_MS = 100
+
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "FastSAM3D"
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.clicks = []  # (RAS world, positive) of the selected segment, in click order
+        self.clickTarget = None  # (segmentation node ID, segment ID) the clicks belong to
+        self.clickNodes = None
+        self.queue = None
+        self.timer = None
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        path = _moduleResource("Icons", "SegmentEditorFastSAM3D.png")
+        return qt.QIcon(path) if path else qt.QIcon()
+
+    def helpText(self):
+        return (
+            "<html>Segment the selected segment in 3D from clicks (FastSAM3D).<p>"
+            "<b>Left-click</b>: include point. <b>Ctrl + left-click</b>: exclude point.<br>"
+            "Every click re-segments from all clicks so far; the editor's masking and undo apply.</p>"
+            "<p>The first click on a volume waits for its embedding (a progress bar shows it).</p></html>"
+        )
+
+    # -- options -------------------------------------------------------------------------------
+
+    def setupOptionsFrame(self):
+        self.statusLabel = qt.QLabel("Click in a slice view: left = include, Ctrl+left = exclude.")
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.visible = False
+        self.scriptedEffect.addOptionsWidget(self.progressBar)
+        self.showClicksCheckBox = qt.QCheckBox("Show clicks")
+        self.showClicksCheckBox.toolTip = "Show the clicks as green (include) and red (exclude) points."
+        self.scriptedEffect.addOptionsWidget(self.showClicksCheckBox)
+        buttons = qt.QHBoxLayout()
+        self.undoClickButton = qt.QPushButton("Remove last click")
+        self.undoClickButton.toolTip = "Re-segment without the last click (the editor's Undo restores the previous result exactly)."
+        self.clearClicksButton = qt.QPushButton("New object")
+        self.clearClicksButton.toolTip = "Forget the clicks; the segment keeps its voxels and the next click starts afresh."
+        buttons.addWidget(self.undoClickButton)
+        buttons.addWidget(self.clearClicksButton)
+        self.scriptedEffect.addOptionsWidget(buttons)
+        self.showClicksCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.undoClickButton.connect("clicked()", self.onRemoveLastClick)
+        self.clearClicksButton.connect("clicked()", self.onNewObject)
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault(SHOW_CLICKS, 1)
+
+    def updateGUIFromMRML(self):
+        wasBlocked = self.showClicksCheckBox.blockSignals(True)
+        try:
+            self.showClicksCheckBox.checked = self.scriptedEffect.integerParameter(SHOW_CLICKS) != 0
+        finally:
+            self.showClicksCheckBox.blockSignals(wasBlocked)
+        self._updateClickDisplay()
+
+    def updateMRMLFromGUI(self):
+        self.scriptedEffect.setParameter(SHOW_CLICKS, 1 if self.showClicksCheckBox.checked else 0)
+
+    def createCursor(self, widget):
+        return qt.QCursor(qt.Qt.CrossCursor)
+
+    # -- activation ------------------------------------------------------------------------------
+
+    def activate(self):
+        self.logic = sharedLogic()
+        if self.queue is None:
+            self.queue = PredictionQueue()
+        if self.timer is None:
+            self.timer = qt.QTimer()
+            self.timer.setInterval(self.POLL_MS)
+            self.timer.connect("timeout()", self.onPoll)
+
+    def deactivate(self):
+        if self.timer is not None:
+            self.timer.stop()
+        self._forgetClicks()
+        self._removeClickNodes()
+
+    # -- clicks ----------------------------------------------------------------------------------
+
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        """Use plain and Ctrl left clicks in slice views; pass everything else on."""
+        abortEvent = False
+        if eventId != vtk.vtkCommand.LeftButtonPressEvent or viewWidget.className() != "qMRMLSliceWidget":
+            return abortEvent
+        if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
+            return abortEvent
+        ras = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
+        self.addClick(ras, positive=not callerInteractor.GetControlKey())
+        abortEvent = True
+        return abortEvent
+
+    def _target(self):
+        node = self.scriptedEffect.parameterSetNode()
+        segmentation = node.GetSegmentationNode() if node else None
+        return node, segmentation, node.GetSelectedSegmentID() if node else None
+
+    def addClick(self, rasWorld, positive=True):
+        """Add a click (world RAS) to the selected segment and queue its re-segmentation."""
+        node, segmentation, segmentId = self._target()
+        volume = node.GetSourceVolumeNode() if node else None
+        if segmentation is None or volume is None or not segmentId:
+            self._status("Select a source volume and a segment first.")
+            return
+        target = (segmentation.GetID(), segmentId)
+        if target != self.clickTarget:  # another segment selected: its own clicks
+            self._forgetClicks()
+            self.clickTarget = target
+        self.clicks.append((tuple(float(v) for v in rasWorld[:3]), bool(positive)))
+        self._updateClickDisplay()
+        self._submit()
+
+    def onRemoveLastClick(self):
+        if self.clicks:
+            self.clicks.pop()
+            self._updateClickDisplay()
+            if self.clicks:
+                self._submit()
+
+    def onNewObject(self):
+        node, segmentation, segmentId = self._target()
+        if segmentation is not None and segmentId:
+            self.logic.accept(segmentation, segmentId)
+        self._forgetClicks()
+
+    def _forgetClicks(self):
+        self.clicks = []
+        self.clickTarget = None
+        self._updateClickDisplay()
+
+    def _submit(self):
+        node, segmentation, segmentId = self._target()
+        volume = node.GetSourceVolumeNode()
+        points = [c[0] for c in self.clicks]
+        labels = [1 if c[1] else 0 for c in self.clicks]
+        qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
+        try:
+            if self.logic._model is None:
+                import FastSAM3DDependencies
+
+                FastSAM3DDependencies.ensureDependencies(log=self._status)
+                self.logic.loadModel("bundled")
+            request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels)
+        except Exception as error:  # explained to the user; nothing was changed
+            self.clicks.pop()
+            self._updateClickDisplay()
+            hint = " Choose weights in the FastSAM3D module (Model section)." if self.logic._model is None else ""
+            self._status(f"{error}{hint}")
+            logging.warning("FastSAM3D effect: %s", error)
+            return
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+        self.queue.submit(request)
+        self.progressBar.visible = True
+        self.timer.start()
+
+    def onPoll(self):
+        """Main thread: show embedding progress and write finished masks through the editor."""
+        node, segmentation, segmentId = self._target()
+        volume = node.GetSourceVolumeNode() if node else None
+        progress = self.logic.sessionProgress(volume)
+        self.progressBar.value = int(100 * float(progress.get("fraction", 0.0)))
+        self.progressBar.setFormat(f"{progress.get('stage', '')} %p%")
+        for request, mask, error, superseded in self.queue.poll():
+            if error is not None:
+                self._status(f"FastSAM3D failed: {error}")
+                continue
+            if superseded or (request.segmentationNodeID, request.segmentID) != (
+                    segmentation.GetID() if segmentation else None, segmentId):
+                continue  # a newer click is on its way, or the user selected another segment
+            sourceVolume = request.scene.GetNodeByID(request.volumeNodeID)
+            try:
+                written = self.logic.applyMaskThroughSegmentEditor(
+                    self.scriptedEffect, sourceVolume, mask, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+                self._status(f"{len(self.clicks)} click(s): segment updated." if written else "Segment is hidden: not changed.")
+            except Exception as error:  # the segmentation is unchanged; say why
+                self._status(f"FastSAM3D could not write the segment: {error}")
+                logging.exception("FastSAM3D effect apply failed")
+        if not self.queue.busy and progress.get("stage") in ("ready", "idle"):
+            self.timer.stop()
+            self.progressBar.visible = False
+
+    def _status(self, text):
+        if hasattr(self, "statusLabel"):
+            self.statusLabel.text = text
+
+    # -- click display ------------------------------------------------------------------------------
+
+    def _updateClickDisplay(self):
+        show = self.scriptedEffect.integerParameter(SHOW_CLICKS) != 0 if self.scriptedEffect.parameterSetNode() else True
+        if not self.clicks and self.clickNodes is None:
+            return
+        if self.clickNodes is None:
+            include, exclude = FastSAM3DLogic.createPromptNodes(slicer.mrmlScene, "FastSAM3D editor")
+            for markups in (include, exclude):
+                markups.SetLocked(True)  # shown only; clicks belong to the effect
+                markups.SetHideFromEditors(True)
+                markups.SetSaveWithScene(False)
+            self.clickNodes = (include, exclude)
+        include, exclude = self.clickNodes
+        for markups, positive in ((include, True), (exclude, False)):
+            with slicer.util.NodeModify(markups):
+                markups.RemoveAllControlPoints()
+                for ras, isPositive in self.clicks:
+                    if isPositive == positive:
+                        markups.AddControlPointWorld(list(ras))
+            if markups.GetDisplayNode() is not None:
+                markups.GetDisplayNode().SetVisibility(show)
+
+    def _removeClickNodes(self):
+        if self.clickNodes is not None:
+            for markups in self.clickNodes:
+                if slicer.mrmlScene.IsNodePresent(markups):
+                    slicer.mrmlScene.RemoveNode(markups)
+            self.clickNodes = None

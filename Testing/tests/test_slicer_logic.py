@@ -1,0 +1,767 @@
+"""``FastSAM3D/FastSAM3DLogic.py`` on real MRML (``slicer-core``): volumes, segmentations, transforms.
+
+What is real here: the MRML scene, volume nodes read by Slicer's own NIfTI reader
+(``vtkMRMLVolumeArchetypeStorageNode``), segmentation nodes and their binary-labelmap layers,
+linear transform nodes, markups, Slicer's labelmap export (used to check results independently of
+the code under test) and Slicer's C++ Segment Editor logic (``vtkSlicerSegmentEditorLogic``).
+
+What stands in for something else, and why:
+
+* ``BallSession`` replaces the *engine* (not Slicer) in the geometry tests: it "segments" a ball of
+  known radius around each include click, in the physical frame it is given. A right answer is then
+  known exactly, so these tests check the MRML plumbing (RAS/LPS, IJKToRAS, parent transforms,
+  reference geometries, other segments untouched, undo) independently of model quality. The real
+  ``FastSAM3DLib.Session`` with a tiny random model is used in the bookkeeping tests below, and the
+  bundled model (when an install has one) in the putamen test.
+* ``EditorShim`` stands in for ``qSlicerSegmentEditorScriptedEffect``, the Qt wrapper a Segment Editor
+  effect talks to, which exists only in the Slicer application. Each of its four methods forwards to
+  the real ``vtkSlicerSegmentEditorLogic`` that the application's wrapper uses, so masking, overwrite
+  rules and undo are Slicer's own.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+import vtk  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "FastSAM3D"))
+
+import FastSAM3DLogic as FL  # noqa: E402
+from FastSAM3DLib.errors import FastSAM3DInputError, PromptError  # noqa: E402
+
+FL.ensureSegmentationConverterRules()
+
+CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
+needs_colin = pytest.mark.skipif(not CH2.exists(), reason="Debian mricron-data (Colin27) is not installed")
+RADIUS = 6.3  # mm; not the square root of an integer, so no voxel centre sits exactly on the sphere
+
+
+# ------------------------------------------------------------------------------------------------
+# Stand-ins (see the module docstring)
+# ------------------------------------------------------------------------------------------------
+
+
+class BallSession:
+    """Engine stand-in: a ball of RADIUS mm around each include click minus balls around excludes."""
+
+    created = 0
+
+    def __init__(self, model=None):
+        type(self).created += 1
+        self.progress = {"stage": "ready", "fraction": 1.0}
+        self.last_timings = {"total_s": 0.0}
+        self.calls = []
+        self.fail = False
+
+    def set_image(self, image):
+        self.image = image
+        self.objects = {0: []}
+        self.next = 1
+        self.calls.append(("set_image",))
+
+    def new_object(self):
+        self.next += 1
+        self.objects[self.next - 1] = []
+        return self.next - 1
+
+    def reset(self, object=0):
+        self.objects[object] = []
+        self.calls.append(("reset", object))
+
+    def add_point(self, point, positive=True, object=0):
+        self.objects[object].append((np.asarray(point, float), positive))
+        self.calls.append(("add_point", object))
+
+    def add_box(self, a, b, object=0):
+        center = (np.asarray(a, float) + np.asarray(b, float)) / 2
+        self.objects[object].append((center, True))
+        self.calls.append(("add_box", object))
+
+    def predict(self, object=0):
+        if self.fail:
+            raise RuntimeError("engine failure (simulated)")
+        image = self.image
+        size = np.array(image.GetSize())
+        mask = np.zeros(size[::-1], np.uint8)
+        spacing = np.array(image.GetSpacing())
+        direction = np.array(image.GetDirection()).reshape(3, 3)
+        origin = np.array(image.GetOrigin())
+        for point, positive in self.objects[object]:
+            center = np.array(image.TransformPhysicalPointToContinuousIndex(tuple(point)))
+            reach = int(np.ceil(RADIUS / spacing.min())) + 1
+            lo = np.clip(np.floor(center).astype(int) - reach, 0, size - 1)
+            hi = np.clip(np.ceil(center).astype(int) + reach, 0, size - 1)
+            grid = np.stack(np.meshgrid(*[np.arange(l, h + 1) for l, h in zip(lo, hi)], indexing="ij"), -1)
+            physical = (grid * spacing) @ direction.T + origin
+            inside = np.linalg.norm(physical - point, axis=-1) <= RADIUS  # (i, j, k) order
+            view = mask[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+            inside = inside.transpose(2, 1, 0)
+            if positive:
+                view[inside] = 1
+            else:
+                view[inside] = 0
+        out = sitk.GetImageFromArray(mask)
+        out.CopyInformation(image)
+        return out
+
+    def uncertainty(self, n=16, method="mc-dropout", object=0):
+        mask = sitk.Cast(self.predict(object), sitk.sitkFloat32)
+        return mask, mask * 0.5
+
+
+class EditorShim:
+    """Stands in for qSlicerSegmentEditorScriptedEffect (application-only Qt class), forwarding to
+    the real vtkSlicerSegmentEditorLogic."""
+
+    def __init__(self, scene, segmentationNode, volumeNode, segmentId):
+        scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
+        self.node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        self.node.SetAndObserveSegmentationNode(segmentationNode)
+        self.node.SetAndObserveSourceVolumeNode(volumeNode)
+        self.node.SetSelectedSegmentID(segmentId)
+        self.logic = slicer.vtkSlicerSegmentEditorLogic()
+        self.logic.SetMRMLScene(scene)
+        self.logic.SetSegmentEditorNode(self.node)
+        history = slicer.vtkSegmentationHistory()
+        history.SetSegmentation(segmentationNode.GetSegmentation())
+        self.logic.SetSegmentationHistory(history)
+        self.history = history
+        self.calls = []
+
+    def parameterSetNode(self):
+        return self.node
+
+    def confirmCurrentSegmentVisible(self):
+        self.calls.append("confirmCurrentSegmentVisible")
+        return self.logic.IsSelectedSegmentVisible()
+
+    def saveStateForUndo(self):
+        self.calls.append("saveStateForUndo")
+        self.logic.SaveStateForUndo()
+
+    def defaultModifierLabelmap(self):
+        self.calls.append("defaultModifierLabelmap")
+        self.logic.ResetModifierLabelmapToDefault()
+        return self.logic.GetModifierLabelmap()
+
+    def modifySelectedSegmentByLabelmap(self, modifier, mode):
+        self.calls.append("modifySelectedSegmentByLabelmap")
+        self.logic.ModifySegmentByLabelmap(self.node.GetSegmentationNode(), self.node.GetSelectedSegmentID(),
+                                          modifier, mode, True, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scene helpers (independent of the code under test)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ch2_node_data():
+    """Colin27 read once by Slicer's own reader: (image data, IJKToRAS matrix)."""
+    if not CH2.exists():
+        pytest.skip("Debian mricron-data (Colin27) is not installed")
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ch2")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(CH2))
+    assert storage.ReadData(node)
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    data = vtk.vtkImageData()
+    data.DeepCopy(node.GetImageData())
+    return data, matrix
+
+
+@pytest.fixture(scope="module")
+def putamen():
+    """Interior-most voxel of AAL Putamen_L: (index xyz, LPS mm) plus the label image (uint8 0/1)."""
+    if not CH2.exists():
+        pytest.skip("Debian mricron-data (Colin27) is not installed")
+    from FastSAM3DLib.data import interior_point, read_aal_names
+
+    names = {name: value for value, name in read_aal_names(CH2.parent / "aal.nii.txt").items()}
+    aal = sitk.ReadImage(str(CH2.parent / "aal.nii.gz"))
+    label = sitk.Cast(aal == names["Putamen_L"], sitk.sitkUInt8)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(label)
+    box = stats.GetBoundingBox(1)  # the distance transform only needs the label's neighbourhood
+    start = [max(0, b - 2) for b in box[:3]]
+    size = [min(label.GetSize()[a] - start[a], box[3 + a] + 4) for a in range(3)]
+    index, lps = interior_point(sitk.RegionOfInterest(label, size, start))
+    return tuple(i + s for i, s in zip(index, start)), np.array(lps), label
+
+
+def new_scene(ch2_node_data):
+    """A scene with the Colin27 volume and a segmentation holding 'target' (empty) and 'other' (filled)."""
+    data, matrix = ch2_node_data
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ch2")
+    copy = vtk.vtkImageData()
+    copy.DeepCopy(data)
+    volume.SetAndObserveImageData(copy)
+    volume.SetIJKToRASMatrix(matrix)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    target = segmentation.GetSegmentation().AddEmptySegment("target")
+    other = segmentation.GetSegmentation().AddEmptySegment("other")
+    fill_block(segmentation, other, volume, (slice(60, 80), slice(100, 140), slice(60, 75)))
+    return scene, volume, segmentation, target, other
+
+
+def fill_block(segmentation, segmentId, volume, kji):
+    """Put a block of voxels (k, j, i slices of the volume grid) into a segment with Slicer's API."""
+    image = slicer.vtkOrientedImageData()
+    dims = volume.GetImageData().GetDimensions()
+    image.SetDimensions(dims)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    from vtk.util import numpy_support
+
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+    array[...] = 0
+    array[kji] = 1
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation, segmentId, 0)
+
+
+def exported_world_voxels(segmentation, segmentId):
+    """World RAS centres of a segment's voxels, via Slicer's labelmap export (not the code under test)."""
+    scene = segmentation.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, [segmentId], labelmap)
+        data = labelmap.GetImageData()
+        if data is None or data.GetNumberOfPoints() == 0:
+            return np.zeros((0, 3))
+        from vtk.util import numpy_support
+
+        dims = data.GetDimensions()
+        array = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(dims[::-1])
+        k, j, i = np.nonzero(array)
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetIJKToRASMatrix(matrix)
+        ijk = np.stack([i, j, k, np.ones_like(i)]).astype(float)
+        local = (np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ijk)[:3].T
+        toWorld = vtk.vtkMatrix4x4()  # the tests use linear transforms only
+        assert slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(labelmap.GetParentTransformNode(), None, toWorld)
+        toWorld = np.array([[toWorld.GetElement(r, c) for c in range(4)] for r in range(4)])
+        return (toWorld @ np.c_[local, np.ones(len(local))].T)[:3].T
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def expected_world_ball(volume, clickRAS):
+    """World centres of the volume's voxels within RADIUS of a world click (independent geometry)."""
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    ijkToRas = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    toWorld = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume.GetParentTransformNode(), None, toWorld)
+    toLocal = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, volume.GetParentTransformNode(), toLocal)
+    local = np.array(toLocal.TransformPoint(*clickRAS))
+    center = (np.linalg.inv(ijkToRas) @ np.append(local, 1))[:3]
+    reach = 12
+    grid = np.stack(np.meshgrid(*[np.arange(int(c) - reach, int(c) + reach + 1) for c in center], indexing="ij"), -1).reshape(-1, 3)
+    localCentres = (ijkToRas @ np.c_[grid, np.ones(len(grid))].T)[:3].T
+    world = np.array([toWorld.TransformPoint(*p) for p in localCentres])
+    return world[np.linalg.norm(world - np.asarray(clickRAS), axis=1) <= RADIUS]
+
+
+def same_points(a, b, tol=1e-4):
+    if len(a) != len(b):
+        return False
+    order = lambda x: x[np.lexsort(np.round(x / tol).T)]
+    return np.allclose(order(a), order(b), atol=tol)
+
+
+def layer_bytes(segmentation, segmentId):
+    """A segment's voxels on the segmentation's full reference grid, as Slicer exports them: (extent,
+    geometry, bytes). Equal values mean the segment is byte-identical, whatever layer holds it."""
+    scene = segmentation.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation, [segmentId], labelmap, None, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        from vtk.util import numpy_support
+
+        data = labelmap.GetImageData()
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetIJKToRASMatrix(matrix)
+        return (data.GetExtent(), tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)),
+                (numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()) > 0).tobytes())
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def translate(scene, node, offset):
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    for a in range(3):
+        matrix.SetElement(a, 3, offset[a])
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return transform
+
+
+def ras(lps):
+    return np.asarray(lps, float) * [-1, -1, 1]
+
+
+def ball_logic():
+    BallSession.created = 0
+    return FL.FastSAM3DLogic(model=object(), sessionFactory=BallSession)
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_colin
+def test_volume_node_to_image_matches_simpleitk(ch2_node_data):
+    _, volume, *_ = new_scene(ch2_node_data)
+    image = FL.volumeNodeToImage(volume)
+    reference = sitk.ReadImage(str(CH2))
+    assert image.GetSize() == reference.GetSize()
+    assert np.allclose(image.GetOrigin(), reference.GetOrigin())
+    assert np.allclose(image.GetSpacing(), reference.GetSpacing())
+    assert np.allclose(image.GetDirection(), reference.GetDirection())
+    assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(reference))
+
+
+def test_oblique_anisotropic_geometry_round_trip():
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    data = vtk.vtkImageData()
+    data.SetDimensions(7, 9, 5)
+    data.AllocateScalars(vtk.VTK_FLOAT, 1)
+    volume.SetAndObserveImageData(data)
+    angle = np.deg2rad(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    rotation = rotation @ np.array([[1, 0, 0], [0, np.cos(0.4), -np.sin(0.4)], [0, np.sin(0.4), np.cos(0.4)]])
+    ijkToRas = np.eye(4)
+    ijkToRas[:3, :3] = rotation @ np.diag([0.7, 1.3, 3.1])
+    ijkToRas[:3, 3] = (12.5, -40.0, 7.25)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, ijkToRas[r, c])
+    volume.SetIJKToRASMatrix(matrix)
+    image = FL.volumeNodeToImage(volume)
+    for index in [(0, 0, 0), (6, 8, 4), (3, 1, 2)]:
+        expected = ras((ijkToRas @ np.append(index, 1))[:3])  # ras() flips both ways
+        assert np.allclose(image.TransformIndexToPhysicalPoint(index), expected)
+
+
+@needs_colin
+def test_slicer_and_simpleitk_agree_on_the_putamen_click(ch2_node_data, putamen):
+    index, lps, _ = putamen
+    _, volume, *_ = new_scene(ch2_node_data)
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    clickRAS = np.array(matrix.MultiplyPoint((*index, 1)))[:3]
+    assert np.allclose(clickRAS, ras(lps))
+
+
+@needs_colin
+def test_one_click_writes_only_the_target_segment(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    clickRAS = ras(putamen[1]) + [0.3, -0.2, 0.4]  # off the voxel centre on purpose
+    before = layer_bytes(segmentation, other)
+    logic = ball_logic()
+    result = logic.segmentFromPoints(volume, segmentation, target, [clickRAS], [1])
+    assert result.voxels > 0
+    assert same_points(exported_world_voxels(segmentation, target), expected_world_ball(volume, clickRAS))
+    assert layer_bytes(segmentation, other) == before
+
+
+@needs_colin
+@pytest.mark.parametrize("where", ["both", "volume-only", "segmentation-only"])
+def test_parent_transforms_are_honoured(ch2_node_data, putamen, where):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    offset = np.array([12.0, -7.5, 30.25])
+    if where in ("both", "volume-only"):
+        translate(scene, volume, offset)
+    if where in ("both", "segmentation-only"):
+        translate(scene, segmentation, offset)
+    before = layer_bytes(segmentation, other)
+    # The user clicks where the putamen is now displayed: the volume's anatomy moved by the offset.
+    clickRAS = ras(putamen[1]) + (offset if where != "segmentation-only" else 0)
+    logic = ball_logic()
+    logic.segmentFromPoints(volume, segmentation, target, [clickRAS], [1])
+    got = exported_world_voxels(segmentation, target)
+    expected = expected_world_ball(volume, clickRAS)
+    if where != "both":  # the two grids no longer coincide: nearest-neighbour resampling
+        assert abs(len(got) - len(expected)) <= 0.05 * len(expected)
+        assert np.linalg.norm(got.mean(0) - expected.mean(0)) < 0.6
+    else:
+        assert same_points(got, expected)
+    assert np.linalg.norm(got.mean(0) - clickRAS) < 0.6
+    assert layer_bytes(segmentation, other) == before
+
+
+@needs_colin
+def test_rotated_transform_and_finer_segmentation_geometry(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    c, s = np.cos(np.deg2rad(20)), np.sin(np.deg2rad(20))
+    for (r, col), v in {(0, 0): c, (0, 1): -s, (1, 0): s, (1, 1): c, (0, 3): 5.0, (2, 3): -3.0}.items():
+        matrix.SetElement(r, col, v)
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    # The segmentation stays in world space with a 0.5 mm grid of its own.
+    geometry = "0.5;0;0;-90;0;0.5;0;-126;0;0;0.5;-72;0;0;0;1;0;400;0;500;0;300;"
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    segmentation.GetSegmentation().SetConversionParameter(name, geometry)
+    toWorld = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(transform, None, toWorld)
+    clickRAS = np.array(toWorld.TransformPoint(*ras(putamen[1])))
+    logic = ball_logic()
+    logic.segmentFromPoints(volume, segmentation, target, [clickRAS], [1])
+    got = exported_world_voxels(segmentation, target)
+    assert np.linalg.norm(got.mean(0) - clickRAS) < 0.5
+    assert np.linalg.norm(got - clickRAS, axis=1).max() <= RADIUS + 1.0
+    # The ball is sampled at the segmentation's 0.5 mm: 8 times as many voxels as at 1 mm.
+    assert abs(len(got) * 0.125 - len(expected_world_ball(volume, clickRAS))) < 0.15 * len(expected_world_ball(volume, clickRAS))
+
+
+@needs_colin
+def test_label_map_volume_as_input(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    data = vtk.vtkImageData()
+    data.DeepCopy(volume.GetImageData())
+    labelmap.SetAndObserveImageData(data)
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    labelmap.SetIJKToRASMatrix(matrix)
+    clickRAS = ras(putamen[1])
+    ball_logic().segmentFromPoints(labelmap, segmentation, target, [clickRAS], [1])
+    assert same_points(exported_world_voxels(segmentation, target), expected_world_ball(volume, clickRAS))
+
+
+def test_vector_volume_is_refused_clearly():
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    data = vtk.vtkImageData()
+    data.SetDimensions(4, 4, 4)
+    data.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    volume.SetAndObserveImageData(data)
+    with pytest.raises(FastSAM3DInputError, match="3 components"):
+        FL.volumeNodeToImage(volume)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors, undo, reset, accept
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_colin
+def test_errors_leave_the_segmentation_unchanged(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    logic = ball_logic()
+    click = ras(putamen[1])
+    logic.segmentFromPoints(volume, segmentation, target, [click], [1])
+    state = {sid: layer_bytes(segmentation, sid) for sid in (target, other)}
+    with pytest.raises(PromptError, match="outside volume 'ch2'"):
+        logic.segmentFromPoints(volume, segmentation, target, [click, [500.0, 0.0, 0.0]], [1, 1])
+    with pytest.raises(PromptError, match="labels"):
+        logic.segmentFromPoints(volume, segmentation, target, [click], [1, 0])
+    with pytest.raises(PromptError, match="use 1"):
+        logic.segmentFromPoints(volume, segmentation, target, [click], [2])
+    with pytest.raises(FastSAM3DInputError, match="no segment"):
+        logic.segmentFromPoints(volume, segmentation, "nope", [click], [1])
+    session = logic._volumes[volume.GetID()].session
+    session.fail = True
+    with pytest.raises(RuntimeError, match="simulated"):
+        logic.segmentFromPoints(volume, segmentation, target, [click + 5], [1])
+    session.fail = False
+    assert {sid: layer_bytes(segmentation, sid) for sid in (target, other)} == state
+    # A failure inside Slicer's write restores the segment as well.
+    original = FL.FastSAM3DLogic._setSegment
+    calls = []
+
+    def failing(segmentationNode, segmentId, labelmap):
+        calls.append(labelmap)
+        if len(calls) == 1:
+            original(segmentationNode, segmentId, labelmap)  # half-written, then fails
+            raise RuntimeError("write failed (simulated)")
+        original(segmentationNode, segmentId, labelmap)
+
+    logic._setSegment = failing
+    with pytest.raises(RuntimeError, match="write failed"):
+        logic.segmentFromPoints(volume, segmentation, target, [click + 9], [1])
+    assert {sid: layer_bytes(segmentation, sid) for sid in (target, other)} == state
+
+
+@needs_colin
+def test_undo_reset_accept(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    fill_block(segmentation, target, volume, (slice(10, 12), slice(10, 12), slice(10, 12)))  # prior work
+    otherBefore = layer_bytes(segmentation, other)
+    s0 = logic_state = layer_bytes(segmentation, target)
+    logic = ball_logic()
+    click = ras(putamen[1])
+    logic.segmentFromPoints(volume, segmentation, target, [click], [1])
+    s1 = layer_bytes(segmentation, target)
+    logic.segmentFromPoints(volume, segmentation, target, [click, click + [8, 0, 0]], [1, 1])
+    s2 = layer_bytes(segmentation, target)
+    assert len({s0[2], s1[2], s2[2]}) == 3
+    assert logic.undo(segmentation, target) and layer_bytes(segmentation, target)[2] == s1[2]
+    logic.segmentFromPoints(volume, segmentation, target, [click, click + [8, 0, 0]], [1, 1])
+    assert layer_bytes(segmentation, target)[2] == s2[2]
+    assert logic.reset(segmentation, target)
+    assert layer_bytes(segmentation, target)[2] == logic_state[2]
+    assert not logic.undo(segmentation, target)
+    logic.segmentFromPoints(volume, segmentation, target, [click], [1])
+    logic.accept(segmentation, target)
+    assert not logic.canUndo(segmentation, target)
+    assert layer_bytes(segmentation, target)[2] == s1[2]
+    assert layer_bytes(segmentation, other) == otherBefore
+
+
+@needs_colin
+def test_prompts_are_incremental_and_the_session_is_reused(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    logic = ball_logic()
+    click = ras(putamen[1])
+    logic.segmentFromPoints(volume, segmentation, target, [click], [1])
+    logic.segmentFromPoints(volume, segmentation, target, [click, click + [0, 6, 0]], [1, 0])
+    session = logic._volumes[volume.GetID()].session
+    assert [c[0] for c in session.calls] == ["set_image", "add_point", "add_point"]
+    logic.segmentFromPoints(volume, segmentation, target, [click + [1, 0, 0], click + [0, 6, 0]], [1, 0])  # moved
+    assert [c[0] for c in session.calls[3:]] == ["reset", "add_point", "add_point"]
+    logic.segmentFromPoints(volume, segmentation, other, [click], [1])  # another segment: another object
+    assert session.calls[-1][1] != session.calls[-2][1]
+    assert BallSession.created == 1
+    # Changing the voxels starts a new session; a parent transform does not (the image is unchanged).
+    translate(scene, volume, (5, 0, 0))
+    logic.segmentFromPoints(volume, segmentation, target, [click + [5, 0, 0]], [1])
+    assert BallSession.created == 1
+    volume.GetImageData().GetPointData().GetScalars().Modified()
+    logic.segmentFromPoints(volume, segmentation, target, [click + [5, 0, 0]], [1])
+    assert BallSession.created == 2
+
+
+@needs_colin
+def test_embedding_starts_on_the_worker_before_the_first_click(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    logic = ball_logic()
+    request = logic.prepareVolume(volume)
+    assert logic.sessionProgress(volume)["stage"] == "starting" and BallSession.created == 0
+    queue = FL.PredictionQueue()
+    queue.submit(request)
+    assert [(r.kind, err) for r, _, err, _ in queue.wait(30)] == [("embed", None)]
+    assert logic.sessionProgress(volume)["stage"] == "ready" and BallSession.created == 1
+    logic.segmentFromPoints(volume, segmentation, target, [ras(putamen[1])], [1])
+    assert BallSession.created == 1
+    queue.shutdown()
+
+
+@needs_colin
+def test_box_prompt_and_roi_corners(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    click = ras(putamen[1])
+    roi.SetCenterWorld(*click)
+    roi.SetSizeWorld(10, 14, 12)
+    a, b = FL.FastSAM3DLogic.roiCornersRAS(roi)
+    assert np.allclose(a, click - [5, 7, 6]) and np.allclose(b, click + [5, 7, 6])
+    logic = ball_logic()
+    logic.segmentFromBox(volume, segmentation, target, a, b)
+    assert np.linalg.norm(exported_world_voxels(segmentation, target).mean(0) - click) < 0.6
+
+
+@needs_colin
+def test_markups_points_world_order_and_colours(ch2_node_data, putamen):
+    scene, volume, *_ = new_scene(ch2_node_data)
+    include, exclude = FL.FastSAM3DLogic.createPromptNodes(scene)
+    assert include.GetDisplayNode().GetSelectedColor() != exclude.GetDisplayNode().GetSelectedColor()
+    include.AddControlPoint(1, 2, 3)
+    exclude.AddControlPoint(4, 5, 6)
+    include.AddControlPoint(7, 8, 9)
+    translate(scene, include, (10, 0, 0))
+    points, labels = FL.FastSAM3DLogic.pointsFromMarkups(include, exclude)
+    assert np.allclose(points, [[11, 2, 3], [17, 8, 9], [4, 5, 6]]) and labels == [1, 1, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Segment Editor path (Slicer's C++ editor logic), uncertainty overlay, queue, parameters
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_colin
+def test_segment_editor_masking_overwrite_and_undo(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    click = ras(putamen[1])
+    # Put 'other' right where the ball will be, and only allow editing outside all segments.
+    index = np.round(np.linalg.inv(FL.volumeIJKToRAS(volume)) @ np.append(click, 1))[:3].astype(int)
+    fill_block(segmentation, other, volume, (slice(index[2] - 2, index[2] + 3), slice(index[1] - 2, index[1] + 3),
+                                             slice(index[0] - 2, index[0] + 3)))
+    otherBefore = layer_bytes(segmentation, other)
+    editor = EditorShim(scene, segmentation, volume, target)
+    editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    logic = ball_logic()
+    request = logic.prepareSegmentation(volume, segmentation, target, [click], [1])
+    applied = logic.applyMaskThroughSegmentEditor(editor, volume, request.run(), editor.logic.ModificationModeSet)
+    assert applied
+    assert editor.calls == ["confirmCurrentSegmentVisible", "saveStateForUndo", "defaultModifierLabelmap",
+                            "modifySelectedSegmentByLabelmap"]
+    got = logic.segmentArray(segmentation, target)
+    blocked = logic.segmentArray(segmentation, other)
+    assert got.sum() == len(expected_world_ball(volume, click)) - blocked.sum()  # the masked voxels are left out
+    assert not (got & blocked).any()
+    assert layer_bytes(segmentation, other) == otherBefore
+    editor.logic.Undo()
+    assert logic.segmentArray(segmentation, target).sum() == 0
+    assert layer_bytes(segmentation, other) == otherBefore
+    # A hidden segment: nothing happens (the application would ask the user first).
+    segmentation.GetDisplayNode().SetSegmentVisibility(target, False)
+    editor.calls.clear()
+    assert not logic.applyMaskThroughSegmentEditor(editor, volume, request.run(), editor.logic.ModificationModeSet)
+    assert editor.calls == ["confirmCurrentSegmentVisible"]
+
+
+@needs_colin
+def test_uncertainty_overlay_volume(ch2_node_data, putamen):
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    translate(scene, volume, (3, 4, 5))
+    logic = ball_logic()
+    with pytest.raises(PromptError, match="click in it first"):
+        logic.computeUncertainty(volume, segmentation, target)
+    click = ras(putamen[1]) + [3, 4, 5]
+    logic.segmentFromPoints(volume, segmentation, target, [click], [1])
+    overlay = logic.computeUncertainty(volume, segmentation, target, samples=4)
+    assert overlay.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    assert overlay.GetTransformNodeID() == volume.GetTransformNodeID()
+    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    overlay.GetIJKToRASMatrix(a)
+    volume.GetIJKToRASMatrix(b)
+    assert all(a.GetElement(r, c) == b.GetElement(r, c) for r in range(4) for c in range(4))
+    assert overlay.GetDisplayNode().GetColorNode() is not None
+    from vtk.util import numpy_support
+
+    values = numpy_support.vtk_to_numpy(overlay.GetImageData().GetPointData().GetScalars())
+    assert values.max() == pytest.approx(0.5) and np.count_nonzero(values) == len(expected_world_ball(volume, click))
+    again = logic.computeUncertainty(volume, segmentation, target, outputVolumeNode=overlay, samples=4)
+    assert again is overlay
+
+
+def test_prediction_queue_runs_one_at_a_time_and_coalesces():
+    class Slow:
+        kind, key = "segment", ("seg", "a")
+
+        def __init__(self, n, gate=None):
+            self.n, self.gate = n, gate
+
+        def run(self):
+            if self.gate is not None:
+                self.gate.wait(5)
+            return self.n
+
+    import threading
+
+    gate = threading.Event()
+    queue = FL.PredictionQueue()
+    queue.submit(Slow(1, gate))
+    queue.submit(Slow(2))
+    queue.submit(Slow(3))  # replaces 2, which never runs
+    assert queue.busy and queue.poll() == []
+    gate.set()
+    results = queue.wait(10)
+    assert [(r.n, value, err, superseded) for r, value, err, superseded in results] == [(1, 1, None, True), (3, 3, None, False)]
+    assert queue.dropped == 1 and not queue.busy
+    queue.shutdown()
+
+
+def test_parameter_node_defaults_and_types():
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "FastSAM3D")
+    events = []
+    node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *a: events.append(1))
+    FL.FastSAM3DLogic.setDefaultParameters(node)
+    assert len(events) == 1  # one modify block
+    assert FL.FastSAM3DLogic.getParameter(node, "LiveUpdate") is True
+    assert FL.FastSAM3DLogic.getParameter(node, "UncertaintySamples") == 16
+    FL.FastSAM3DLogic.setParameter(node, "ShowUncertainty", True)
+    FL.FastSAM3DLogic.setParameter(node, "Device", "cpu")
+    FL.FastSAM3DLogic.setDefaultParameters(node)  # keeps what was set
+    assert FL.FastSAM3DLogic.getParameter(node, "ShowUncertainty") is True
+    assert FL.FastSAM3DLogic.getParameter(node, "Device") == "cpu"
+    node.SetParameter("UncertaintySamples", "not a number")
+    assert FL.FastSAM3DLogic.getParameter(node, "UncertaintySamples") == 16
+    with pytest.raises(TypeError):  # what Slicer's module scanner would try on the source folder
+        FL.FastSAM3DLogic(object())
+
+
+# ------------------------------------------------------------------------------------------------
+# The real engine
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_logic():
+    import torch
+
+    from FastSAM3DLib import build_model
+
+    torch.manual_seed(0)
+    return FL.FastSAM3DLogic(model=build_model("tiny"), device="cpu")
+
+
+@needs_colin
+def test_real_session_bookkeeping_and_translation(ch2_node_data, putamen, tiny_logic):
+    """The real Session (tiny random model): the click voxel is in the segment, nothing else changes,
+    and under a translated parent transform the same voxels come back, shifted in world space."""
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    click = ras(putamen[1])
+    before = layer_bytes(segmentation, other)
+    start = time.perf_counter()
+    tiny_logic.segmentFromPoints(volume, segmentation, target, [click], [1])
+    plain = tiny_logic.segmentArray(segmentation, target)
+    index = putamen[0]
+    assert plain[index[2], index[1], index[0]] == 1  # the engine keeps the clicked voxel inside
+    assert layer_bytes(segmentation, other) == before
+    worldPlain = exported_world_voxels(segmentation, target)
+
+    scene2, volume2, segmentation2, target2, other2 = new_scene(ch2_node_data)
+    offset = np.array([10.0, -20.0, 5.0])
+    translate(scene2, volume2, offset)
+    translate(scene2, segmentation2, offset)
+    tiny_logic.segmentFromPoints(volume2, segmentation2, target2, [click + offset], [1])
+    assert np.array_equal(tiny_logic.segmentArray(segmentation2, target2), plain)
+    assert np.allclose(exported_world_voxels(segmentation2, target2).mean(0), worldPlain.mean(0) + offset, atol=1e-3)
+    assert time.perf_counter() - start < 60
+
+
+@needs_colin
+def test_bundled_model_segments_the_left_putamen(ch2_node_data, putamen):
+    from FastSAM3DLib import bundled_model_path, load_model
+
+    if bundled_model_path() is None:
+        pytest.skip("this install has no bundled model weights (Resources/Models); geometry is tested above")
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    logic = FL.FastSAM3DLogic(model=load_model(None, device="cpu"), device="cpu")
+    before = layer_bytes(segmentation, other)
+    logic.segmentFromPoints(volume, segmentation, target, [ras(putamen[1])], [1])
+    got = logic.segmentArray(segmentation, target).astype(bool)
+    truth = sitk.GetArrayViewFromImage(putamen[2]).astype(bool)
+    dice = 2 * (got & truth).sum() / (got.sum() + truth.sum())
+    centroid = lambda m: np.array(np.nonzero(m)).mean(1)
+    assert dice > 0.5, f"Dice {dice:.2f}"
+    assert 0.5 < got.sum() / truth.sum() < 2.0
+    assert np.linalg.norm(centroid(got) - centroid(truth)) < 5.0
+    assert layer_bytes(segmentation, other) == before

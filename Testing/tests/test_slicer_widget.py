@@ -1,0 +1,533 @@
+"""The module widget and the Segment Editor effect, driven on real MRML with the Qt application faked.
+
+MOCKS OF THE SLICER GUI APPLICATION (only what cannot exist without it):
+
+* ``qt``: a timer that the test fires by hand, and inert stand-ins for labels, buttons, icons and
+  cursors.
+* ``slicer.ScriptedLoadableModule``: minimal module/widget/logic/test base classes (the real
+  ``getParameterNode`` stores a ``vtkMRMLScriptedModuleNode`` in ``slicer.mrmlScene``; so does this one).
+* ``slicer.app``, ``slicer.util.loadUI`` / ``childWidgetVariables`` / ``setSliceViewerLayers``: the UI is
+  built from ``Resources/UI/FastSAM3D.ui`` as plain Python objects named like its widgets (a widget the
+  code uses that the .ui lacks fails here too), which hold node selections and emit the signals the
+  code connects to.
+* ``SegmentEditorEffects.AbstractScriptedSegmentEditorEffect`` and the ``scriptedEffect`` wrapper: the
+  wrapper forwards to Slicer's real C++ ``vtkSlicerSegmentEditorLogic``, so masking and undo are real.
+
+Real: the MRML scene, nodes, markups events, transforms, segmentations, ``slicer.util.VTKObservationMixin``
+and ``NodeModify``, the logic and its worker thread. The engine is the ball stand-in of
+``test_slicer_logic.py`` (geometry known exactly); the real engine is exercised there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+import vtk  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "FastSAM3D"
+RADIUS = 4.0
+
+
+class Ball:
+    """Engine stand-in: a ball of RADIUS mm around each include click, minus balls around excludes."""
+
+    def __init__(self, model=None):
+        self.progress = {"stage": "ready", "fraction": 1.0}
+        self.last_timings = {"total_s": 0.0}
+
+    def set_image(self, image):
+        self.image, self.objects, self.next = image, {0: []}, 1
+
+    def new_object(self):
+        self.next += 1
+        self.objects[self.next - 1] = []
+        return self.next - 1
+
+    def reset(self, object=0):
+        self.objects[object] = []
+
+    def add_point(self, point, positive=True, object=0):
+        self.objects[object].append((np.asarray(point, float), positive))
+
+    def predict(self, object=0):
+        image = self.image
+        size = image.GetSize()
+        index = np.stack(np.meshgrid(*[np.arange(s) for s in size], indexing="ij"), -1).reshape(-1, 3)
+        physical = np.array([image.TransformIndexToPhysicalPoint(tuple(int(v) for v in i)) for i in index])
+        mask = np.zeros(len(index), np.uint8)
+        for point, positive in self.objects[object]:
+            mask[np.linalg.norm(physical - point, axis=1) <= RADIUS] = 1 if positive else 0
+        out = sitk.GetImageFromArray(mask.reshape(size).transpose(2, 1, 0).copy())
+        out.CopyInformation(image)
+        return out
+
+    def uncertainty(self, n=16, method="mc-dropout", object=0):
+        mask = sitk.Cast(self.predict(object), sitk.sitkFloat32)
+        return mask, mask * 0.25
+
+
+# ------------------------------------------------------------------------------------------------
+# Fakes of the application (see the module docstring)
+# ------------------------------------------------------------------------------------------------
+
+
+class Anything:
+    """Inert Qt object: any attribute or call gives another inert object."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return Anything()
+
+    def __call__(self, *args, **kwargs):
+        return Anything()
+
+
+class FakeTimer(Anything):
+    def __init__(self, *args):
+        self.active, self.slots = False, []
+
+    def setInterval(self, ms):
+        pass
+
+    def connect(self, signal, slot):
+        self.slots.append(slot)
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def fire(self):
+        for slot in self.slots:
+            slot()
+
+
+class FakeWidget:
+    """A .ui widget: remembers nodes/values and emits the signals the code connects to."""
+
+    def __init__(self, name, cls):
+        self.__dict__.update(name=name, cls=cls, slots={}, _node=None, _segment="", _items=[], _index=-1,
+                             checked=False, value=0, currentPath="", enabled=True, visible=True, text="")
+
+    def connect(self, signal, slot):
+        self.slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        for slot in self.slots.get(signal, []):
+            slot(*args)
+
+    def setMRMLScene(self, scene):
+        pass
+
+    def setCurrentNode(self, node):
+        if node is not self._node:
+            self._node = node
+            self.emit("currentNodeChanged(vtkMRMLNode*)", node)
+
+    def currentNode(self):
+        return self._node
+
+    @property
+    def currentNodeID(self):
+        return self._node.GetID() if self._node is not None else None
+
+    def setCurrentSegmentID(self, segmentId):
+        if segmentId != self._segment:
+            self._segment = segmentId
+            self.emit("currentSegmentChanged(QString)", segmentId)
+
+    def currentSegmentID(self):
+        return self._segment
+
+    def addItem(self, title, data):
+        self._items.append(data)
+        self._index = max(self._index, 0)
+
+    def findData(self, data):
+        return self._items.index(data) if data in self._items else -1
+
+    def setCurrentIndex(self, index):
+        if index != self._index:
+            self._index = index
+            self.emit("currentIndexChanged(int)", index)
+
+    @property
+    def currentData(self):
+        return self._items[self._index] if 0 <= self._index < len(self._items) else None
+
+    def __getattr__(self, name):  # placeButton(), setFormat(), setPlaceModeEnabled(), ...
+        return Anything()
+
+
+def fake_ui(path):
+    root = ET.parse(path).getroot()
+    return {w.get("name"): FakeWidget(w.get("name"), w.get("class")) for w in root.iter("widget")}
+
+
+@pytest.fixture()
+def app(monkeypatch):
+    """Install the fakes, a real MRML scene as slicer.mrmlScene, and fresh copies of our modules."""
+    import FastSAM3DLib.errors  # noqa: F401  (real engine errors; the engine itself is the Ball)
+
+    scene = slicer.vtkMRMLScene()
+    scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
+    qt = types.ModuleType("qt")
+    qt.QTimer = FakeTimer
+    for name in ("QIcon", "QCursor", "QLabel", "QProgressBar", "QCheckBox", "QPushButton", "QHBoxLayout"):
+        setattr(qt, name, Anything)
+    qt.Qt = Anything()
+    qt.QApplication = Anything()
+    monkeypatch.setitem(sys.modules, "qt", qt)
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+            self.moduleName = type(self).__name__[: -len("Widget")]
+
+        def setup(self):
+            self.layout = Anything()
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.moduleName = type(self).__name__[: -len("Logic")]
+
+        def getParameterNode(self):
+            node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+            if node is None:
+                node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+                node.SetSingletonTag(self.moduleName)
+            return node
+
+    slm.ScriptedLoadableModule = ScriptedLoadableModule
+    slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
+    slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    slm.ScriptedLoadableModuleTest = object
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+
+    abstract = types.ModuleType("SegmentEditorEffects")
+
+    class AbstractScriptedSegmentEditorEffect:
+        def __init__(self, scriptedEffect):
+            self.scriptedEffect = scriptedEffect
+
+        def xyToRas(self, xy, viewWidget):
+            return viewWidget.xyToRas(xy)
+
+    abstract.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    monkeypatch.setitem(sys.modules, "SegmentEditorEffects", abstract)
+
+    layers = []
+    fake_app = Anything()
+    fake_app.testingEnabled = lambda: True
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", fake_app, raising=False)
+    monkeypatch.setattr(slicer, "qSlicerMarkupsPlaceWidget", types.SimpleNamespace(ForcePlaceMultipleMarkups=2), raising=False)
+    monkeypatch.setattr(slicer, "qSlicerSegmentEditorAbstractEffect",
+                        types.SimpleNamespace(ModificationModeSet=slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet), raising=False)
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: types.SimpleNamespace(path=path, setMRMLScene=lambda s: None))
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda ui: types.SimpleNamespace(**fake_ui(ui.path)))
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: layers.append(kw))
+    monkeypatch.syspath_prepend(str(MODULE_DIR))
+    for name in ("FastSAM3DLogic", "FastSAM3D", "SegmentEditorFastSAM3DLib", "SegmentEditorFastSAM3DLib.SegmentEditorEffect"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    logic_module = importlib.import_module("FastSAM3DLogic")
+    logic_module.ensureSegmentationConverterRules()
+    module = importlib.import_module("FastSAM3D")
+    logic = logic_module.sharedLogic()
+    logic.setModel(object())
+    logic.sessionFactory = Ball
+    yield types.SimpleNamespace(scene=scene, module=module, logic=logic, layers=layers, logicModule=logic_module)
+    for name in ("FastSAM3DLogic", "FastSAM3D", "SegmentEditorFastSAM3DLib.SegmentEditorEffect"):
+        sys.modules.pop(name, None)
+
+
+def small_scene(scene):
+    """A 24^3 volume (1.5 mm, oblique-free) under a translation, and a segmentation with two segments."""
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "small")
+    data = vtk.vtkImageData()
+    data.SetDimensions(24, 24, 24)
+    data.AllocateScalars(vtk.VTK_SHORT, 1)
+    data.GetPointData().GetScalars().Fill(100)
+    volume.SetAndObserveImageData(data)
+    volume.SetSpacing(1.5, 1.5, 1.5)
+    volume.SetOrigin(-18, -18, -18)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 7.0)
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    target = segmentation.GetSegmentation().AddEmptySegment("target")
+    other = segmentation.GetSegmentation().AddEmptySegment("other")
+    return volume, segmentation, target, other
+
+
+def drain(queue, fire, seconds=30):
+    deadline = time.time() + seconds
+    fire()
+    while queue.busy:
+        assert time.time() < deadline, "the worker did not finish"
+        time.sleep(0.01)
+        fire()
+
+
+def test_widget_live_update_undo_reset_uncertainty_and_scene_close(app):
+    volume, segmentation, target, other = small_scene(app.scene)
+    parent = types.SimpleNamespace(isEntered=True)
+    widget = app.module.FastSAM3DWidget(parent)
+    widget.setup()
+    node = widget._parameterNode
+    assert widget._reference("InputVolume") is volume  # the first volume is chosen for the user
+    include, exclude = widget._reference("PositivePoints"), widget._reference("NegativePoints")
+    assert include is not None and exclude is not None and include is not exclude
+
+    widget.ui.segmentSelector.setCurrentNode(segmentation)
+    widget.ui.segmentSelector.setCurrentSegmentID(target)
+    assert app.logic.getParameter(node, "SegmentID") == target
+    assert node.GetNodeReference("FastSAM3D.Segmentation") is segmentation
+
+    # A placed include point (world RAS; the volume is shifted 7 mm right) updates the segment.
+    include.AddControlPoint(7.0, 0.0, 0.0)
+    assert widget.queue.busy
+    drain(widget.queue, widget.timer.fire)
+    first = app.logic.segmentArray(segmentation, target)
+    assert first.sum() > 0 and app.logic.segmentArray(segmentation, other).sum() == 0
+    assert widget.ui.undoButton.enabled
+
+    # Moving the point re-segments around the new position.
+    include.SetNthControlPointPositionWorld(0, 10.0, 0.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    moved = app.logic.segmentArray(segmentation, target)
+    assert moved.sum() > 0 and not np.array_equal(moved, first)
+
+    # An exclude point carves the ball.
+    exclude.AddControlPoint(10.0, 3.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    carved = app.logic.segmentArray(segmentation, target)
+    assert 0 < carved.sum() < moved.sum()
+
+    # Undo restores the previous result exactly and removes the point that made this one.
+    widget.onUndo()
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), moved)
+    assert exclude.GetNumberOfControlPoints() == 0 and not widget.queue.busy
+
+    # An event that leaves the prompts as they were queues nothing.
+    include.SetNthControlPointPositionWorld(0, 10.0, 0.0, 0.0)
+    assert not widget.queue.busy
+
+    # Deleting the last point returns the segment to how it was before the first click.
+    include.RemoveAllControlPoints()
+    assert app.logic.segmentArray(segmentation, target).sum() == 0 and not widget.queue.busy
+
+    # Uncertainty: shown as a foreground overlay after each update.
+    widget.ui.showUncertaintyCheckBox.checked = True
+    widget.updateParameterNodeFromGUI()
+    include.AddControlPoint(4.0, -6.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    drain(widget.queue, widget.timer.fire)
+    overlay = node.GetNodeReference("FastSAM3D.Uncertainty")
+    assert overlay is not None and app.layers and app.layers[-1]["foreground"] is overlay
+    assert overlay.GetTransformNodeID() == volume.GetTransformNodeID()
+
+    # Reset: all points gone, the segment as before the first click.
+    widget.onReset()
+    assert app.logic.segmentArray(segmentation, target).sum() == 0
+    assert include.GetNumberOfControlPoints() == 0 and not widget.queue.busy
+
+    # Errors are shown, nothing is queued: a point outside the volume.
+    include.AddControlPoint(500.0, 0.0, 0.0)
+    assert not widget.queue.busy and "outside volume" in widget.ui.statusLabel.text
+    include.RemoveAllControlPoints()
+
+    # Live update off: points do not trigger work until "Segment" is pressed.
+    widget.ui.liveUpdateCheckBox.checked = False
+    widget.updateParameterNodeFromGUI()
+    include.AddControlPoint(7.0, 0.0, 0.0)
+    assert not widget.queue.busy
+    widget.onSegmentButton()
+    drain(widget.queue, widget.timer.fire)
+    assert app.logic.segmentArray(segmentation, target).sum() > 0
+    widget.onAccept()
+    assert not app.logic.canUndo(segmentation, target) and include.GetNumberOfControlPoints() == 0
+
+    # Choosing another device drops the model; without bundled weights the next click explains why.
+    widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findData("cpu"))
+    assert app.logic._model is None and app.logic.getParameter(node, "Device") == "cpu"
+    from FastSAM3DLib import bundled_model_path
+
+    if bundled_model_path() is None:
+        widget.ui.liveUpdateCheckBox.checked = True
+        widget.updateParameterNodeFromGUI()
+        include.AddControlPoint(7.0, 0.0, 0.0)
+        assert not widget.queue.busy and "bundled" in widget.ui.statusLabel.text
+
+    # Closing the scene drops sessions; the (singleton, reset) parameter node gets defaults and new prompt nodes.
+    app.scene.Clear(0)
+    assert app.logic._volumes == {}
+    assert widget._parameterNode is not None
+    assert app.logic.getParameter(widget._parameterNode, "LiveUpdate") is True  # back to the default
+    newInclude = widget._reference("PositivePoints")
+    assert newInclude is not None and app.scene.IsNodePresent(newInclude) and newInclude is not include
+    assert widget._reference("InputVolume") is None
+    widget.exit()
+    widget.cleanup()
+
+
+class FakeScriptedEffect:
+    """The qSlicerSegmentEditorScriptedEffect wrapper, forwarding to the real vtkSlicerSegmentEditorLogic."""
+
+    def __init__(self, scene, segmentation, volume, segmentId):
+        self.node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        self.node.SetAndObserveSegmentationNode(segmentation)
+        self.node.SetAndObserveSourceVolumeNode(volume)
+        self.node.SetSelectedSegmentID(segmentId)
+        self.editor = slicer.vtkSlicerSegmentEditorLogic()
+        self.editor.SetMRMLScene(scene)
+        self.editor.SetSegmentEditorNode(self.node)
+        self.history = slicer.vtkSegmentationHistory()
+        self.history.SetSegmentation(segmentation.GetSegmentation())
+        self.editor.SetSegmentationHistory(self.history)
+        self.parameters = {}
+
+    def parameterSetNode(self):
+        return self.node
+
+    def setParameterDefault(self, name, value):
+        self.parameters.setdefault(name, value)
+
+    def setParameter(self, name, value):
+        self.parameters[name] = value
+
+    def integerParameter(self, name):
+        return int(self.parameters.get(name, 0))
+
+    def addOptionsWidget(self, widget):
+        pass
+
+    def confirmCurrentSegmentVisible(self):
+        return self.editor.IsSelectedSegmentVisible()
+
+    def saveStateForUndo(self):
+        self.editor.SaveStateForUndo()
+
+    def defaultModifierLabelmap(self):
+        self.editor.ResetModifierLabelmapToDefault()
+        return self.editor.GetModifierLabelmap()
+
+    def modifySelectedSegmentByLabelmap(self, modifier, mode):
+        self.editor.ModifySegmentByLabelmap(self.node.GetSegmentationNode(), self.node.GetSelectedSegmentID(),
+                                            modifier, mode, True, False)
+
+
+class FakeInteractor:
+    def __init__(self, xy, control=False, shift=False):
+        self.xy, self.control, self.shift = xy, control, shift
+
+    def GetEventPosition(self):
+        return self.xy
+
+    def GetControlKey(self):
+        return self.control
+
+    def GetShiftKey(self):
+        return self.shift
+
+    def GetAltKey(self):
+        return False
+
+
+class FakeSliceWidget:
+    """A slice view whose display (x, y) maps to world RAS (x, y, 0) mm."""
+
+    def className(self):
+        return "qMRMLSliceWidget"
+
+    def xyToRas(self, xy):
+        return (float(xy[0]), float(xy[1]), 0.0)
+
+
+def test_segment_editor_effect_clicks_masking_and_undo(app):
+    volume, segmentation, target, other = small_scene(app.scene)
+    wrapper = FakeScriptedEffect(app.scene, segmentation, volume, target)
+    effectModule = importlib.import_module("SegmentEditorFastSAM3DLib.SegmentEditorEffect")
+    effect = effectModule.SegmentEditorEffect(wrapper)
+    effect.setupOptionsFrame()
+    effect.setMRMLDefaults()
+    effect.updateGUIFromMRML()
+    effect.activate()
+    view = FakeSliceWidget()
+    vtkEvent = vtk.vtkCommand
+
+    # Only used events are consumed: mouse moves and shift-clicks pass through.
+    assert effect.processInteractionEvents(FakeInteractor((7, 0)), vtkEvent.MouseMoveEvent, view) is False
+    assert effect.processInteractionEvents(FakeInteractor((7, 0), shift=True), vtkEvent.LeftButtonPressEvent, view) is False
+    assert effect.processInteractionEvents(FakeInteractor((7, 0)), vtkEvent.LeftButtonPressEvent, view) is True
+    drain(effect.queue, effect.timer.fire)
+    ball = app.logic.segmentArray(segmentation, target)
+    assert ball.sum() > 0
+    assert effect.clickNodes is not None and effect.clickNodes[0].GetNumberOfControlPoints() == 1
+
+    # Ctrl+click excludes.
+    assert effect.processInteractionEvents(FakeInteractor((7, 3), control=True), vtkEvent.LeftButtonPressEvent, view)
+    drain(effect.queue, effect.timer.fire)
+    carved = app.logic.segmentArray(segmentation, target)
+    assert 0 < carved.sum() < ball.sum()
+
+    # The editor's masking applies: only outside 'other' may be edited.
+    blocker = sitk.GetArrayFromImage(_ball_at(volume, (9, -3, 0)).predict())
+    app.logic._setSegment(segmentation, other, app.logic.maskToSegmentLabelmap(blocker, volume, segmentation))
+    otherVoxels = app.logic.segmentArray(segmentation, other)
+    wrapper.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    wrapper.node.SetOverwriteMode(wrapper.node.OverwriteNone)  # "overwrite other segments: none"
+    effect.processInteractionEvents(FakeInteractor((7, 0)), vtkEvent.LeftButtonPressEvent, view)
+    drain(effect.queue, effect.timer.fire)
+    masked = app.logic.segmentArray(segmentation, target)
+    locked = otherVoxels > 0  # not editable: the target keeps what it had there before the click
+    assert locked.any() and (carved[locked] > 0).any()
+    assert np.array_equal(masked[locked], carved[locked])
+    assert masked[~locked].sum() > 0
+    assert np.array_equal(app.logic.segmentArray(segmentation, other), otherVoxels)
+
+    # The editor's undo restores the previous state exactly.
+    wrapper.editor.Undo()
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), carved)
+
+    # A click outside the volume is explained and changes nothing.
+    effect.processInteractionEvents(FakeInteractor((400, 0)), vtkEvent.LeftButtonPressEvent, view)
+    assert not effect.queue.busy and "outside volume" in effect.statusLabel.text
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), carved)
+    effect.deactivate()
+    assert effect.clickNodes is None and effect.clicks == []
+
+
+def _ball_at(volume, rasWorld):
+    """A Ball session holding one include click at a world RAS point of the (translated) volume."""
+    import FastSAM3DLogic as FL
+
+    session = Ball()
+    session.set_image(FL.volumeNodeToImage(volume))
+    session.add_point(FL.rasToLps(FL.worldToLocal(volume, [rasWorld]))[0])
+    return session
