@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -211,6 +210,13 @@ def load_state_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], p
     report = _mismatch_report(model, state, path)
     if report:
         raise CheckpointError(report)
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"{path}: {len(bad)} weight tensors hold NaN or infinite values ({shown}); the file is corrupt or "
+            "comes from a training run that diverged"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -221,6 +227,35 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> Optional[D
         return json.loads(metadata["config"])
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: metadata field 'config' is not JSON: {error}") from None
+
+
+def _build_checked(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: Path, encoder_only: bool = False):
+    """Build the model ``cfg`` describes, but only once it is known to fit the weights in ``state``.
+
+    ``cfg`` partly comes from the file's own metadata, which could claim any size (a 100000-wide
+    encoder, a million blocks): it is first built on the meta device, which allocates nothing, and
+    compared with the weights' keys and shapes.
+    """
+    blocks = {int(m.group(1)) for key in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", key))}
+    kinds = cfg.get("block_kinds")
+    if not isinstance(kinds, (list, tuple)) or len(kinds) != len(blocks):
+        count = len(kinds) if isinstance(kinds, (list, tuple)) else repr(kinds)
+        raise CheckpointError(
+            f"{path}: the architecture in the file's metadata has {count} encoder blocks, its weights {len(blocks)}"
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(cfg)
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError, RuntimeError, OverflowError) as error:
+        raise CheckpointError(f"{path}: unsupported architecture (from its weights and metadata): {error}") from None
+    if encoder_only:
+        prefix = "image_encoder."
+        report = _mismatch_report(skeleton.image_encoder, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path)
+    else:
+        report = _mismatch_report(skeleton, state, path)
+    if report:
+        raise CheckpointError(report)
+    return build_model(cfg)
 
 
 def load_model(
@@ -293,7 +328,7 @@ def load_model(
         ) from None
     except ValueError as error:
         raise CheckpointError(f"{path}: unsupported architecture: {error}") from None
-    model = build_model(cfg)
+    model = _build_checked(cfg, state, path)
     load_state_into(model, state, path)
     model.config.update(source=str(path), sha256=digest)
     return model.to(resolve_device(device)).eval()
@@ -312,21 +347,23 @@ def load_image_encoder(path: str | os.PathLike, device: str | torch.device = "au
         cfg = infer_config(encoder_state, _config_from_metadata(metadata, path), encoder_only=True)
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot infer the image encoder architecture: {error}") from None
-    encoder = build_model(cfg).image_encoder
-    load_state_into(encoder, {k[len("image_encoder."):]: v for k, v in encoder_state.items()}, path)
+    encoder_state = {k[len("image_encoder."):]: v for k, v in encoder_state.items()}
+    encoder = _build_checked(cfg, {f"image_encoder.{k}": v for k, v in encoder_state.items()}, path, encoder_only=True)
+    encoder = encoder.image_encoder
+    load_state_into(encoder, encoder_state, path)
     return encoder.to(resolve_device(device)).eval()
 
 
 def _atomic_write(path: Path, write) -> None:
+    from .io import StagedFile, commit_staged  # temp file + rename, fsync, the usual (umask) permissions
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
+    stage = StagedFile(path)
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        stage.write(write)
+        commit_staged([stage])
+    finally:
+        stage.discard()
 
 
 def save_safetensors(

@@ -12,7 +12,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -78,19 +77,19 @@ class _Outputs:
         self._writers.append((path, write))
 
     def commit(self) -> None:
-        staged: List[Tuple[str, Path]] = []
+        from .io import StagedFile, commit_staged
+
+        staged: List[StagedFile] = []
         try:
             for path, write in self._writers:
-                suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-                handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-                os.close(handle)
-                staged.append((tmp, path))
-                write(tmp)
-            for tmp, path in staged:
-                os.replace(tmp, path)
+                staged.append(StagedFile(path))
+                # An image is read back (header against content): SimpleITK's NIfTI writer does not
+                # report a full disk, it leaves a truncated file.
+                staged[-1].write(write, image=path.name.lower().endswith(IMAGE_SUFFIXES))
+            commit_staged(staged)  # restores every earlier output if a later rename fails
         finally:
-            for tmp, _ in staged:
-                Path(tmp).unlink(missing_ok=True)
+            for stage in staged:
+                stage.discard()
 
 
 def _load_model(args: argparse.Namespace):
@@ -152,7 +151,6 @@ def _add_prompts(session, image, args: argparse.Namespace) -> List[Dict[str, obj
 def cmd_segment(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
-    from .io import load_image
     from .session import Session
     from .visualize import overlay_png
 
@@ -163,21 +161,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise UsageError("--voxel and --ras cannot be combined: points are either voxel indices or RAS millimetres")
     intensity = _intensity(args)
     started = time.perf_counter()
-    image = load_image(args.image)
-    read_s = time.perf_counter() - started
     model = _load_model(args)
+    model_s = time.perf_counter() - started
     with Session(model, precision=args.precision, intensity=intensity, click_mode=args.click_mode, prefetch=False) as session:
+        started = time.perf_counter()
+        session.set_image(args.image)  # reads and validates the file once
+        image = session.image
+        read_s = time.perf_counter() - started
         start = time.perf_counter()
-        session.set_image(image)
         prompts = _add_prompts(session, image, args)
         mask = session.predict()
         segment_s = time.perf_counter() - start
-        timings = {"read_s": read_s, "segment_s": segment_s, **session.last_timings}
+        timings = {"model_load_s": model_s, "read_s": read_s, "segment_s": segment_s, **session.last_timings}
         outputs = _Outputs()
         outputs.add(out, lambda tmp: sitk.WriteImage(mask, tmp, True))
         if uncertainty_out is not None:
             start = time.perf_counter()
-            _, spread = session.uncertainty(n=args.uncertainty_n, method=args.uncertainty_method)
+            # Only the spread is written: the mean is let go at once (0.7 GB of float32 on a big CT).
+            spread = session.uncertainty(n=args.uncertainty_n, method=args.uncertainty_method)[1]
             timings["uncertainty_s"] = time.perf_counter() - start
             outputs.add(uncertainty_out, lambda tmp: sitk.WriteImage(spread, tmp, True))
         if png_out is not None:
@@ -381,10 +382,33 @@ def _add_optional_commands(commands) -> None:
         getattr(module, function)(commands)
 
 
+_VALUE_OPTIONS = ("--point", "--negative", "--box", "--ct-window")
+
+
+def _join_negative_values(argv: Sequence[str]) -> List[str]:
+    """``--point -60,20,-170`` -> ``--point=-60,20,-170``: argparse would take the value for an option.
+
+    LPS coordinates are negative half of the time, so this must just work.
+    """
+    joined: List[str] = []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        following = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if token in _VALUE_OPTIONS and len(following) > 1 and following[0] == "-" and (following[1].isdigit() or following[1] == "."):
+            joined.append(f"{token}={following}")
+            i += 2
+            continue
+        joined.append(token)
+        i += 1
+    return joined
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -396,6 +420,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fastsam3d: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # the system's fault, not ours or the user's input: a full disk, a lost mount
+        if args.debug:
+            raise
+        print(f"fastsam3d: error: {error}", file=sys.stderr)
+        return 1
     except Exception as error:  # a fault of ours: report it plainly, traceback with --debug
         if args.debug:
             raise

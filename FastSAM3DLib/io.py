@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import shutil
+import struct
 import tempfile
+import uuid
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,37 +22,166 @@ ImageLike = Union[sitk.Image, str, os.PathLike]
 
 _FLOAT_TYPES = {sitk.sitkFloat32, sitk.sitkFloat64}
 _CHUNK_VOXELS = 1 << 24
+_GZIP_MAGIC = b"\x1f\x8b"
+_VECTOR_COMPONENTS = {
+    sitk.sitkVectorUInt8: sitk.sitkUInt8, sitk.sitkVectorInt8: sitk.sitkInt8, sitk.sitkVectorUInt16: sitk.sitkUInt16,
+    sitk.sitkVectorInt16: sitk.sitkInt16, sitk.sitkVectorUInt32: sitk.sitkUInt32, sitk.sitkVectorInt32: sitk.sitkInt32,
+    sitk.sitkVectorFloat32: sitk.sitkFloat32, sitk.sitkVectorFloat64: sitk.sitkFloat64,
+}
 
 
-def _check_gzip_complete(path: Path) -> None:
-    """SimpleITK zero-fills a truncated .gz without complaint: read the stream to its end ourselves."""
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(2) == _GZIP_MAGIC
+
+
+def _data_length(path: Path) -> int:
+    """Bytes of the file's content: its size, or for a gzip file the length of the whole decompressed stream.
+
+    SimpleITK zero-fills a truncated .gz without complaint, so a gzip stream is always read to its end
+    here (in chunks: memory stays small); a cut-off or corrupt stream is an ImageError.
+    """
+    if not _is_gzip(path):
+        return path.stat().st_size
+    total = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 22):
-                pass
+            while True:
+                chunk = stream.read(1 << 22)
+                if not chunk:
+                    return total
+                total += len(chunk)
     except (EOFError, OSError, zlib.error) as error:
         raise ImageError(f"{path}: the compressed file is truncated or corrupt ({error})") from None
 
 
-def _check_raw_size(path: Path, image: sitk.Image) -> None:
-    """For uncompressed NIfTI/MHA/NRRD, the file must hold at least the declared voxel bytes."""
-    name = path.name.lower()
-    if not name.endswith((".nii", ".mha", ".nrrd")):
+def _read_head(path: Path, count: int) -> bytes:
+    opener = gzip.open if _is_gzip(path) else open
+    try:
+        with opener(path, "rb") as stream:
+            return stream.read(count)
+    except (EOFError, OSError, zlib.error) as error:
+        raise ImageError(f"{path}: the compressed file is truncated or corrupt ({error})") from None
+
+
+def _nifti_layout(head: bytes) -> Optional[Tuple[int, int, bool]]:
+    """(vox_offset, voxel data bytes, data in the same file) from a NIfTI-1/-2 or Analyze header, or None.
+
+    Read from the header itself, not from SimpleITK's pixel type: a NIfTI file with a scaling slope or
+    intercept (usual for CT) is stored as int16 but read as float32.
+    """
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+            single = head[344:347] == b"n+1"
+            minimum = 352 if single else 0  # a single-file NIfTI-1's voxels never start inside its header
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            vox_offset = struct.unpack(endian + "q", head[168:176])[0]
+            single = head[4:7] == b"n+2"
+            minimum = 544 if single else 0
+            break
+    else:
+        return None
+    rank = dims[0]
+    if not 1 <= rank <= 7 or any(d < 1 for d in dims[1 : rank + 1]) or bitpix < 1 or not np.isfinite(vox_offset):
+        return None  # malformed: SimpleITK's own reader reports it
+    voxels = int(np.prod([int(d) for d in dims[1 : rank + 1]], dtype=object))
+    return max(int(vox_offset), minimum), (voxels * int(bitpix) + 7) // 8, single
+
+
+def _sibling(path: Path, old: str, new: str) -> Optional[Path]:
+    """``a.hdr(.gz)`` -> ``a.img(.gz)`` (or the other way), whichever exists, keeping the case of the suffix."""
+    name = path.name
+    lower = name.lower()
+    stem = name[: lower.rindex(old)]
+    for candidate in (new, new + ".gz", new.upper(), new.upper() + ".gz"):
+        other = path.with_name(stem + candidate)
+        if other.exists():
+            return other
+    return None
+
+
+def _check_complete(path: Path, reader: sitk.ImageFileReader, lengths: Dict[Path, int]) -> None:
+    """Raise ImageError when the file holds fewer voxel bytes than its header declares.
+
+    SimpleITK's MetaImage (.mha/.mhd) and NRRD readers refuse such files themselves; its NIfTI,
+    Analyze, GIPL and VTK readers silently zero-fill the missing part, so those are checked here
+    against the header. Other formats are left to their readers. ``lengths`` caches content lengths.
+    """
+    io_name = reader.GetImageIO() or reader.GetImageIOFromFileName(str(path))
+    lower = path.name.lower()
+    if io_name == "NiftiImageIO":
+        header_path = data_path = path
+        if lower.endswith((".img", ".img.gz")):
+            header_path = _sibling(path, ".img", ".hdr") or path
+        elif lower.endswith((".hdr", ".hdr.gz")):
+            data_path = _sibling(path, ".hdr", ".img") or path
+        layout = _nifti_layout(_read_head(header_path, 540))
+        if layout is None:
+            return
+        offset, needed, single = layout
+        if not single and header_path == data_path:
+            return  # an Analyze/NIfTI pair whose other half is missing: the reader reports that
+        required = offset + needed
+    elif io_name == "GiplImageIO":
+        data_path, required = path, 256 + _declared_bytes(reader)
+    elif io_name == "VTKImageIO":
+        if b"BINARY" not in _read_head(path, 512).upper():
+            return  # ASCII VTK: its text is longer than the voxel bytes, nothing to compare
+        data_path, required = path, _declared_bytes(reader)
+    else:
         return
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    if "gzip" in reader.GetMetaData("encoding").lower() if reader.HasMetaDataKey("encoding") else False:
-        return
-    if name.endswith(".mha") and reader.HasMetaDataKey("CompressedData") and reader.GetMetaData("CompressedData").strip().lower() == "true":
-        return
-    needed = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
-    if path.stat().st_size < needed:
-        raise ImageError(f"{path}: the file is truncated: it holds {path.stat().st_size} bytes, the header declares {needed} bytes of voxels")
+    if data_path not in lengths:
+        lengths[data_path] = _data_length(data_path)
+    actual = lengths[data_path]
+    if actual < required:
+        compressed = " after decompression" if _is_gzip(data_path) else ""
+        raise ImageError(
+            f"{data_path}: the file is truncated: it holds {actual} bytes{compressed}, its header declares "
+            f"{required} bytes (header and voxels); refusing it, because the missing voxels would silently "
+            "read as zeros"
+        )
+
+
+def _declared_bytes(reader: sitk.ImageFileReader) -> int:
+    sizes = {
+        sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+        sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8,
+    }
+    component = sizes.get(reader.GetPixelID(), 1)
+    for vector, scalar in _VECTOR_COMPONENTS.items():
+        if reader.GetPixelID() == vector:
+            component = sizes[scalar]
+    return int(np.prod(reader.GetSize(), dtype=object)) * reader.GetNumberOfComponents() * component
+
+
+def _reader_message(error: RuntimeError) -> str:
+    """A one-line reason from an ITK exception (whose last line can be a misleading errno text)."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "MetaImageIO" in text and "cannot be read" in text:
+        return "the MetaImage voxel data could not be read completely (truncated file, or its data file is missing or short)"
+    nrrd = [line for line in lines if line.startswith("[nrrd]")]
+    if nrrd:  # teem's innermost message is the specific one
+        return nrrd[-1]
+    for line in lines:
+        if line.startswith("ITK ERROR:"):
+            message = line.split("): ", 1)[-1]
+            reasons = [r for r in lines if r.startswith("Reason:")]
+            return f"{message} ({reasons[-1]})" if reasons else message
+    return lines[-1] if lines else "unknown error"
 
 
 def read_image(path: Union[str, os.PathLike]) -> sitk.Image:
     """Read any image SimpleITK reads (NIfTI, NRRD, MHA, ...) or a DICOM series folder, strictly.
+
+    A file whose voxel data is shorter than its header declares (a cut-off download or copy) is
+    refused, for every format, instead of being zero-filled as some SimpleITK readers would do.
 
     Raises:
       ImageError: missing/unreadable/truncated file, or a folder with no DICOM series.
@@ -69,15 +202,20 @@ def read_image(path: Union[str, os.PathLike]) -> sitk.Image:
             raise ImageError(f"{path}: could not read its DICOM series: {error}") from None
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty")
-    if path.name.lower().endswith(".gz"):
-        _check_gzip_complete(path)
+    lengths: Dict[Path, int] = {}
+    if _is_gzip(path):
+        lengths[path] = _data_length(path)  # the whole stream must decompress
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
-        raise ImageError(f"{path}: not a readable image ({first_line})") from None
-    _check_raw_size(path, image)
-    return image
+        raise ImageError(f"{path}: not a readable image ({_reader_message(error)})") from None
+    _check_complete(path, reader, lengths)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise ImageError(f"{path}: not a readable image ({_reader_message(error)})") from None
 
 
 def validate_image(image: sitk.Image, name: str = "image") -> None:
@@ -128,35 +266,154 @@ def load_image(source: ImageLike) -> sitk.Image:
     return image
 
 
-def write_image_atomic(image: sitk.Image, path: Union[str, os.PathLike], compress: bool = True) -> None:
-    """Write an image to ``path`` via a temporary file in the same folder and a rename.
+class OutputError(OSError):
+    """An output file could not be written completely; nothing was put in its place."""
 
-    On any error the temporary file is removed and an existing file at ``path`` is untouched.
+
+def check_image_file(path: Union[str, os.PathLike]) -> None:
+    """Raise ImageError unless the image file at ``path`` holds every voxel its header declares.
+
+    Used on files we have just written: SimpleITK's NIfTI writer reports a full disk only on
+    stderr and leaves a truncated file behind.
+    """
+    path = Path(path)
+    lengths: Dict[Path, int] = {}
+    if _is_gzip(path):
+        lengths[path] = _data_length(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ImageError(f"{path}: not a readable image ({_reader_message(error)})") from None
+    _check_complete(path, reader, lengths)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class StagedFile:
+    """One output written under a temporary folder beside its destination, then renamed into place.
+
+    The file is written with its final name inside the temporary folder, so formats that write a
+    separate data file (``.mhd`` + ``.raw``, ``.nhdr`` + ``.raw.gz``) reference the right name; every
+    file it produced is moved next to ``path`` by :func:`commit_staged`. Until then nothing at the
+    destination is touched; :meth:`discard` removes the temporary folder.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        self.path = Path(path)
+        self.folder = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        self.tmp = self.folder / self.path.name
+
+    def write(self, write: Callable[[str], None], image: bool = False) -> None:
+        """Call ``write(temporary path)``; check the result (``image``: every voxel is there), fsync it.
+
+        Raises:
+          OutputError: the writer failed, or wrote an incomplete file (e.g. the disk is full).
+        """
+        try:
+            write(str(self.tmp))
+            if not self.tmp.exists():
+                raise FileNotFoundError(errno.ENOENT, "the writer produced no file")
+            if image:
+                check_image_file(self.tmp)
+            mode = 0o666 & ~_umask()  # mkdtemp's folder is private; the outputs get the usual permissions
+            for produced in self.folder.iterdir():
+                os.chmod(produced, mode)
+                with open(produced, "rb") as stream:
+                    os.fsync(stream.fileno())
+        except (OSError, RuntimeError, ImageError) as error:
+            reason = _reader_message(error) if isinstance(error, RuntimeError) else str(error)
+            if isinstance(error, ImageError):
+                reason = f"the written file is incomplete, is the disk full? ({reason})"
+            raise OutputError(
+                getattr(error, "errno", None) or errno.EIO,
+                f"{self.path}: could not be written: {reason}; nothing was written there and any existing file is unchanged",
+            ) from None
+
+    def moves(self) -> List[Tuple[Path, Path]]:
+        """(temporary, final) paths, data files before the file that names them."""
+        produced = sorted(self.folder.iterdir(), key=lambda p: p.name == self.path.name)
+        return [(p, self.path.parent / p.name) for p in produced]
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def commit_staged(staged: Sequence[StagedFile]) -> None:
+    """Move every staged file into place; if any move fails, put back what was there before.
+
+    Existing destinations are kept as hard links until all moves succeeded (where the file system
+    has no hard links, a failed later move cannot restore an earlier one).
+    """
+    done: List[Tuple[Path, Optional[Path], bool]] = []  # (destination, backup, existed before)
+    try:
+        for stage in staged:
+            for source, destination in stage.moves():
+                backup = None
+                existed = destination.exists()
+                if existed:
+                    backup = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:8]}.bak")
+                    try:
+                        os.link(destination, backup)
+                    except OSError:
+                        backup = None
+                done.append((destination, backup, existed))
+                os.replace(source, destination)
+        try:  # make the renames durable
+            folder = os.open(staged[0].path.parent, os.O_RDONLY) if staged else None
+            if folder is not None:
+                os.fsync(folder)
+                os.close(folder)
+        except OSError:
+            pass
+    except BaseException:
+        for destination, backup, existed in reversed(done):
+            if backup is not None:
+                os.replace(backup, destination)
+            elif not existed:
+                destination.unlink(missing_ok=True)
+        raise
+    finally:
+        for _, backup, _ in done:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+        for stage in staged:
+            stage.discard()
+
+
+def write_image_atomic(image: sitk.Image, path: Union[str, os.PathLike], compress: bool = True) -> None:
+    """Write an image to ``path`` via a temporary file beside it and a rename.
+
+    The written file is checked to hold every voxel before it replaces anything. On any error the
+    temporary files are removed and an existing file at ``path`` is untouched.
+
+    Raises:
+      ImageError: ``path`` is a folder or its folder does not exist.
+      OutputError: the image could not be written completely (e.g. the disk is full).
     """
     path = Path(path)
     if path.is_dir():
         raise ImageError(f"{path}: is a folder; expected an output file name like mask.nii.gz")
     if not path.parent.exists():
         raise ImageError(f"{path.parent}: output folder does not exist")
-    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".gz") else path.suffix
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix or ".nii.gz", dir=path.parent)
-    os.close(handle)
+    stage = StagedFile(path)
     try:
-        sitk.WriteImage(image, tmp, compress)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        stage.write(lambda tmp: sitk.WriteImage(image, tmp, compress), image=True)
+        commit_staged([stage])
+    finally:
+        stage.discard()
 
 
 def write_bytes_atomic(data: bytes, path: Union[str, os.PathLike]) -> None:
     """Write bytes via a temporary file and a rename (nothing is left behind on failure)."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    stage = StagedFile(path)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        stage.write(lambda tmp: Path(tmp).write_bytes(data))
+        commit_staged([stage])
+    finally:
+        stage.discard()

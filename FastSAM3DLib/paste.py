@@ -1,16 +1,30 @@
 """Turning a crop's 32^3 decoder logits into a mask on the user's grid, touching only what can change.
 
-The mask at a user voxel is ``trilinear(logits at its physical position) > 0``. A trilinear
-interpolant lies between the minimum and the maximum of the logits that support it, so wherever all
-the supporting logits share one sign the answer is known without interpolating. The user's voxels
-covered by a crop are cut into small blocks; per click, a block whose support is all positive or
-all non-positive is filled directly, and only the blocks along the zero level set are interpolated.
-The block geometry is computed once per crop.
+The mask at a user voxel is ``trilinear(logits at its physical position) > 0`` (the decoder's
+low-res logits upsampled with ``align_corners=False`` and border clamping, as in training). A
+trilinear interpolant lies between the minimum and the maximum of the logits that support it, so
+wherever all the supporting logits share one sign the answer is known without interpolating.
+
+Two paths compute the same thing:
+
+Axis-aligned grids (the user's axes parallel to the crop's, in any order and direction: every
+image whose direction is a signed permutation, which includes Colin27 and most scans)
+    Trilinear interpolation is separable: each user axis has a 1D table (which low-res cell a
+    voxel falls in and its weight), computed once per crop. The user voxels of one low-res cell
+    form a box. Per call, the cells are classified (all 8 corners positive, all non-positive, or
+    mixed) and only the cells whose class changed since the previous call, or that are mixed,
+    are written into a cached mask: a later click costs work in proportion to the band along the
+    zero level set, not to the region. ``values`` runs the same arithmetic over every voxel as
+    three 1D passes, so ``values(logits) > 0`` equals ``mask(logits)`` bit for bit.
+Any other grid (oblique)
+    The user's voxels are cut into 4^3 blocks whose support windows are classified the same
+    way, and the voxels of mixed blocks are sampled with ``grid_sample``.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import threading
+from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,7 +34,56 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .preprocess import CropGrid, Region, crop_region_in_image, image_affine
 
-BLOCK = 4  # user voxels per block side
+BLOCK = 4  # user voxels per block side (oblique path)
+_CELL_BUDGET = 1 << 21  # voxels evaluated per chunk of cells (bounds temporary memory)
+_NEG, _POS, _MIXED = 0, 1, 2
+
+
+class _AxisTable:
+    """How one axis of the region's (z, y, x) array samples one axis of the low-res field.
+
+    Attributes:
+      field_axis: the low-res field axis (model order 0, 1, 2) this array axis runs along.
+      cell: per voxel, the low-res cell (lattice interval ``cell .. cell+1``) it interpolates in.
+      w0, w1: per voxel, float32 weights of the lattice points ``cell`` and ``cell + 1``.
+      valid: per voxel, whether its centre lies inside the crop along this axis.
+      has: per cell of the edge-padded field (L + 1 of them), whether any valid voxel falls in it.
+      runs: (L+1) x R voxel indices of each padded cell, R the longest run (shorter runs repeat
+        their last voxel).
+      run_w0, run_w1: R x (L+1) weights of the run voxels.
+      run_offset: R x (L+1), the run voxels times this axis's stride in the flattened region array.
+    """
+
+    def __init__(self, field_axis: int, scale: float, offset: float, n: int, crop_size: int, low_res: int, stride: int) -> None:
+        self.field_axis = field_axis
+        t = np.arange(n, dtype=np.float64)
+        crop_index = scale * t + offset
+        self.valid = (crop_index >= -0.5) & (crop_index <= crop_size - 0.5)
+        factor = crop_size / low_res
+        coordinate = np.clip((crop_index + 0.5) / factor - 0.5, 0.0, low_res - 1.0)
+        cell = np.clip(np.floor(coordinate), 0, low_res - 2).astype(np.int64)
+        self.cell = cell
+        self.w1 = (coordinate - cell).astype(np.float32)
+        self.w0 = (np.float32(1.0) - self.w1).astype(np.float32)
+        # Cells of the edge-padded field (one layer each side): pseudo-cell k spans padded lattice
+        # points k and k + 1. Voxels beyond the outermost lattice points (border clamping) get
+        # cells of their own, so no run is longer than one cell's worth of voxels.
+        pseudo = np.where(coordinate <= 0.0, 0, np.where(coordinate >= low_res - 1.0, low_res, cell + 1))
+        cells = low_res + 1
+        counts = np.bincount(pseudo[self.valid], minlength=cells)
+        self.has = counts > 0
+        width = max(int(counts.max()) if counts.size else 1, 1)
+        # Runs shorter than the longest repeat their last voxel: the repeat recomputes and rewrites
+        # that voxel's own value, so padding needs no sentinel and no masking.
+        self.runs = np.zeros((cells, width), dtype=np.int64)
+        for c in np.flatnonzero(self.has):  # once per crop, a few dozen cells
+            voxels = np.flatnonzero(self.valid & (pseudo == c))
+            self.runs[c, : len(voxels)] = voxels
+            self.runs[c, len(voxels) :] = voxels[-1]
+        # Transposed (R x cells) so that gathering the columns of K cells gives contiguous R x K arrays.
+        self.run_w0 = np.ascontiguousarray(self.w0[self.runs].T)
+        self.run_w1 = np.ascontiguousarray(self.w1[self.runs].T)
+        self.run_offset = np.ascontiguousarray((self.runs * stride).T)
 
 
 class CropPaster:
@@ -30,6 +93,9 @@ class CropPaster:
       crop: the model crop.
       image: the user's image (only its geometry is used).
       low_res_size: side of the decoder's logit grid (32).
+
+    ``mask`` keeps the previous answer to update it incrementally; calls are serialised by a lock,
+    and any sequence of logits (several objects sharing one crop) gives exact answers.
     """
 
     def __init__(self, crop: CropGrid, image: sitk.Image, low_res_size: int = 32) -> None:
@@ -41,10 +107,51 @@ class CropPaster:
         # Continuous crop index (model order) = to_crop @ user index (x, y, z) + offset.
         self._to_crop = crop_inverse @ matrix
         self._offset = crop_inverse @ (origin - np.asarray(crop.origin)) + self._to_crop @ np.asarray(self.region.start)
-        self._blocks = tuple(-(-n // BLOCK) for n in self.region.size)  # blocks per axis (x, y, z)
-        self._prepare_support()
+        self._lock = threading.Lock()
+        self._axes: Optional[List[_AxisTable]] = self._axis_tables()
+        if self._axes is None:
+            self._blocks = tuple(-(-n // BLOCK) for n in self.region.size)  # blocks per axis (x, y, z)
+            self._prepare_support()
+        else:
+            self._cached_mask: Optional[np.ndarray] = None
+            self._cached_state: Optional[np.ndarray] = None
+
+    @property
+    def axis_aligned(self) -> bool:
+        """Whether the separable (incremental) path is used."""
+        return self._axes is not None
 
     # -- geometry ------------------------------------------------------------------------------
+
+    def _axis_tables(self) -> Optional[List[_AxisTable]]:
+        """Per-axis tables for the (z, y, x) array axes when the grid is axis-aligned, else None."""
+        if self.region.empty:
+            return None
+        a = self._to_crop
+        magnitude = np.abs(a)
+        field_axes = magnitude.argmax(axis=0)  # for user axis x, y, z: the crop axis it moves along
+        if sorted(field_axes.tolist()) != [0, 1, 2]:
+            return None
+        off_axis = magnitude.copy()
+        off_axis[field_axes, np.arange(3)] = 0.0
+        if off_axis.max() > 1e-9 * magnitude.max():
+            return None
+        tables = []
+        nx, ny, _ = self.region.size
+        for user_axis, stride in ((2, nx * ny), (1, nx), (0, 1)):  # array order z, y, x
+            f = int(field_axes[user_axis])
+            tables.append(
+                _AxisTable(
+                    f,
+                    float(a[f, user_axis]),
+                    float(self._offset[f]),
+                    self.region.size[user_axis],
+                    self.crop.size,
+                    self.low_res_size,
+                    stride,
+                )
+            )
+        return tables
 
     def _crop_index(self, local: np.ndarray) -> np.ndarray:
         """... x 3 region-local user indices (x, y, z) -> ... x 3 crop indices."""
@@ -79,7 +186,101 @@ class CropPaster:
         half = 0.5
         self._inside = np.all((crop_idx.min(axis=1) >= -half) & (crop_idx.max(axis=1) <= self.crop.size - half), axis=1)
 
-    # -- evaluation ----------------------------------------------------------------------------
+    # -- shared helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _field(low_res: torch.Tensor) -> np.ndarray:
+        return low_res.detach().reshape(*low_res.shape[-3:]).float().cpu().numpy()
+
+    def _oriented(self, field: np.ndarray) -> np.ndarray:
+        """The low-res field with its axes in the region array's (z, y, x) order."""
+        return np.ascontiguousarray(field.transpose([t.field_axis for t in self._axes]))
+
+    # -- axis-aligned path -------------------------------------------------------------------------
+
+    @staticmethod
+    def _cell_states(padded: np.ndarray) -> np.ndarray:
+        """Per cell of a field: _POS where all 8 corners > 0, _NEG where all <= 0, _MIXED otherwise."""
+        low = high = None
+        n0, n1, n2 = (n - 1 for n in padded.shape)
+        for dz, dy, dx in np.ndindex(2, 2, 2):
+            view = padded[dz : dz + n0, dy : dy + n1, dx : dx + n2]
+            low = view.copy() if low is None else np.minimum(low, view, out=low)
+            high = view.copy() if high is None else np.maximum(high, view, out=high)
+        states = np.full(low.shape, _MIXED, dtype=np.uint8)
+        states[low > 0] = _POS
+        states[high <= 0] = _NEG
+        return states
+
+    def _write_cells(self, padded: np.ndarray, cells: np.ndarray, out_flat: np.ndarray) -> None:
+        """Write ``trilinear > 0`` at every voxel of the given cells of the edge-padded field (K x 3, array order).
+
+        The K cells are the last, contiguous axis of every temporary, and the short loops over a
+        run's voxels keep each NumPy call a plain contiguous loop (broadcasting over small middle
+        axes is several times slower). The arithmetic is values()'s, in the same order: along z,
+        then y, then x.
+        """
+        tz, ty, tx = self._axes
+        rz, ry, rx = tz.run_w0.shape[0], ty.run_w0.shape[0], tx.run_w0.shape[0]
+        step = max(1, _CELL_BUDGET // (rz * ry * rx))
+        for begin in range(0, len(cells), step):
+            a, b, c = cells[begin : begin + step].T
+            k = len(a)
+            corners = np.stack([padded[a + dz, b + dy, c + dx] for dz, dy, dx in np.ndindex(2, 2, 2)]).reshape(2, 2, 2, k)
+            low, high = corners[0], corners[1]  # dy x dx x K at the cell's lower / upper z lattice point
+            wz0, wz1, wy0, wy1 = tz.run_w0[:, a], tz.run_w1[:, a], ty.run_w0[:, b], ty.run_w1[:, b]
+            hz = np.empty((rz, 2, 2, k), dtype=np.float32)
+            for i in range(rz):
+                np.add(low * wz0[i], high * wz1[i], out=hz[i])
+            hy = np.empty((2, rz, ry, k), dtype=np.float32)  # dx x rz x ry x K
+            for j in range(ry):
+                for dx in (0, 1):
+                    np.add(hz[:, 0, dx] * wy0[j], hz[:, 1, dx] * wy1[j], out=hy[dx, :, j])
+            inside = np.empty((rx, rz, ry, k), dtype=np.float32)
+            upper = np.empty((rz, ry, k), dtype=np.float32)
+            wx0, wx1 = tx.run_w0[:, c], tx.run_w1[:, c]
+            zy = tz.run_offset[:, None, a] + ty.run_offset[None, :, b]  # rz x ry x K
+            flat = np.empty((rx, rz, ry, k), dtype=np.int64)
+            xoff = tx.run_offset[:, c]
+            for i in range(rx):
+                np.multiply(hy[0], wx0[i], out=inside[i])
+                np.multiply(hy[1], wx1[i], out=upper)
+                inside[i] += upper
+                np.add(zy, xoff[i], out=flat[i])
+            out_flat[flat.reshape(-1)] = (inside > 0).reshape(-1)
+
+    def _mask_separable(self, logits: torch.Tensor) -> np.ndarray:
+        padded = np.pad(self._oriented(self._field(logits)), 1, mode="edge")
+        states = self._cell_states(padded)
+        tz, ty, tx = self._axes
+        shape = tuple(len(t.cell) for t in self._axes)
+        if self._cached_mask is None:
+            self._cached_mask = np.zeros(int(np.prod(shape)), dtype=np.uint8)
+            self._cached_state = np.full(states.shape, _NEG, dtype=np.uint8)
+        present = tz.has[:, None, None] & ty.has[None, :, None] & tx.has[None, None, :]
+        update = present & ((states != self._cached_state) | (states == _MIXED))
+        cells = np.argwhere(update)
+        if len(cells):
+            self._write_cells(padded, cells, self._cached_mask)
+        self._cached_state = states
+        return self._cached_mask.reshape(shape).copy()
+
+    def _values_separable(self, low_res: torch.Tensor) -> np.ndarray:
+        field = self._oriented(self._field(low_res))
+        tz, ty, tx = self._axes
+        g = field[tz.cell] * tz.w0[:, None, None] + field[tz.cell + 1] * tz.w1[:, None, None]  # nz x L x L
+        g = g[:, ty.cell] * ty.w0[None, :, None] + g[:, ty.cell + 1] * ty.w1[None, :, None]  # nz x ny x L
+        out = np.take(g, tx.cell, axis=2)
+        out *= tx.w0
+        upper = np.take(g, tx.cell + 1, axis=2)
+        upper *= tx.w1
+        out += upper
+        out[~tz.valid] = -np.inf
+        out[:, ~ty.valid] = -np.inf
+        out[:, :, ~tx.valid] = -np.inf
+        return out
+
+    # -- oblique path ------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, local: np.ndarray) -> np.ndarray:
         """Trilinear logits at N x 3 region-local user indices; -inf outside the crop."""
@@ -100,16 +301,9 @@ class CropPaster:
         lower = np.stack([bx, by, bz], axis=-1) * BLOCK
         return (lower[:, None, :] + offsets[None, :, :]).reshape(-1, 3)
 
-    def mask(self, logits: torch.Tensor) -> np.ndarray:
-        """The region's mask ``logits > 0``: uint8 array in (z, y, x) order of the region's shape.
-
-        Arguments:
-          logits: the crop's low-res logits, L x L x L (any leading singleton dims), model order.
-        """
+    def _mask_blocks(self, logits: torch.Tensor) -> np.ndarray:
         size = self.region.size
-        if self.region.empty:
-            return np.zeros(tuple(reversed(size)), dtype=np.uint8)
-        values = logits.detach().reshape(*logits.shape[-3:]).float().cpu().numpy()
+        values = self._field(logits)
         w = self._window
         padded = np.pad(values, [(0, w)] * 3, mode="edge")
         windows = sliding_window_view(padded, (w, w, w))[: values.shape[0], : values.shape[1], : values.shape[2]]
@@ -134,17 +328,51 @@ class CropPaster:
         full = full[: size[0], : size[1], : size[2]]
         return np.ascontiguousarray(full.transpose(2, 1, 0))
 
+    def _values_oblique(self, low_res: torch.Tensor) -> np.ndarray:
+        size = self.region.size
+        field = low_res.detach().reshape(1, 1, *low_res.shape[-3:]).float().cpu()
+        xs, ys, zs = (np.arange(n, dtype=np.float64) for n in size)
+        a, offset = self._to_crop, self._offset
+        out = np.empty(tuple(reversed(size)), dtype=np.float32)
+        for z in range(0, size[2], 16):  # slabs bound the temporary grid's memory
+            zz = zs[z : z + 16]
+            index = (
+                a[:, 0][None, None, None, :] * xs[None, None, :, None]
+                + a[:, 1][None, None, None, :] * ys[None, :, None, None]
+                + a[:, 2][None, None, None, :] * zz[:, None, None, None]
+                + offset
+            )  # slab x ny x nx x 3
+            grid = torch.from_numpy(((2.0 * index + 1.0) / self.crop.size - 1.0)[..., ::-1].astype(np.float32))
+            sampled = F.grid_sample(field, grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+            inside = np.all((index >= -0.5) & (index <= self.crop.size - 0.5), axis=-1)
+            out[z : z + 16] = np.where(inside, sampled.numpy(), -np.inf)
+        return out
+
+    # -- public ------------------------------------------------------------------------------------
+
+    def mask(self, logits: torch.Tensor) -> np.ndarray:
+        """The region's mask ``logits > 0``: uint8 array in (z, y, x) order of the region's shape.
+
+        Arguments:
+          logits: the crop's low-res logits, L x L x L (any leading singleton dims), model order.
+        """
+        if self.region.empty:
+            return np.zeros(tuple(reversed(self.region.size)), dtype=np.uint8)
+        with self._lock:
+            if self._axes is not None:
+                return self._mask_separable(logits)
+            return self._mask_blocks(logits)
+
     def values(self, low_res: torch.Tensor) -> np.ndarray:
         """Any low-res field (logits, probabilities) sampled trilinearly at every region voxel.
 
         Returns float32 (z, y, x) of the region's shape; voxels outside the crop get -inf.
         """
-        size = self.region.size
-        field = low_res.detach().reshape(*low_res.shape[-3:]).float().cpu()
-        xs, ys, zs = (np.arange(n) for n in size)
-        grid = np.stack(np.meshgrid(xs, ys, zs, indexing="ij"), axis=-1).reshape(-1, 3)
-        sampled = self._sample(field, grid).reshape(size)
-        return np.ascontiguousarray(sampled.transpose(2, 1, 0))
+        if self.region.empty:
+            return np.zeros(tuple(reversed(self.region.size)), dtype=np.float32)
+        if self._axes is not None:
+            return self._values_separable(low_res)
+        return self._values_oblique(low_res)
 
     def local_index(self, user_index: Tuple[int, int, int]) -> Tuple[int, int, int]:
         """A user (x, y, z) index relative to the region start."""

@@ -31,6 +31,7 @@ from .errors import PromptError
 from .io import ImageLike, load_image
 from .modeling import Sam3D
 from .paste import CropPaster
+from .quantize import FAST_MODES, check_mode, fast_path, resolve_precision
 from .preprocess import (
     CropGrid,
     IntensitySettings,
@@ -48,7 +49,8 @@ ProgressCallback = Callable[[str, float], None]
 
 # Clicks closer than this to a crop's faces (in crop voxels) open a crop centred on them instead.
 CROP_MARGIN = 12
-PRECISIONS = ("auto", "fp32", "bf16")
+# Speed modes: "fp32" is the exact reference; the others are described in FastSAM3DLib.quantize.
+PRECISIONS = ("auto", "fp32", "bf16", "fp32-fast", "int8", "sparse", "int8-sparse")
 _model_locks: "weakref.WeakKeyDictionary[Sam3D, threading.Lock]" = weakref.WeakKeyDictionary()
 _model_locks_guard = threading.Lock()
 _cancel_state = threading.local()
@@ -129,8 +131,12 @@ class Session:
     Arguments:
       model: a loaded model (``load_model``); it may be shared by several sessions and threads.
       device: "auto" keeps the model where it is; anything else moves the model there.
-      precision: "fp32" (exact), "bf16" (the image encoder under bfloat16 autocast), or "auto"
-        (bf16 on CUDA, fp32 on CPU).
+      precision: the speed mode. "fp32" (exact), "bf16" (the image encoder under bfloat16
+        autocast: for GPUs and CPUs with native bf16), "fp32-fast" (fp32 with the restructured
+        decoder), "int8" (int8 encoder linear layers and decoder projections, x86 CPUs),
+        "sparse" / "int8-sparse" (opt-in sparse encoder attention), or "auto": bf16 on CUDA; on
+        a CPU the fastest mode whose measured Dice cost is within FastSAM3DLib.quantize's
+        AUTO_MAX_DICE_COST (see ``quantize.resolve_precision``).
       intensity: crop normalisation (MR z-normalisation by default; a CT window is a setting).
       cache_bytes: memory budget of cached crop embeddings (LRU).
       click_mode: "all" decodes each crop with every click inside it; "newest" with only the
@@ -162,7 +168,9 @@ class Session:
             model = model.to(resolve_device(device))
         self.model = model.eval()
         self.device = model.device
-        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.precision = resolve_precision(precision, self.device)
+        if self.precision in FAST_MODES:
+            check_mode(model, self.precision)  # the fast path itself is built on first use
         self.intensity = intensity
         self.cache_bytes = int(cache_bytes)
         self.click_mode = click_mode
@@ -254,8 +262,11 @@ class Session:
             default = self.intensity.window[0] if self.intensity.mode == "ct" else 0.0
             array = resample_to_crop(self.image, crop, default=default)
             tensor = torch.from_numpy(normalize_crop(array, self.intensity))[None, None].to(self.device)
+            encoder = self.model.image_encoder
+            if self.precision in FAST_MODES:  # its blocks share the model's blocks' hooks
+                encoder = fast_path(self.model, self.precision).encoder
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-                embedding = self.model.image_encoder(tensor)
+                embedding = encoder(tensor)
             embedding = embedding.float()
             with self._lock:
                 if generation != self._generation:
@@ -283,7 +294,9 @@ class Session:
                 done.set_result(self._embeddings[crop])
                 return done
             pending = self._pending.get(crop)
-            if pending is not None and not pending.cancelled():
+            # A failed embedding is not remembered: the next request tries again.
+            failed = pending is not None and pending.done() and pending.exception() is not None
+            if pending is not None and not pending.cancelled() and not failed:
                 return pending
             future = self._executor.submit(self._embed, crop, self._generation)
             self._pending[crop] = future
@@ -423,8 +436,9 @@ class Session:
         previous = state.logits.get(crop)
         if previous is None:
             previous = torch.zeros((1, 1, *self.model.low_res_size), device=self.device)
+        decode = fast_path(self.model, self.precision).decode if self.precision in FAST_MODES else self.model.decode
         with _model_lock(self.model), torch.inference_mode():
-            logits, iou = self.model.decode(
+            logits, iou = decode(
                 embedding,
                 torch.from_numpy(coords)[None].to(self.device),
                 torch.from_numpy(labels)[None].to(self.device),
@@ -528,35 +542,52 @@ class Session:
     def predict(self, object: int = 0) -> sitk.Image:
         """The object's mask as a uint8 SimpleITK image on the set image's exact grid."""
         region, local = self.predict_region(object)
-        full = np.zeros(tuple(reversed(self.image.GetSize())), dtype=np.uint8)
-        if not region.empty:
-            full[region.slices()] = local
-        return self._to_image(full)
+        return self._region_image(region, local)
 
     def predict_proba(self, object: int = 0) -> sitk.Image:
         """The object's foreground probability (float32, sigmoid of the logits) on the set image's grid."""
         state = self._object(object)
         self._update(state)
-        full = np.zeros(tuple(reversed(self.image.GetSize())), dtype=np.float32)
-        for crop in [c for c in state.crops if c in state.logits]:
-            paster = self._paster(crop)
-            if paster.region.empty:
-                continue
-            probability = 1.0 / (1.0 + np.exp(-paster.values(state.logits[crop]).astype(np.float64)))
-            target = full[paster.region.slices()]
-            np.maximum(target, probability.astype(np.float32), out=target)
-        return self._to_image(full)
+        region, fields = self._crop_fields(state)
+        probability = np.zeros(tuple(reversed(region.size)), dtype=np.float32)
+        for local, crop in fields:
+            values = self._paster(crop).values(state.logits[crop])
+            target = probability[local.slices()]
+            np.maximum(target, 1.0 / (1.0 + np.exp(-values.astype(np.float64))), out=target, casting="unsafe")
+        return self._region_image(region, probability)
+
+    def _crop_fields(self, state: _ObjectState) -> Tuple[Region, List[Tuple[Region, CropGrid]]]:
+        """The union region of the object's decoded crops, and each crop's region relative to it."""
+        crops = [c for c in state.crops if c in state.logits and not self._paster(c).region.empty]
+        region = Region((0, 0, 0), (0, 0, 0))
+        for crop in crops:
+            region = region.union(self._paster(crop).region)
+        fields = []
+        for crop in crops:
+            own = self._paster(crop).region
+            fields.append((Region(
+                tuple(a - r for a, r in zip(own.start, region.start)), tuple(b - r for b, r in zip(own.stop, region.start))
+            ), crop))
+        return region, fields
+
+    def _region_image(self, region: Region, local: np.ndarray) -> sitk.Image:
+        """An image on the set image's grid holding ``local`` ((z, y, x) array) in ``region``, 0 elsewhere.
+
+        The full-size image is allocated once, by SimpleITK, and the region pasted into it in place:
+        not a full numpy array plus the copy ``GetImageFromArray`` makes (for a float map of a
+        512 x 512 x 700 CT, 0.7 GB less at the peak).
+        """
+        image = sitk.Image(self.image.GetSize(), sitk.sitkUInt8 if local.dtype == np.uint8 else sitk.sitkFloat32)
+        image.CopyInformation(self.image)
+        if not region.empty:
+            image[tuple(slice(a, b) for a, b in zip(region.start, region.stop))] = sitk.GetImageFromArray(local)
+        return image
 
     def predicted_iou(self, object: int = 0) -> Optional[float]:
         """The decoder's IoU estimate for the object's most recently decoded crop."""
         state = self._object(object)
         self._update(state)
         return state.iou[state.crops[-1]] if state.crops and state.crops[-1] in state.iou else None
-
-    def _to_image(self, array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array)
-        image.CopyInformation(self.image)
-        return image
 
     # -- uncertainty -----------------------------------------------------------------------------
 
@@ -589,10 +620,11 @@ class Session:
             raise ValueError(f"n must be at least 2 stochastic decodes, got {n}")
         state = self._object(object)
         self._update(state)
-        mean_full = np.zeros(tuple(reversed(self.image.GetSize())), dtype=np.float32)
-        unc_full = np.zeros_like(mean_full)
+        region, fields = self._crop_fields(state)
+        mean_region = np.zeros(tuple(reversed(region.size)), dtype=np.float32)
+        unc_region = np.zeros_like(mean_region)
         generator = torch.Generator().manual_seed(seed)
-        for crop in [c for c in state.crops if c in state.logits]:
+        for local, crop in fields:
             probabilities = self._stochastic_decodes(state, crop, n, method, generator)
             mean = probabilities.mean(0)
             if measure == "variance":
@@ -601,13 +633,14 @@ class Session:
                 p = mean.clamp(1e-6, 1 - 1e-6)
                 spread = -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
             paster = self._paster(crop)
-            if paster.region.empty:
-                continue
-            for field_, target in ((mean, mean_full), (spread, unc_full)):
-                values = np.nan_to_num(paster.values(field_), neginf=0.0).astype(np.float32)
-                view = target[paster.region.slices()]
-                np.maximum(view, values, out=view)
-        return self._to_image(mean_full), self._to_image(unc_full)
+            for field_, target in ((mean, mean_region), (spread, unc_region)):
+                values = np.nan_to_num(paster.values(field_), neginf=0.0, copy=False)
+                view = target[local.slices()]
+                np.maximum(view, values, out=view, casting="unsafe")
+        # Two full-size float maps are returned; hold no more than that at once.
+        mean_image = self._region_image(region, mean_region)
+        del mean_region
+        return mean_image, self._region_image(region, unc_region)
 
     def _stochastic_decodes(
         self, state: _ObjectState, crop: CropGrid, n: int, method: str, generator: torch.Generator

@@ -138,3 +138,13 @@ def test_info_reports_backends_and_model(model_path, capsys):
     assert report["attention_backend"] in report["attention_backends_available"]
     assert report["model"]["sha256"] and report["model"]["checksum_verified"] is True
     assert report["torch"] == torch.__version__
+
+
+def test_negative_coordinates_need_no_equals_sign(model_path, tmp_path):
+    image = _volume(np.random.default_rng(0).normal(size=(20, 20, 20)))
+    image.SetOrigin((-30.0, -30.0, -30.0))
+    image_path = _write(image, tmp_path / "image.nrrd")
+    out = tmp_path / "mask.nii.gz"
+    status = main(["segment", str(image_path), "--point", "-20,-20.5,-15", "--negative", "-25,-22,-18",
+                   "--ct-window", "-100,200", "--model", str(model_path), "--out", str(out)])
+    assert status == 0 and out.exists()

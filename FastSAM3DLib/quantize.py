@@ -1,0 +1,583 @@
+"""Fast inference paths for :class:`~FastSAM3DLib.session.Session`: int8 encoder, restructured decoder.
+
+On a CPU without native bf16 (AVX2 only, like most laptops and many servers) the fp32 encoder is
+already at the fp32 matrix-multiply floor and bf16 is emulated (slower still). What goes below
+that floor here:
+
+``fp32-fast``
+    The fp32 encoder as it is, and the restated decoder below: the same arithmetic as ``fp32``
+    in another order (equal to float rounding), less of it per click.
+``int8``
+    Every linear layer of the encoder — patch embedding, qkv, projections, MLPs, and the neck's
+    convolutions restated as matrix multiplies — runs as a dynamically quantised int8 matrix
+    multiply (fbgemm/x86 engine: per-output-channel symmetric int8 weights quantised once,
+    activations quantised per call with 7-bit range as fbgemm needs on AVX2). Attention,
+    LayerNorm, GELU and the residual stream stay fp32.
+``sparse``, ``int8-sparse``
+    fp32 or int8, and the encoder's global attention blocks use
+    :mod:`FastSAM3DLib.sparse_attention` (opt-in: the weights were trained with dense attention).
+
+Every fast mode also decodes with :class:`FastDecoder`: the mask decoder restated so a click does
+less work — algebraically the same computation (equal to float rounding in fp32):
+
+* the image-side projections of the first two-way layer are cached per crop embedding: the
+  mask prompt enters them only through 16 channels (``mask_downscaling`` ends in a 1x1
+  convolution), so per click they cost a rank-16 update;
+* the other image-side projections of a layer are one fused matrix multiply;
+* the final token->image attention is computed for the two tokens that are read (IoU and
+  mask 0) with keys and values folded into the queries (16 x 512 work instead of 512 x 384 x 384);
+* the transposed convolutions (kernel = stride = 2) are matrix multiplies whose outputs stay in
+  token order until the very end, and only mask 0 is computed (``multimask_output=False``);
+* in the int8 modes its large image-side matrix multiplies are int8 as well.
+
+Fast paths are built once per model and shared (:func:`fast_path`); they are rebuilt when the
+model's parameters change in place. ``precision="fp32"`` never touches any of this.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .modeling import MaskDecoder3D, PromptEncoder3D, Sam3D
+from .modeling.image_encoder import ImageEncoderViT3D, PatchEmbed3D
+from .sparse_attention import DEFAULT_PATTERNS, SparseAttention
+
+#: Speed modes this module builds (the Session's ``precision`` values other than fp32/bf16/auto).
+FAST_MODES: Tuple[str, ...] = ("fp32-fast", "int8", "sparse", "int8-sparse")
+
+
+def int8_available() -> bool:
+    """Whether PyTorch's int8 CPU matrix multiply (fbgemm / x86 engine) is usable here."""
+    engines = torch.backends.quantized.supported_engines
+    return any(e in engines for e in ("x86", "fbgemm"))
+
+
+def _quant_ops():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_prepack, torch.ops.quantized.linear_dynamic
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with W stored as per-output-channel symmetric int8 and x quantised per call.
+
+    Arguments:
+      weight: out x in float weight.
+      bias: out, or None.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        if not int8_available():
+            raise RuntimeError("int8 matrix multiplies need PyTorch's fbgemm/x86 quantized engine (x86 CPUs)")
+        engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+        if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+            torch.backends.quantized.engine = engine
+        weight = weight.detach().float().cpu()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+        zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+        prepack, self._linear = _quant_ops()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
+            self._packed = prepack(quantized, None if bias is None else bias.detach().float().cpu())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """... x in -> ... x out (float32)."""
+        shape = x.shape
+        y = self._linear(x.reshape(-1, shape[-1]).float().contiguous(), self._packed, True)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], int8: bool) -> nn.Module:
+    """A float or int8 linear layer holding ``weight`` (out x in) and ``bias``."""
+    if int8:
+        return Int8Linear(weight, bias)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer.eval()
+
+
+# -- encoder --------------------------------------------------------------------------------------
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy of a module sharing its parameters, children and hooks, with its own child table.
+
+    Hooks are shared on purpose: a hook registered on the model's block (the session's
+    cancellation and progress hooks, a caller's) runs for the fast copy too.
+    """
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    return clone
+
+
+class _LinearPatchEmbed(nn.Module):
+    """Patch embedding as one (int8) matrix multiply over unfolded patches."""
+
+    def __init__(self, patch: PatchEmbed3D, int8: bool) -> None:
+        super().__init__()
+        self.patch_size = patch.patch_size
+        proj = patch.proj
+        self.linear = _linear(proj.weight.reshape(proj.out_channels, -1), proj.bias, int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, d // p, p, h // p, p, w // p, p)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, d // p, h // p, w // p, c * p * p * p)
+        return self.linear(patches)
+
+
+class _LinearNeck(nn.Module):
+    """The neck (1x1 conv, LayerNorm3d, 3x3x3 conv, LayerNorm3d) on channel-last tokens, its
+    convolutions as (int8) matrix multiplies; the 3^3 one over the 27 shifted copies of the grid."""
+
+    def __init__(self, neck: nn.Sequential, int8: bool) -> None:
+        super().__init__()
+        conv1, norm1, conv2, norm2 = neck
+        self.conv1 = _linear(conv1.weight.reshape(conv1.out_channels, -1), conv1.bias, int8)
+        k = conv2.kernel_size[0]
+        if conv2.kernel_size != (k, k, k) or conv2.padding != (k // 2,) * 3 or conv2.stride != (1, 1, 1):
+            raise ValueError("the neck's second convolution must be k x k x k, stride 1, 'same' padding")
+        self.kernel = k
+        # Rows (out), columns ordered (kd, kh, kw, in) to match the shifted copies below.
+        self.conv2 = _linear(conv2.weight.permute(0, 2, 3, 4, 1).reshape(conv2.out_channels, -1), conv2.bias, int8)
+        self.norm1 = (norm1.weight, norm1.bias, norm1.eps)
+        self.norm2 = (norm2.weight, norm2.bias, norm2.eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """B x D x H x W x C tokens -> B x out x D x H x W."""
+        x = self.conv1(tokens)
+        weight, bias, eps = self.norm1
+        x = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        b, d, h, w, c = x.shape
+        k, r = self.kernel, self.kernel // 2
+        padded = F.pad(x, (0, 0, r, r, r, r, r, r))
+        shifted = [padded[:, i : i + d, j : j + h, l : l + w] for i in range(k) for j in range(k) for l in range(k)]
+        x = self.conv2(torch.cat(shifted, dim=-1))
+        weight, bias, eps = self.norm2
+        x = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+class FastImageEncoder(nn.Module):
+    """The image encoder with (int8) linear layers and optionally sparse global attention.
+
+    Holds a copy of the encoder's structure (blocks, norms, position embedding, relative-position
+    tables); the large weights are re-stored as int8 (or kept fp32 when ``int8`` is False).
+
+    Arguments:
+      encoder: the fp32 encoder (left untouched).
+      int8: int8 linear layers.
+      sparse: sparse attention in the global attention blocks.
+    """
+
+    def __init__(self, encoder: ImageEncoderViT3D, *, int8: bool = True, sparse: bool = False) -> None:
+        super().__init__()
+        skeleton = _shallow(encoder)  # the children below are rebuilt; no weight is copied
+        if int8:
+            skeleton.patch_embed = _LinearPatchEmbed(encoder.patch_embed, int8)
+        blocks = nn.ModuleList()
+        for block in encoder.blocks:
+            fast = _shallow(block)
+            mlp = _shallow(block.mlp)
+            mlp.lin1 = _linear(block.mlp.lin1.weight, block.mlp.lin1.bias, int8)
+            mlp.lin2 = _linear(block.mlp.lin2.weight, block.mlp.lin2.bias, int8)
+            fast.mlp = mlp
+            if block.kind != "mlp":
+                attn = _shallow(block.attn)
+                attn.qkv = _linear(block.attn.qkv.weight, block.attn.qkv.bias, int8)
+                attn.proj = _linear(block.attn.proj.weight, block.attn.proj.bias, int8)
+                fast.attn = SparseAttention(attn, DEFAULT_PATTERNS) if sparse and block.window_size == 0 else attn
+            blocks.append(fast)
+        skeleton.blocks = blocks
+        self.encoder = skeleton
+        self.neck = _LinearNeck(encoder.neck, int8) if int8 else None
+        self.blocks = blocks
+        self.img_size = encoder.img_size
+        self.in_chans = encoder.patch_embed.proj.in_channels
+        self.int8, self.sparse = int8, sparse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 1 x S x S x S -> B x out x S/p x S/p x S/p."""
+        encoder = self.encoder
+        expected = (self.in_chans, self.img_size, self.img_size, self.img_size)
+        if x.ndim != 5 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"image encoder input must have shape (B, {', '.join(map(str, expected))}); got {tuple(x.shape)}")
+        tokens = encoder.patch_embed(x) + encoder.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens)
+        if self.neck is None:
+            return encoder.neck(tokens.permute(0, 4, 1, 2, 3))
+        return self.neck(tokens)
+
+
+# -- decoder --------------------------------------------------------------------------------------
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class _EmbeddingCache:
+    """Per-embedding tensors, keyed by the embedding tensor's identity (a few crops at a time)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: Dict[int, Tuple[weakref.ref, Dict[str, torch.Tensor]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tensor: torch.Tensor, build) -> Dict[str, torch.Tensor]:
+        key = id(tensor)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is tensor:
+                return entry[1]
+        value = build(tensor)
+        with self._lock:
+            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+            while len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (weakref.ref(tensor), value)
+        return value
+
+
+class FastDecoder(nn.Module):
+    """Prompt encoder + mask decoder of a :class:`Sam3D`, restated to do less work per click.
+
+    Computes what ``model.decode(..., multimask_output=False)`` computes (see the module
+    docstring for how); dropout is never applied (use the model itself for MC dropout).
+
+    Arguments:
+      model: the model (its modules are referenced, and fused weights derived from them).
+      int8: int8 matrix multiplies for the large image-side projections and the upscaling.
+    """
+
+    def __init__(self, model: Sam3D, *, int8: bool = False) -> None:
+        super().__init__()
+        # The parts, not the model: the fast-path cache is keyed weakly by the model.
+        self.prompt_encoder, self.mask_decoder = model.prompt_encoder, model.mask_decoder
+        prompt, decoder = model.prompt_encoder, model.mask_decoder
+        transformer = decoder.transformer
+        if len(transformer.layers) != 2:
+            raise ValueError("the fast decoder is written for the two-layer two-way transformer")
+        self.int8 = int8
+        with torch.no_grad():
+            pe = prompt.get_dense_pe().float()
+            self.register_buffer("key_pe", pe.flatten(2).transpose(1, 2).contiguous())  # 1 x N x C
+            down = prompt.mask_downscaling
+            self._down = down
+            last = down[6]  # Conv3d(mask_in_chans, C, 1): the only route of the mask prompt into the embedding
+            self.register_buffer("mask_w", last.weight.reshape(last.out_channels, -1).float())  # C x 16
+            self.register_buffer("mask_b", last.bias.float())
+            layer0, layer1 = transformer.layers
+            # Layer 0: image-side projections through the 16 mask channels (rank-16 updates).
+            self._fold = {}
+            for name, proj in (
+                ("k0", layer0.cross_attn_token_to_image.k_proj),
+                ("v0", layer0.cross_attn_token_to_image.v_proj),
+                ("q0", layer0.cross_attn_image_to_token.q_proj),
+            ):
+                w = proj.weight.float()
+                self.register_buffer(f"{name}_w16", (w @ self.mask_w).T.contiguous())  # 16 x internal
+                self.register_buffer(f"{name}_b16", w @ self.mask_b)
+            self.out0 = _linear(layer0.cross_attn_image_to_token.out_proj.weight, layer0.cross_attn_image_to_token.out_proj.bias, int8)
+            # Layer 1: one matrix multiply for k (token->image), q (image->token) and v (token->image);
+            # v's input lacks the positional encoding, so key_pe @ Wv^T is subtracted afterwards.
+            t2i, i2t = layer1.cross_attn_token_to_image, layer1.cross_attn_image_to_token
+            fused_w = torch.cat([t2i.k_proj.weight, i2t.q_proj.weight, t2i.v_proj.weight]).float()
+            fused_b = torch.cat([t2i.k_proj.bias, i2t.q_proj.bias, t2i.v_proj.bias]).float()
+            self.fused1 = _linear(fused_w, fused_b, int8)
+            self.register_buffer("v1_pe", self.key_pe[0] @ t2i.v_proj.weight.float().T)
+            self.split1 = (t2i.k_proj.out_features, i2t.q_proj.out_features, t2i.v_proj.out_features)
+            self.out1 = _linear(i2t.out_proj.weight, i2t.out_proj.bias, int8)
+            # Output upscaling: ConvTranspose3d(k=2, s=2) == per-token matmul to 8 sub-voxels.
+            up1, norm, act1, up2, act2 = decoder.output_upscaling
+            self.up1 = _linear(up1.weight.permute(2, 3, 4, 1, 0).reshape(-1, up1.in_channels), up1.bias.repeat(8), int8)
+            self.up2 = _linear(up2.weight.permute(2, 3, 4, 1, 0).reshape(-1, up2.in_channels), up2.bias.repeat(8), int8)
+            self.c1, self.c2 = up1.out_channels, up2.out_channels
+            self.up_norm = (norm.weight, norm.bias, norm.eps)
+            self.act1, self.act2 = act1, act2
+        self._cache = _EmbeddingCache()
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def _per_embedding(self, embedding: torch.Tensor) -> Dict[str, torch.Tensor]:
+        layer0 = self.mask_decoder.transformer.layers[0]
+        with torch.inference_mode():
+            x = embedding.float().flatten(2).transpose(1, 2)  # 1 x N x C
+            t2i, i2t = layer0.cross_attn_token_to_image, layer0.cross_attn_image_to_token
+            return {
+                "x": x,
+                "k0": t2i.k_proj(x + self.key_pe),
+                "v0": t2i.v_proj(x),
+                "q0": i2t.q_proj(x + self.key_pe),
+            }
+
+    def _mask_features(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """The mask prompt's 16 channels before the final 1x1 convolution: B x N x 16."""
+        h = mask_logits.float()
+        down = self._down
+        for index, conv in ((0, down[0]), (3, down[3])):
+            b, c, d, hh, w = h.shape
+            p = conv.kernel_size[0]
+            patches = h.reshape(b, c, d // p, p, hh // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+            patches = patches.reshape(b, d // p, hh // p, w // p, -1)
+            h = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # channel-last
+            norm = down[index + 1]
+            h = down[index + 2](F.layer_norm(h, (h.shape[-1],), norm.weight, norm.bias, norm.eps))
+            h = h.permute(0, 4, 1, 2, 3)
+        return h.flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _attend(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A decoder Attention given already projected q, k, v (B x N x internal): output projection included."""
+        out = attention(_heads(q, module.num_heads), _heads(k, module.num_heads), _heads(v, module.num_heads))
+        return module.out_proj(_merge(out))
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        mask_logits: Optional[torch.Tensor] = None,
+        multimask_output: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Same arguments and results as :meth:`Sam3D.decode` with ``multimask_output=False``.
+
+        Returns:
+          low-res logits B x 1 x 32 x 32 x 32 and predicted IoU B x 1.
+        """
+        if multimask_output:
+            raise ValueError("the fast decoder computes mask 0 only; use the model's decode for multimask output")
+        if image_embeddings.shape[0] != 1:
+            raise ValueError("the fast decoder takes one image embedding (broadcast to the prompt batch)")
+        prompt, decoder = self.prompt_encoder, self.mask_decoder
+        transformer = decoder.transformer
+        layer0, layer1 = transformer.layers
+        cached = self._cache.get(image_embeddings, self._per_embedding)
+
+        sparse = prompt._embed_points(coords, labels, pad=True).float()
+        batch = sparse.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).float()
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)  # B x T x C
+        key_pe = self.key_pe
+        x = cached["x"]
+        if mask_logits is not None:
+            h16 = self._mask_features(mask_logits)  # B x N x 16
+            keys = x + (h16 @ self.mask_w.T + self.mask_b)
+            k0 = cached["k0"] + h16 @ self.k0_w16
+            v0 = cached["v0"] + h16 @ self.v0_w16
+            q0 = cached["q0"] + h16 @ self.q0_w16
+        else:
+            no_mask = prompt.no_mask_embed.weight.float()  # 1 x C
+            keys = x + no_mask
+            shift = {n: p.weight.float() @ no_mask[0] for n, p in (
+                ("k0", layer0.cross_attn_token_to_image.k_proj), ("v0", layer0.cross_attn_token_to_image.v_proj),
+                ("q0", layer0.cross_attn_image_to_token.q_proj))}
+            k0, v0, q0 = (cached[n] + shift[n] for n in ("k0", "v0", "q0"))
+            h16 = None
+        if h16 is not None:
+            k0, v0, q0 = k0 + self.k0_b16, v0 + self.v0_b16, q0 + self.q0_b16
+        keys, k0, v0, q0 = (t.expand(batch, -1, -1) for t in (keys, k0, v0, q0))
+
+        # Layer 0 (its self-attention sees no positional encoding and has no residual).
+        queries = layer0.norm1(layer0.self_attn(q=tokens, k=tokens, v=tokens))
+        t2i = layer0.cross_attn_token_to_image
+        queries = layer0.norm2(queries + self._attend(t2i, t2i.q_proj(queries + tokens), k0, v0))
+        queries = layer0.norm3(queries + layer0.mlp(queries))
+        i2t = layer0.cross_attn_image_to_token
+        q_tok = queries + tokens
+        out = attention(_heads(q0, i2t.num_heads), _heads(i2t.k_proj(q_tok), i2t.num_heads), _heads(i2t.v_proj(queries), i2t.num_heads))
+        keys = layer0.norm4(keys + self.out0(_merge(out)))
+
+        # Layer 1.
+        q = queries + tokens
+        queries = layer1.norm1(queries + layer1.self_attn(q=q, k=q, v=queries))
+        k1, q1, v1 = torch.split(self.fused1(keys + key_pe), self.split1, dim=-1)
+        v1 = v1 - self.v1_pe
+        t2i = layer1.cross_attn_token_to_image
+        queries = layer1.norm2(queries + self._attend(t2i, t2i.q_proj(queries + tokens), k1, v1))
+        queries = layer1.norm3(queries + layer1.mlp(queries))
+        i2t = layer1.cross_attn_image_to_token
+        q_tok = queries + tokens
+        out = attention(_heads(q1, i2t.num_heads), _heads(i2t.k_proj(q_tok), i2t.num_heads), _heads(i2t.v_proj(queries), i2t.num_heads))
+        keys = layer1.norm4(keys + self.out1(_merge(out)))
+
+        # Final token->image attention, for the IoU token and mask token 0 only, with the key and
+        # value projections folded into the two queries.
+        final = transformer.final_attn_token_to_image
+        read = (queries + tokens)[:, :2]
+        q = _heads(final.q_proj(read), final.num_heads)  # B x h x 2 x d
+        heads, dim = q.shape[1], q.shape[-1]
+        wk = final.k_proj.weight.reshape(heads, dim, -1)  # h x d x C
+        bk = final.k_proj.bias.reshape(heads, dim)
+        wv = final.v_proj.weight.reshape(heads, dim, -1)
+        bv = final.v_proj.bias.reshape(heads, dim)
+        q_folded = torch.einsum("bhqd,hdc->bhqc", q, wk)  # B x h x 2 x C
+        logits = q_folded @ (keys + key_pe).transpose(1, 2).unsqueeze(1) + (q * bk[None, :, None]).sum(-1, keepdim=True)
+        weights = (logits * dim**-0.5).softmax(dim=-1)  # B x h x 2 x N
+        pooled = weights @ keys.unsqueeze(1)  # B x h x 2 x C
+        out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None]
+        read = transformer.norm_final_attn(queries[:, :2] + final.out_proj(_merge(out)))
+        iou = decoder.iou_prediction_head(read[:, 0])[:, :1]
+        hyper = decoder.output_hypernetworks_mlps[0](read[:, 1])  # B x c2
+
+        # Upscaling: token -> 8 sub-voxels -> 8 sub-voxels each, then mask 0 = hyper . features.
+        n = keys.shape[1]
+        up = self.up1(keys).reshape(batch, n * 8, self.c1)  # rows (token, sub1), channel last
+        weight, bias, eps = self.up_norm
+        up = self.act1(F.layer_norm(up, (self.c1,), weight, bias, eps))
+        up = self.act2(self.up2(up).reshape(batch, n * 64, self.c2))  # rows (token, sub1, sub2)
+        mask = (up @ hyper.unsqueeze(-1)).reshape(batch, *(prompt.image_embedding_size), 2, 2, 2, 2, 2, 2)
+        g = prompt.image_embedding_size
+        mask = mask.permute(0, 1, 4, 7, 2, 5, 8, 3, 6, 9).reshape(batch, 1, g[0] * 4, g[1] * 4, g[2] * 4)
+        return mask, iou
+
+
+# -- the session's entry point ----------------------------------------------------------------------
+
+
+class FastPath:
+    """What a session uses in a fast mode: ``encoder(x)`` and ``decode(...)`` like ``Sam3D.decode``.
+
+    Parts the fast path cannot restate (a model whose encoder or decoder was replaced, e.g. by a
+    test double, or whose ``decode`` was overridden) are the model's own.
+    """
+
+    def __init__(self, model: Sam3D, mode: str, encoder: Optional[nn.Module], decoder: Optional[FastDecoder]) -> None:
+        self.mode = mode
+        self._model = weakref.ref(model)  # the cache is keyed weakly by the model: no strong reference
+        self._encoder = encoder
+        self._decoder = decoder
+
+    @property
+    def encoder(self) -> nn.Module:
+        model = self._model()
+        if self._encoder is None or "forward" in vars(model.image_encoder):  # replaced since the build
+            return model.image_encoder
+        return self._encoder
+
+    def decode(self, image_embeddings, coords, labels, mask_logits=None, multimask_output=False):
+        """As :meth:`Sam3D.decode`."""
+        model = self._model()
+        overridden = "decode" in vars(model) or any(
+            "forward" in vars(m) for m in (model.prompt_encoder, model.mask_decoder)
+        )
+        if self._decoder is None or multimask_output or overridden:
+            return model.decode(image_embeddings, coords, labels, mask_logits, multimask_output)
+        return self._decoder(image_embeddings, coords, labels, mask_logits)
+
+
+_paths: "weakref.WeakKeyDictionary[Sam3D, Dict[str, Tuple[int, FastPath]]]" = weakref.WeakKeyDictionary()
+_paths_lock = threading.Lock()
+
+
+def _parameter_version(model: nn.Module) -> int:
+    """Changes whenever a parameter is modified in place (optimizer steps, load_state_dict)."""
+    return sum(p._version for p in model.parameters())
+
+
+def check_mode(model: Sam3D, mode: str) -> None:
+    """Raise ValueError unless ``mode`` is a speed mode of :data:`FAST_MODES` usable for ``model``
+    (the int8 modes need an x86 CPU with PyTorch's fbgemm kernels and the model on the CPU)."""
+    if mode not in FAST_MODES:
+        raise ValueError(f"unknown speed mode {mode!r}: expected one of {', '.join(FAST_MODES)}")
+    if mode.startswith("int8") and (model.device.type != "cpu" or not int8_available()):
+        raise ValueError(f"speed mode {mode!r} needs an x86 CPU (PyTorch's fbgemm int8 kernels); the model is on {model.device}")
+
+
+def fast_path(model: Sam3D, mode: str) -> FastPath:
+    """The fast path of ``model`` for a speed mode of :data:`FAST_MODES`, built on first use
+    (quantising the weights takes about a second for the full-size student) and shared by every
+    session of the model until its parameters change.
+
+    Raises:
+      ValueError: see :func:`check_mode`.
+    """
+    check_mode(model, mode)
+    version = _parameter_version(model)
+    with _paths_lock:
+        entry = _paths.setdefault(model, {}).get(mode)
+        if entry is not None and entry[0] == version:
+            return entry[1]
+        int8, sparse = mode.startswith("int8"), "sparse" in mode
+        encoder = decoder = None
+        with torch.no_grad():
+            if mode != "fp32-fast" and type(model.image_encoder) is ImageEncoderViT3D and "forward" not in vars(model.image_encoder):
+                encoder = FastImageEncoder(model.image_encoder, int8=int8, sparse=sparse).eval()
+            restatable = (
+                type(model.mask_decoder) is MaskDecoder3D
+                and type(model.prompt_encoder) is PromptEncoder3D
+                and "decode" not in vars(model)
+                and type(model).decode is Sam3D.decode
+                and len(model.mask_decoder.transformer.layers) == 2
+            )
+            if restatable:
+                decoder = FastDecoder(model, int8=int8).eval()
+        path = FastPath(model, mode, encoder, decoder)
+        _paths[model][mode] = (version, path)
+        return path
+
+
+# -- choosing a mode ------------------------------------------------------------------------------
+
+#: Largest Dice@5 loss against fp32 that ``precision="auto"`` accepts (issue 7).
+AUTO_MAX_DICE_COST = 0.005
+#: Dice@5 cost of each speed mode against fp32 (fp32 minus the mode, mean over the development
+#: structures), as measured by ``Testing/benchmarks/speed_mode_dice.py``; None where not measured.
+#: "fp32-fast" is fp32 arithmetic in another order (equal to float rounding), so it costs nothing.
+MEASURED_DICE5_COST: Dict[str, Optional[float]] = {"fp32-fast": 0.0, "int8": None, "sparse": None, "int8-sparse": None}
+#: Modes "auto" may pick on a CPU, fastest first. The sparse modes are opt-in only (DESIGN.md §3).
+AUTO_CPU_ORDER: Tuple[str, ...] = ("int8", "fp32-fast")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The concrete mode for a requested precision: "auto" becomes bf16 on CUDA and, on a CPU, the
+    fastest mode of :data:`AUTO_CPU_ORDER` whose measured Dice@5 cost is at most
+    :data:`AUTO_MAX_DICE_COST` (int8 only where its kernels exist); other values pass through."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    if device.type != "cpu":
+        return "fp32"
+    for mode in AUTO_CPU_ORDER:
+        cost = MEASURED_DICE5_COST.get(mode)
+        if cost is None or cost > AUTO_MAX_DICE_COST:
+            continue
+        if mode.startswith("int8") and not int8_available():
+            continue
+        return mode
+    return "fp32"
