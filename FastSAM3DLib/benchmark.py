@@ -1,0 +1,531 @@
+"""``fastsam3d benchmark``: one run that times what a user waits for, beside the arithmetic floor.
+
+Everything is timed in the same process, interleaved round by round (each round runs every
+measurement once), so machine load affects all of them alike; results are medians with the
+interquartile range. Beside the model timings sit matrix multiplies of the student encoder's
+FLOP count (fp32, int8, bf16), so each result also reads as a ratio to "what this machine's
+fp32 arithmetic allows" — the figure that transfers between machines.
+
+Measured:
+
+* encoder per 128^3 crop for the full-size student ("fastsam3d"), the teacher ("sam-med3d") and
+  the bundled architecture, in every speed mode available on the device;
+* through :class:`Session` on Colin27 with the full-size student: the **first click**
+  (``set_image`` + embedding + decode + paste, a fresh session each time) and **later clicks**
+  (decode + paste of the mask in the image grid), per speed mode;
+* peak resident memory (RSS) after each phase.
+
+Random weights give the right timings for the networks; the paste's cost depends on the mask, so
+later clicks also report the mask size (and ``Testing/benchmarks/paste_speed.py`` times the
+paste on controlled shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import FastSAM3DInputError
+
+logger = logging.getLogger(__name__)
+
+ENCODER_MODELS = ("fastsam3d", "sam-med3d", "bundled")
+
+
+# -- machine ------------------------------------------------------------------------------------
+
+
+def cpu_info() -> Dict[str, object]:
+    """CPU model and the instruction-set extensions that decide which speed modes can be fast."""
+    flags: set = set()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    interesting = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {
+        "model": model,
+        "cores": os.cpu_count(),
+        "extensions": [f for f in interesting if f in flags],
+        "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024.0 if platform.system() != "Darwin" else peak / 2**20
+
+
+def encoder_flops(name_or_config) -> int:
+    """FLOPs (2 per multiply-add) of one encoder forward on a 128^3 crop, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .attention import use_backend
+    from .build import build_model
+
+    with torch.device("meta"):
+        model = build_model(name_or_config)
+        x = torch.empty(1, model.image_encoder.patch_embed.proj.in_channels, *(model.img_size,) * 3)
+    with torch.inference_mode(), use_backend("math"), FlopCounterMode(display=False) as counter:
+        model.image_encoder(x)
+    return int(counter.get_total_flops())
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    """One timed thing: ``run()`` is called once per round (``rounds`` at most)."""
+
+    group: str
+    name: str
+    run: Callable[[], object]
+    rounds: Optional[int] = None
+    flops: Optional[float] = None
+    note: str = ""
+    self_timed: bool = False  # run() returns (wall, cpu) seconds of the part that counts
+    passive: bool = False  # filled by another measurement's run()
+    seconds: List[float] = field(default_factory=list)
+    cpu_seconds: List[float] = field(default_factory=list)
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> Dict[str, object]:
+        values = sorted(self.seconds)
+        out: Dict[str, object] = {"group": self.group, "name": self.name, "n": len(values), "note": self.note, **self.extra}
+        if values:
+            q1, median, q3 = np.percentile(values, [25, 50, 75])
+            out.update(median_s=float(median), q1_s=float(q1), q3_s=float(q3), min_s=float(values[0]),
+                       cpu_median_s=float(statistics.median(self.cpu_seconds)))
+            if self.flops:
+                out["gflops_per_s"] = self.flops / median / 1e9
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_interleaved(measurements: Sequence[Measurement], rounds: int, device: torch.device, warmup: bool = True, progress: bool = True) -> None:
+    """Time every measurement once per round, round after round (after one untimed warm-up call)."""
+    from tqdm import tqdm
+
+    active = [m for m in measurements if not m.passive]
+    total = sum(min(rounds, m.rounds or rounds) + int(warmup) for m in active)
+    bar = tqdm(total=total, desc="benchmark", unit="run", disable=not progress, leave=False)
+    try:
+        if warmup:
+            for m in active:
+                bar.set_postfix_str(f"warm-up {m.group}: {m.name}")
+                m.run()
+                _sync(device)
+                bar.update()
+            for m in measurements:  # forget what the warm-up recorded
+                m.seconds.clear()
+                m.cpu_seconds.clear()
+                for value in m.extra.values():
+                    if isinstance(value, list):
+                        value.clear()
+        for round_ in range(rounds):
+            for m in active:
+                if m.rounds is not None and round_ >= m.rounds:
+                    continue
+                bar.set_postfix_str(f"{m.group}: {m.name}")
+                gc.collect()
+                _sync(device)
+                start, cpu = time.perf_counter(), time.process_time()
+                value = m.run()
+                _sync(device)
+                if m.self_timed:
+                    m.seconds.append(value[0])
+                    m.cpu_seconds.append(value[1])
+                else:
+                    m.seconds.append(time.perf_counter() - start)
+                    m.cpu_seconds.append(time.process_time() - cpu)
+                bar.update()
+    finally:
+        bar.close()
+
+
+# -- what is measured ---------------------------------------------------------------------------
+
+
+def _matmuls(flops: float, device: torch.device, native_bf16: bool, rounds: int) -> List[Measurement]:
+    """Matrix multiplies of ``flops`` (2048 x 2048 times 2048 x n) in fp32, bf16 and int8."""
+    m = k = 2048
+    n = max(1, int(round(flops / (2 * m * k))))
+    exact = 2.0 * m * k * n
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    out = [Measurement("floor", "matmul fp32", lambda: a @ b, flops=exact, note=f"{m}x{k} @ {k}x{n}")]
+    emulated_bf16 = device.type == "cpu" and not native_bf16
+    if emulated_bf16:
+        # Emulated bf16 is ~10x slower than fp32: time 1/16 of the work and scale (noted).
+        n16 = max(1, n // 16)
+        ab, bb = a.bfloat16(), torch.randn(k, n16, device=device).bfloat16()
+        scale = n / n16
+        out.append(Measurement("floor", "matmul bf16", lambda: ab @ bb, rounds=min(rounds, 3), flops=2.0 * m * k * n16,
+                               note=f"no native bf16 on this CPU: {m}x{k} @ {k}x{n16} timed, x{scale:.0f}",
+                               extra={"scale": scale}))
+    else:
+        ab, bb = a.bfloat16(), b.bfloat16()
+        out.append(Measurement("floor", "matmul bf16", lambda: ab @ bb, flops=exact))
+    if device.type == "cpu":
+        from .quantize import Int8Linear, int8_available
+
+        if int8_available():
+            layer = Int8Linear(b.T.contiguous(), None)
+            out.append(Measurement("floor", "matmul int8", lambda: layer(a), flops=exact, note="fbgemm dynamic int8 (activation quantisation included)"))
+    return out
+
+
+def _load_bundled_architecture():
+    """The bundled model when installed (its real weights), else its architecture with random weights."""
+    from .build import build_model
+    from .checkpoint import bundled_model_path, load_model
+
+    if bundled_model_path() is not None:
+        return load_model(None, device="cpu"), "bundled weights"
+    return build_model("fastsam3d-384"), "random weights (no bundled model in this install)"
+
+
+def _encoder_measurements(names: Sequence[str], modes: Sequence[str], device: torch.device, native_bf16: bool, rounds: int,
+                          heavy_rounds: int) -> List[Measurement]:
+    from .build import build_model
+    from .quantize import FAST_MODES, check_mode, fast_path
+
+    out = []
+    x = torch.randn(1, 1, 128, 128, 128, device=device)
+    for name in names:
+        torch.manual_seed(0)
+        if name == "bundled":
+            model, note = _load_bundled_architecture()
+            flops = encoder_flops(model.config)
+        else:
+            model, note = build_model(name), "random weights"
+            flops = encoder_flops(name)
+        model = model.to(device).eval()
+        teacher = name == "sam-med3d"
+        for mode in modes:
+            if mode == "bf16":
+                if device.type == "cpu" and not native_bf16 and name != "fastsam3d":
+                    continue  # emulated bf16 on the bigger encoders takes minutes; the student shows the point
+                slow = device.type == "cpu" and not native_bf16
+
+                def run(model=model):
+                    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16):
+                        return model.image_encoder(x)
+
+                out.append(Measurement("encoder", f"{name} bf16", run, rounds=1 if slow else (heavy_rounds if teacher else None), flops=flops,
+                                       note=note + ("; bf16 emulated (no native bf16)" if slow else "")))
+                continue
+            if mode in FAST_MODES:
+                try:
+                    check_mode(model, mode)
+                except ValueError:
+                    continue
+                encoder = fast_path(model, mode).encoder
+            else:
+                encoder = model.image_encoder
+
+            def run(encoder=encoder):
+                with torch.inference_mode():
+                    return encoder(x)
+
+            out.append(Measurement("encoder", f"{name} {mode}", run, rounds=heavy_rounds if teacher else None, flops=flops, note=note))
+    return out
+
+
+def _colin27_case(structure: str):
+    from .data import interior_point, load_colin27
+
+    colin = load_colin27()
+    if structure not in colin.labels:
+        raise FastSAM3DInputError(f"--structure: unknown Colin27 structure {structure!r}; expected one of {', '.join(colin.labels)}")
+    return colin.image, colin.labels[structure], interior_point(colin.labels[structure])[1]
+
+
+def _session_measurements(model, image, label, first_point, modes: Sequence[str], later_clicks: int, seed: int) -> List[Measurement]:
+    """First click (fresh session each round) and later clicks per speed mode, through Session."""
+    import SimpleITK as sitk
+
+    from .clicks import next_click
+    from .evaluate import _bounding_box
+    from .session import Session
+
+    gt = sitk.GetArrayViewFromImage(label) > 0
+    out = []
+    for mode in modes:
+        first = Measurement("session", f"first click {mode}", lambda: None, self_timed=True,
+                            note="set_image + embed + decode + paste (predict_region), fresh session")
+        later = Measurement("session", f"later click {mode}", lambda: None, passive=True,
+                            note="add_point + decode + paste (predict_region), all corrective clicks")
+        later_full = Measurement("session", f"later click {mode} (full-image mask)", lambda: None, passive=True,
+                                 note="as later click, then predict() for the whole grid")
+
+        def run(mode=mode, first=first, later=later, later_full=later_full):
+            session = Session(model, precision=mode, prefetch=True)
+            try:
+                start, cpu = time.perf_counter(), time.process_time()
+                session.set_image(image)
+                session.add_point(first_point, True)
+                region, local = session.predict_region()
+                elapsed_first = (time.perf_counter() - start, time.process_time() - cpu)
+                first.extra.setdefault("breakdown", []).append(dict(session.last_timings))
+                pred = np.zeros(gt.shape, dtype=bool)
+                if not region.empty:
+                    pred[region.slices()] = local > 0
+                rng = np.random.default_rng(seed)
+                times, cpus, times_full, voxels = [], [], [], []
+                for number in range(later_clicks):
+                    box = _bounding_box(gt, pred)
+                    click = next_click(pred[box], gt[box], rng, "interior" if number < 1 else "random")
+                    if click is None:
+                        break
+                    zyx = [int(i + s.start) for i, s in zip(click.index, box)]
+                    point = image.TransformIndexToPhysicalPoint(zyx[::-1])
+                    t, c = time.perf_counter(), time.process_time()
+                    session.add_point(point, click.positive)
+                    region, local = session.predict_region()
+                    wall, cpu_ = time.perf_counter() - t, time.process_time() - c
+                    if session.last_timings.get("wait_embed_s", 0.0) > 1e-3:
+                        # The click fell outside the crop: it is a first click in a new crop, not a later click.
+                        later.extra.setdefault("new_crop_clicks_s", []).append(wall)
+                    else:
+                        times.append(wall)
+                        cpus.append(cpu_)
+                        later.extra.setdefault("breakdown", []).append(dict(session.last_timings))
+                        t = time.perf_counter()
+                        session.predict()
+                        times_full.append(wall + time.perf_counter() - t)
+                    pred[:] = False
+                    if not region.empty:
+                        pred[region.slices()] = local > 0
+                    voxels.append(int(pred.sum()))
+                later.seconds.extend(times)
+                later_full.seconds.extend(times_full)
+                later.cpu_seconds.extend(cpus)
+                later_full.cpu_seconds.extend(times_full)
+                later.extra.setdefault("mask_voxels", []).extend(voxels)
+                return elapsed_first
+            finally:
+                session.close()
+
+        first.run = run
+        out.extend([first, later, later_full])
+    return out
+
+
+def benchmark(
+    *,
+    device: str = "auto",
+    rounds: int = 5,
+    heavy_rounds: int = 3,
+    threads: int = 2,
+    modes: Optional[Sequence[str]] = None,
+    encoders: Sequence[str] = ENCODER_MODELS,
+    structure: str = "putamen_l",
+    later_clicks: int = 8,
+    session: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Run the benchmark; returns the JSON-ready report (see the module docstring)."""
+    from .build import build_model
+    from .checkpoint import resolve_device
+    from .quantize import FAST_MODES, int8_available, resolve_precision
+
+    torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    info = cpu_info()
+    native_bf16 = dev.type == "cuda" or bool(info["native_bf16"])
+    if modes is None:
+        modes = ["fp32", "fp32-fast", "bf16"] + (["int8", "int8-sparse"] if dev.type == "cpu" and int8_available() else ["sparse"])
+    report: Dict[str, object] = {
+        "machine": {
+            "cpu": info, "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        },
+        "auto_mode": resolve_precision("auto", dev),
+        "settings": {"rounds": rounds, "heavy_rounds": heavy_rounds, "modes": list(modes), "structure": structure, "later_clicks": later_clicks},
+    }
+    student_flops = encoder_flops("fastsam3d")
+    report["student_encoder_gflop"] = student_flops / 1e9
+    measurements: List[Measurement] = []
+    peaks: Dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if session:
+            torch.manual_seed(0)
+            student = build_model("fastsam3d").to(dev).eval()
+            image, label, point = _colin27_case(structure)
+            session_modes = [m for m in modes if m != "bf16" or native_bf16]
+            session_items = _session_measurements(student, image, label, point, session_modes, later_clicks, seed)
+            floor = _matmuls(student_flops, dev, native_bf16, rounds)
+            run_interleaved(floor + session_items, rounds, dev, progress=progress)
+            measurements += floor + session_items
+            peaks["after session runs (student, Colin27)"] = peak_rss_mb()
+            del student
+        encoder_items = _encoder_measurements([e for e in encoders if e in ENCODER_MODELS], modes, dev, native_bf16, rounds, heavy_rounds)
+        floor2 = _matmuls(student_flops, dev, native_bf16, rounds)
+        for m in floor2:
+            m.group = "floor (encoder run)"
+        run_interleaved(floor2 + encoder_items, rounds, dev, progress=progress)
+        measurements += floor2 + encoder_items
+        peaks["after encoder runs (incl. teacher)"] = peak_rss_mb()
+    report["peak_rss_mb"] = peaks
+    report["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report["results"] = [m.summary() for m in measurements]
+    report["ratios"] = _ratios(report["results"])
+    report["targets"] = _targets(report)
+    return report
+
+
+def _find(results, group_prefix: str, name: str) -> Optional[dict]:
+    for r in results:
+        if r["group"].startswith(group_prefix) and r["name"] == name and "median_s" in r:
+            return r
+    return None
+
+
+def _scaled(r: dict) -> float:
+    return r["median_s"] * float(r.get("scale", 1.0))
+
+
+def _ratios(results) -> Dict[str, float]:
+    """Each session / encoder median over the fp32 matmul of the student's FLOPs timed in the same run."""
+    ratios = {}
+    for prefix, floor_group in (("session", "floor"), ("encoder", "floor (encoder run)")):
+        floor = next((r for r in results if r["group"] == floor_group and r["name"] == "matmul fp32" and "median_s" in r), None)
+        if floor is None:
+            continue
+        for r in results:
+            if r["group"] == prefix and "median_s" in r:
+                ratios[f"{r['name']} / fp32 matmul"] = r["median_s"] / floor["median_s"]
+        for r in results:
+            if r["group"] == floor_group and r["name"] != "matmul fp32" and "median_s" in r:
+                ratios[f"{r['name']} ({prefix} run) / fp32 matmul"] = _scaled(r) / floor["median_s"]
+    return ratios
+
+
+def _targets(report) -> Dict[str, object]:
+    """Issue 7's "done when" checks, from this run's numbers."""
+    results = report["results"]
+    out: Dict[str, object] = {}
+    floor = _find(results, "floor", "matmul fp32")
+    firsts = [r for r in results if r["group"] == "session" and r["name"].startswith("first click") and "median_s" in r]
+    if floor and firsts:
+        best = min(firsts, key=lambda r: r["median_s"])
+        ratio = best["median_s"] / floor["median_s"]
+        out["first_click"] = {"best_mode": best["name"], "ratio_to_fp32_matmul": ratio, "target": 0.6, "met": ratio <= 0.6}
+    laters = [r for r in results if r["group"] == "session" and r["name"].startswith("later click") and "full-image" not in r["name"] and "median_s" in r]
+    if laters:
+        best = min(laters, key=lambda r: r["median_s"])
+        out["later_click"] = {"best_mode": best["name"], "median_ms": best["median_s"] * 1e3, "target_ms": 15.0, "met": best["median_s"] <= 0.015}
+    students = [r for r in results if r["group"] == "encoder" and r["name"].startswith("fastsam3d ") and "median_s" in r]
+    teacher = _find(results, "encoder", "sam-med3d fp32")
+    if students and teacher:
+        best = min(students, key=lambda r: r["median_s"])
+        speedup = teacher["median_s"] / best["median_s"]
+        out["student_vs_teacher"] = {"student": best["name"], "teacher": teacher["name"], "speedup": speedup, "target": 20.0, "met": speedup >= 20.0}
+        same = _find(results, "encoder", "sam-med3d " + best["name"].split(" ", 1)[1])
+        if same:
+            out["student_vs_teacher"]["same_mode_speedup"] = same["median_s"] / best["median_s"]
+    return out
+
+
+def format_report(report: Dict[str, object]) -> str:
+    """The table printed by ``fastsam3d benchmark`` (and pasted into the README)."""
+    machine = report["machine"]
+    cpu = machine["cpu"]
+    lines = [
+        f"machine: {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['extensions']) or 'no AVX2'}), "
+        f"device {machine['device']}{' ' + machine['gpu'] if machine.get('gpu') else ''}, torch {machine['torch']}, "
+        f"{machine['threads']} threads, load average {tuple(round(v, 1) for v in machine['load_average_start'] or ())}",
+        f"student encoder: {report['student_encoder_gflop']:.1f} GFLOP per 128^3; 'auto' here = {report['auto_mode']}",
+        "",
+        f"{'what':52s} {'median':>10s} {'IQR':>19s} {'x fp32 matmul':>14s}  note",
+    ]
+    floors = {r["group"]: r for r in report["results"] if r["name"] == "matmul fp32" and "median_s" in r}
+    for r in report["results"]:
+        if "median_s" not in r:
+            continue
+        scale = float(r.get("scale", 1.0))
+        median, q1, q3 = (r[k] * scale for k in ("median_s", "q1_s", "q3_s"))
+        floor_group = "floor" if r["group"] in ("floor", "session") else "floor (encoder run)"
+        floor = floors.get(floor_group)
+        ratio = f"{median / floor['median_s']:.3f}" if floor else ""
+        unit, factor = ("ms", 1e3) if median < 10 else ("s", 1.0)
+        name = f"{r['group']}: {r['name']}"
+        lines.append(f"{name:52s} {median * factor:8.1f}{unit:>2s} {q1 * factor:8.1f}-{q3 * factor:<8.1f}{unit:2s} {ratio:>12s}  {r.get('note', '')}")
+    lines.append("")
+    for name, peak in report["peak_rss_mb"].items():
+        lines.append(f"peak RSS {name}: {peak:.0f} MB")
+    for name, target in report.get("targets", {}).items():
+        lines.append(f"target {name}: {json.dumps(target)}")
+    return "\n".join(lines)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    if args.rounds < 1:
+        raise FastSAM3DInputError(f"--repeats must be at least 1, got {args.rounds}")
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and not json_path.parent.is_dir():
+        raise FastSAM3DInputError(f"--json {json_path}: its folder {json_path.parent} does not exist")
+    from .session import PRECISIONS
+
+    modes = args.modes
+    for mode in modes or []:
+        if mode not in PRECISIONS or mode == "auto":
+            raise FastSAM3DInputError(f"--modes: {mode!r} is not a speed mode ({', '.join(p for p in PRECISIONS if p != 'auto')})")
+    report = benchmark(
+        device=args.device, rounds=args.rounds, heavy_rounds=min(args.rounds, args.heavy_repeats), threads=args.threads,
+        modes=modes, encoders=args.encoders, structure=args.structure, later_clicks=args.later_clicks,
+        session=not args.no_session, seed=args.seed, progress=not args.no_progress,
+    )
+    print(format_report(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {json_path}")
+    return 0
+
+
+def add_subparser(subparsers) -> None:
+    """Register ``fastsam3d benchmark``."""
+    parser = subparsers.add_parser("benchmark", help="time encoders, first and later clicks beside an equal-FLOP matmul",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--json", help="also write the full report here")
+    parser.add_argument("--repeats", dest="rounds", type=int, default=5, help="interleaved rounds (5); medians and IQR over them")
+    parser.add_argument("--heavy-repeats", type=int, default=3, help="rounds for the teacher encoder (3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    parser.add_argument("--modes", nargs="+", help="speed modes to time (default: all available)")
+    parser.add_argument("--encoders", nargs="+", default=list(ENCODER_MODELS), choices=list(ENCODER_MODELS))
+    parser.add_argument("--structure", default="putamen_l", help="Colin27 structure clicked in the session timings (putamen_l)")
+    parser.add_argument("--later-clicks", type=int, default=8, help="corrective clicks timed per session (8)")
+    parser.add_argument("--no-session", action="store_true", help="skip the Session / Colin27 timings")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=cmd_benchmark)

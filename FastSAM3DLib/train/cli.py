@@ -1,0 +1,189 @@
+"""``fastsam3d train ...``: argparse subcommands ``pool``, ``interactive``, ``distill``, ``eval``, ``export``.
+
+The top-level CLI hooks these in with :func:`add_train_subparsers` (each subcommand sets
+``func``, called with the parsed namespace and returning an exit status), or runs
+:func:`train_main` on the words after ``train``. Under ``torchrun`` use
+``python -m FastSAM3DLib.train.cli interactive ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
+    parser.add_argument("--run-dir", default=defaults.run_dir, help="checkpoints, metrics.json, curves.png (default: %(default)s)")
+    parser.add_argument("--pool", dest="pool_dir", default=defaults.pool_dir, help="prepared crop pool (default: %(default)s)")
+    parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="build the pool up to this many crops first (0: use as is)")
+    parser.add_argument("--model", default=defaults.model, help="architecture of a fresh model (build.CONFIGS name, default: %(default)s)")
+    parser.add_argument("--init", default=None, help="weights to start from when there is no checkpoint to resume (e.g. the bundled model)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="total optimizer steps (default: %(default)s)")
+    parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes, help="stop with a checkpoint after this wall time (0: none)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per step and rank (default: %(default)s)")
+    parser.add_argument("--click-iters", type=int, default=defaults.click_iters, help="click iterations per crop (default: %(default)s)")
+    parser.add_argument("--grad-iters", type=int, default=defaults.grad_iters, help="iterations with gradients: the first + random others (default: all)")
+    parser.add_argument("--prompt-mode", choices=("all", "newest"), default=defaults.prompt_mode, help="clicks given to each decode")
+    parser.add_argument("--p-interior", type=float, default=defaults.p_interior, help="probability of an interior-most click (else uniform)")
+    parser.add_argument("--loss-grid", choices=("low", "full"), default=defaults.loss_grid, help="loss on the 32^3 logits or upsampled to 128^3")
+    parser.add_argument("--iou-weight", type=float, default=defaults.iou_weight)
+    parser.add_argument("--loss", choices=("dicece", "dicebalanced", "dicefocal"), default=defaults.loss, help="segmentation loss (default: %(default)s)")
+    parser.add_argument("--balance-cap", type=float, default=defaults.balance_cap, help="dicebalanced: max background voxels one foreground voxel weighs (0: fully balanced)")
+    parser.add_argument("--pos-weight", type=float, default=defaults.pos_weight, help="foreground weight of the cross-entropy")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default: %(default)s; >=2e-4 collapsed in probes)")
+    parser.add_argument("--decoder-lr-mult", type=float, default=defaults.decoder_lr_mult, help="lr multiplier of prompt encoder + decoder")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default=defaults.schedule)
+    parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default=defaults.autocast, help="bf16 autocast (auto: CUDA only)")
+    parser.add_argument("--include-heldout", dest="heldout", action="store_false", help="train on the held-out Colin27 structures too")
+    parser.add_argument("--heldout", dest="heldout", action="store_true", default=True, help="leave HELDOUT_STRUCTURES out (default)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads per process")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="Colin27 quick eval every N steps (0: never)")
+    parser.add_argument("--eval-clicks", type=int, default=defaults.eval_clicks)
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
+
+
+def _config_from(args: argparse.Namespace, config_class):
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _run_interactive(args: argparse.Namespace) -> int:
+    from .interactive import InteractiveConfig, train_interactive
+
+    train_interactive(_config_from(args, InteractiveConfig))
+    return 0
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, train_distill
+
+    train_distill(_config_from(args, DistillConfig))
+    return 0
+
+
+def _run_pool(args: argparse.Namespace) -> int:
+    from ..data.colin27 import STRUCTURES, TRAIN_STRUCTURES
+    from .pool import PoolSpec, build_pool
+
+    structures = STRUCTURES if args.include_heldout else TRAIN_STRUCTURES
+    spec = PoolSpec(size=args.size, phantom_fraction=args.phantom_fraction, structures=tuple(structures), min_voxels=args.min_voxels, augment=not args.no_augment, seed=args.seed)
+    entries = build_pool(args.out, spec, workers=args.workers)
+    logger.info("pool %s holds %d crops", args.out, len(entries))
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ..data.colin27 import HELDOUT_STRUCTURES
+    from .quick_eval import SEEN_EVAL, evaluate_colin27, summarize
+
+    model = _load_any(args.weights)
+    results = evaluate_colin27(model, list(SEEN_EVAL) + list(HELDOUT_STRUCTURES), clicks=args.clicks, seed=args.seed)
+    report = {"weights": str(args.weights), "per_structure": results, "summary": summarize(results, {"seen": SEEN_EVAL, "heldout": HELDOUT_STRUCTURES})}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _load_any(path: str):
+    """A model from a training checkpoint (``.pt`` with ``model_config``) or anything ``load_model`` reads."""
+    from ..checkpoint import load_model
+    from .interactive import load_checkpoint, model_from_checkpoint
+
+    if str(path).endswith(".pt"):
+        payload = load_checkpoint(path)
+        if isinstance(payload, dict) and "model_config" in payload:
+            return model_from_checkpoint(payload)
+    return load_model(path, device="cpu")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    digest = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, notes=args.notes, eval_json=args.eval_json)
+    logger.info("wrote %s (sha256 %s)", args.out, digest)
+    return 0
+
+
+def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``train`` with its subcommands to a top-level CLI's subparsers; returns the ``train`` parser.
+
+    Each leaf parser sets ``func(args) -> exit status``.
+    """
+    from .distill import DistillConfig
+    from .export import DEFAULT_EXPORT
+    from .interactive import InteractiveConfig
+    from .pool import DEFAULT_POOL
+
+    train = subparsers.add_parser("train", help="train or distil models, build training pools, export weights")
+    sub = train.add_subparsers(dest="train_command", required=True)
+
+    pool = sub.add_parser("pool", help="build a pool of prepared 128^3 training crops")
+    pool.add_argument("--out", default=str(DEFAULT_POOL / "train-s0"), help="pool folder (default: %(default)s)")
+    pool.add_argument("--size", type=int, default=1000)
+    pool.add_argument("--phantom-fraction", type=float, default=0.5)
+    pool.add_argument("--min-voxels", type=int, default=1000, help="skip labels with at most this many voxels in the crop")
+    pool.add_argument("--include-heldout", action="store_true", help="also crop the held-out Colin27 structures")
+    pool.add_argument("--no-augment", action="store_true")
+    pool.add_argument("--workers", type=int, default=1)
+    pool.add_argument("--seed", type=int, default=0)
+    pool.set_defaults(func=_run_pool)
+
+    interactive = sub.add_parser("interactive", help="click-simulated interactive training (resumable)")
+    _add_interactive_options(interactive, InteractiveConfig())
+    interactive.set_defaults(func=_run_interactive)
+
+    distill = sub.add_parser("distill", help="layer-wise progressive distillation from a teacher, then the decoder fine-tune")
+    distill_defaults = DistillConfig()
+    _add_interactive_options(distill, distill_defaults)
+    distill.add_argument("--teacher", required=True, help="teacher checkpoint (anything load_model/load_image_encoder reads)")
+    distill.add_argument("--distill-steps", type=int, default=distill_defaults.distill_steps, help="encoder distillation steps (all stages)")
+    distill.add_argument("--distill-lr", type=float, default=distill_defaults.distill_lr)
+    distill.add_argument("--accumulate", type=int, default=distill_defaults.accumulate, help="gradient accumulation steps")
+    distill.add_argument("--finetune-steps", type=int, default=distill_defaults.finetune_steps, help="decoder fine-tune steps (encoder frozen)")
+    distill.set_defaults(func=_run_distill, run_dir=str(Path(distill_defaults.run_dir)))
+
+    evaluate = sub.add_parser("eval", help="quick Colin27 Dice-per-click check of a checkpoint")
+    evaluate.add_argument("weights")
+    evaluate.add_argument("--clicks", type=int, default=5)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=_run_eval)
+
+    export = sub.add_parser("export", help="write a training checkpoint as the bundled safetensors model")
+    export.add_argument("checkpoint", help="training checkpoint (.pt) or weights file")
+    export.add_argument("--out", default=str(DEFAULT_EXPORT))
+    export.add_argument("--dtype", choices=("float16", "float32", "auto"), default="auto", help="auto: fp16 if fp32 would exceed 50 MB")
+    export.add_argument("--eval-json", default=None, help="a `train eval` report to put in the model card")
+    export.add_argument("--notes", default="", help="free text for the model card")
+    export.set_defaults(func=_run_export)
+    return train
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``fastsam3d train`` on ``argv`` (the words after ``train``); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="fastsam3d")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_train_subparsers(subparsers)
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else list(argv))])
+    return int(args.func(args) or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m FastSAM3DLib.train.cli`` (logging to stderr)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return train_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""Click-simulated interactive training (``fastsam3d train interactive``), DESIGN.md §5/§6.
+
+One training step, per crop of the batch:
+
+1. the image encoder embeds the 128^3 crop once;
+2. a first click is placed in the label (its interior-most voxel, or a random one);
+3. ``click_iters`` times: decode with the clicks so far (all of them, or only the newest) and the
+   previous low-res logits as mask prompt (none at first); add DiceCE (+ an IoU-head MSE) against
+   the target at the loss grid; simulate the next click in the error region of this prediction.
+
+The loss is averaged over the iterations that carry gradients: all of them by default, or the
+first plus ``grad_iters - 1`` random ones (the others run without autograd, which on a CPU saves
+about two thirds of their cost while the model still learns from the states they lead to).
+
+By default the loss and the simulated clicks live on the decoder's 32^3 grid (the target is the
+4^3-average of the 128^3 label): that is what the decoder predicts, and it spares a 128^3
+upsampling and distance transform per iteration. Every random choice of step ``s`` on rank ``r``
+comes from ``numpy.random.default_rng((seed, r, s))`` and ``torch.manual_seed`` of the same, so a
+resumed run continues exactly as an uninterrupted one.
+
+Outputs (rank 0 only), under ``run_dir``: ``checkpoints/last.pt`` (every ``checkpoint_minutes``
+and at the end; state dicts and numbers only, loadable with ``torch.load(weights_only=True)``),
+``checkpoints/step_NNNNNN.pt`` snapshots at each evaluation, ``metrics.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..build import build_model, count_parameters
+from ..clicks import next_click_lowres
+from ..modeling import Sam3D
+from . import ddp
+from .losses import segmentation_loss
+from .pool import DEFAULT_CACHE, DEFAULT_POOL, PoolSpec, build_pool, load_entry, read_index
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RUNS = DEFAULT_CACHE / "runs"
+
+
+@dataclass
+class InteractiveConfig:
+    """Everything a run needs; stored in its checkpoints.
+
+    Attributes:
+      run_dir: where checkpoints, metrics and plots go (outside the repository).
+      pool_dir: the prepared crop pool (:mod:`FastSAM3DLib.train.pool`).
+      pool_size: build the pool up to this many entries first if it has fewer (0: use it as it is).
+      model: a ``build.CONFIGS`` name for a fresh model.
+      init: weights to start from (any file ``load_model`` reads) when there is no checkpoint to resume.
+      steps: total optimizer steps of the run (a resumed run continues up to it).
+      max_minutes: stop (with a checkpoint) after this much wall time in this process; 0 = no limit.
+      batch_size: crops per step and rank.
+      click_iters: decode/click iterations per crop.
+      grad_iters: iterations carrying gradients (None: all).
+      prompt_mode: "all" clicks so far in each decode, or only the "newest".
+      p_interior: probability that a simulated click is the interior-most error voxel (else uniform).
+      loss_grid: "low" (the decoder's 32^3) or "full" (logits upsampled to 128^3).
+      iou_weight: weight of the IoU-head MSE (default 0: from scratch, even 0.1 drove the one-sample
+        overfit into the empty-mask collapse; train the IoU head once masks are learned).
+      pos_weight: foreground weight in the cross-entropy (1: MONAI's DiceCELoss).
+      loss: "dicebalanced" (default: Dice + class-balanced CE; plain DiceCE and DiceFocal collapsed to
+        empty masks on small targets from scratch), "dicece" (MONAI DiceCELoss) or "dicefocal".
+      balance_cap: for "dicebalanced": one foreground voxel weighs at most this many background
+        voxels (0: fully balanced).
+      decoder_lr_mult: learning-rate multiplier of the prompt encoder and mask decoder.
+      lr, weight_decay, warmup_steps, schedule ("constant" or "cosine"), min_lr_ratio, grad_clip: AdamW.
+      autocast: "auto" (bf16 on CUDA with bf16 support, off on CPU), "bf16" or "off".
+      freeze_encoder: train only the prompt encoder and decoder (the distillation fine-tune).
+      heldout: leave out pool entries of ``HELDOUT_STRUCTURES`` (the generalisation check).
+      seed, threads, log_every, checkpoint_minutes, eval_every, eval_clicks, device.
+    """
+
+    run_dir: str = str(DEFAULT_RUNS / "interactive")
+    pool_dir: str = str(DEFAULT_POOL / "train-s0")
+    pool_size: int = 0
+    model: str = "fastsam3d-384"
+    init: Optional[str] = None
+    steps: int = 10000
+    max_minutes: float = 0.0
+    batch_size: int = 1
+    click_iters: int = 11
+    grad_iters: Optional[int] = None
+    prompt_mode: str = "all"
+    p_interior: float = 0.5
+    loss_grid: str = "low"
+    iou_weight: float = 0.0
+    pos_weight: float = 1.0
+    loss: str = "dicebalanced"
+    balance_cap: float = 0.0
+    lr: float = 1e-4
+    decoder_lr_mult: float = 1.0
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    autocast: str = "auto"
+    freeze_encoder: bool = False
+    heldout: bool = True
+    seed: int = 0
+    threads: Optional[int] = None
+    log_every: int = 10
+    checkpoint_minutes: float = 5.0
+    eval_every: int = 500
+    eval_clicks: int = 5
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ValueError on inconsistent settings."""
+        if self.prompt_mode not in ("all", "newest"):
+            raise ValueError(f"prompt_mode must be 'all' or 'newest', got {self.prompt_mode!r}")
+        if self.loss_grid not in ("low", "full"):
+            raise ValueError(f"loss_grid must be 'low' or 'full', got {self.loss_grid!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if self.click_iters < 1 or self.batch_size < 1 or self.steps < 0:
+            raise ValueError("click_iters and batch_size must be at least 1, steps at least 0")
+        if self.grad_iters is not None and not 1 <= self.grad_iters <= self.click_iters:
+            raise ValueError(f"grad_iters must be in 1..click_iters ({self.click_iters}), got {self.grad_iters}")
+
+
+def autocast_dtype(setting: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype to use, or None for fp32.
+
+    "auto" turns bf16 on only on CUDA devices that support it: on CPUs without native bf16
+    (AVX-512-BF16/AMX) bf16 autocast was measured several times slower than fp32 here.
+    """
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def lr_factor(step: int, cfg: InteractiveConfig) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to ``min_lr_ratio``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class InteractiveStep(nn.Module):
+    """The click-simulation loop of one training step as a module, so DDP can wrap it.
+
+    ``forward(images, targets, rng)`` with images B x 1 x S^3 (normalised) and targets
+    B x 1 x S^3 in {0, 1} returns the loss and a dict of floats (mean low-res Dice after the
+    first and the last click, the number of gradient iterations).
+    """
+
+    def __init__(self, model: Sam3D, cfg: InteractiveConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.loss_fn = segmentation_loss(cfg.loss, cfg.pos_weight, cfg.balance_cap)
+
+    def _targets(self, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        size = targets.shape[-1]
+        low = self.model.low_res_size[0]
+        soft_low = F.avg_pool3d(targets, kernel_size=size // low) if size != low else targets
+        binary = soft_low >= 0.5
+        empty = binary.flatten(1).sum(1) == 0
+        if empty.any():  # thin labels: any coverage counts on the coarse grid
+            binary[empty] = soft_low[empty] > 0
+        return soft_low, binary.float(), binary[:, 0].cpu().numpy(), targets[:, 0].bool().cpu().numpy()
+
+    def _mode(self, rng: np.random.Generator) -> str:
+        return "interior" if rng.random() < self.cfg.p_interior else "random"
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
+        cfg, model = self.cfg, self.model
+        dtype = autocast_dtype(cfg.autocast, images.device)
+        batch = images.shape[0]
+        soft_low, binary_low, low_np, full_np = self._targets(targets)
+        loss_target = soft_low if cfg.loss_grid == "low" else targets
+
+        with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            if cfg.freeze_encoder:
+                with torch.no_grad():
+                    embedding = model.image_encoder(images)
+            else:
+                embedding = model.image_encoder(images)
+
+        empty_low = np.zeros_like(low_np[0])
+        clicks: List[List[Tuple[Tuple[int, int, int], bool]]] = []
+        for b in range(batch):
+            click = next_click_lowres(empty_low, low_np[b], full_np[b], rng, self._mode(rng))
+            clicks.append([click] if click is not None else [((64, 64, 64), True)])
+
+        if cfg.grad_iters is None or cfg.grad_iters >= cfg.click_iters:
+            grad_set = set(range(cfg.click_iters))
+        else:
+            others = rng.choice(np.arange(1, cfg.click_iters), size=cfg.grad_iters - 1, replace=False)
+            grad_set = {0, *map(int, others)}
+
+        total = images.new_zeros(())
+        counted = 0
+        previous: Optional[torch.Tensor] = None
+        dices: List[float] = []
+        for it in range(cfg.click_iters):
+            chosen = [c if cfg.prompt_mode == "all" else c[-1:] for c in clicks]
+            coords = torch.tensor([[list(c[0]) for c in row] for row in chosen], dtype=torch.float32, device=images.device)
+            labels = torch.tensor([[float(c[1]) for c in row] for row in chosen], dtype=torch.float32, device=images.device)
+            with_grad = it in grad_set and torch.is_grad_enabled()
+            with torch.set_grad_enabled(with_grad), torch.autocast(
+                images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+            ):
+                low, iou = model.decode(embedding, coords, labels, previous)
+            low = low.float()
+            if with_grad:
+                logits = low if cfg.loss_grid == "low" else F.interpolate(low, size=targets.shape[-3:], mode="trilinear", align_corners=False)
+                with torch.no_grad():
+                    hard = (low > 0).float()
+                    inter = (hard * binary_low).flatten(1).sum(1)
+                    union = ((hard + binary_low) > 0).float().flatten(1).sum(1)
+                    actual_iou = inter / union.clamp_min(1.0)
+                total = total + self.loss_fn(logits, loss_target) + cfg.iou_weight * F.mse_loss(iou[:, 0].float(), actual_iou)
+                counted += 1
+            previous = low.detach()
+            pred_np = (previous[:, 0] > 0).cpu().numpy()
+            inter_np = (pred_np & low_np).reshape(batch, -1).sum(1)
+            denominator = pred_np.reshape(batch, -1).sum(1) + low_np.reshape(batch, -1).sum(1)
+            dices.append(float(np.mean(2.0 * inter_np / np.maximum(denominator, 1))))
+            if it == cfg.click_iters - 1:
+                break
+            for b in range(batch):
+                click = next_click_lowres(pred_np[b], low_np[b], full_np[b], rng, self._mode(rng))
+                if click is None:  # perfect on the coarse grid: confirm with another click inside
+                    inside = np.flatnonzero(full_np[b])
+                    index = np.unravel_index(int(inside[rng.integers(inside.size)]), full_np[b].shape)
+                    click = (tuple(int(i) for i in index), True)
+                clicks[b].append(tuple(click))
+        loss = total / max(counted, 1)
+        return loss, {"dice_first": dices[0], "dice_last": dices[-1], "grad_iters": float(counted)}
+
+
+def sample_batch(
+    pool_dir: Path, entries: Sequence[Dict], batch_size: int, rng: np.random.Generator, flip: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """``batch_size`` random pool crops (random flips), as tensors B x 1 x S^3 (image float32, target 0/1 float32)."""
+    images, targets, names = [], [], []
+    for _ in range(batch_size):
+        entry = entries[int(rng.integers(len(entries)))]
+        image, label = load_entry(pool_dir, entry)
+        axes = tuple(a for a in range(3) if flip and rng.random() < 0.5)
+        image = np.flip(image, axes) if axes else image
+        label = np.flip(label, axes) if axes else label
+        images.append(np.asarray(image, dtype=np.float32))
+        targets.append(np.asarray(label, dtype=np.float32))
+        names.append(str(entry.get("structure", "?")))
+    return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(targets)[:, None]), names
+
+
+def usable_entries(pool_dir: Path, heldout: bool) -> List[Dict]:
+    """Pool entries for training; with ``heldout`` the held-out Colin27 structures are left out."""
+    from ..data.colin27 import HELDOUT_STRUCTURES
+
+    entries = read_index(pool_dir)
+    if heldout:
+        entries = [e for e in entries if not (e.get("source") == "colin27" and e.get("structure") in HELDOUT_STRUCTURES)]
+    return entries
+
+
+def _checkpoint_payload(model: Sam3D, optimizer: torch.optim.Optimizer, step: int, cfg: InteractiveConfig, elapsed: float) -> Dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": int(step),
+        "elapsed_s": float(elapsed),
+        "config": json.dumps(dataclasses.asdict(cfg)),
+        "model_config": json.dumps({k: v for k, v in model.config.items() if k not in ("source", "sha256")}),
+    }
+
+
+def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+    """Atomically ``torch.save`` a checkpoint payload (tensors, numbers, strings only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """A training checkpoint, read safely (``weights_only=True``)."""
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(payload: Dict[str, Any]) -> Sam3D:
+    """The model stored in a training checkpoint (fp32, eval mode)."""
+    config = json.loads(payload["model_config"])
+    model = build_model({k: v for k, v in config.items() if k != "name"})
+    model.config["name"] = config.get("name", "custom")
+    model.load_state_dict(payload["model"])
+    return model
+
+
+def _initial_model(cfg: InteractiveConfig) -> Sam3D:
+    if cfg.init:
+        from ..checkpoint import load_model
+
+        model = load_model(cfg.init, device="cpu")
+        logger.info("initialised from %s", cfg.init)
+        model.config.pop("source", None)
+        model.config.pop("sha256", None)
+        return model
+    torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
+    return build_model(cfg.model)
+
+
+def _plot(history: List[Dict], evals: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(steps, [h["loss"] for h in history], lw=0.8)
+    axes[0].set(xlabel="step", ylabel="loss (mean over log interval)", title="training loss")
+    axes[1].plot(steps, [h["dice_first"] for h in history], lw=0.8, label="train Dice@1 (32³)")
+    axes[1].plot(steps, [h["dice_last"] for h in history], lw=0.8, label="train Dice@last (32³)")
+    for key, style in (("seen", "o-"), ("heldout", "s-")):
+        points = [(e["step"], e["summary"][key]["dice@5"]) for e in evals if key in e.get("summary", {}) and "dice@5" in e["summary"][key]]
+        if points:
+            axes[1].plot(*zip(*points), style, label=f"Colin27 {key} Dice@5")
+    axes[1].set(xlabel="step", ylabel="Dice", ylim=(0, 1), title="Dice")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run_quick_eval(model: Sam3D, step: int, clicks: int, heldout: bool) -> Dict[str, Any]:
+    """Colin27 Dice per click on a few seen and the held-out structures (see :mod:`.quick_eval`)."""
+    from ..data.colin27 import HELDOUT_STRUCTURES
+    from .quick_eval import SEEN_EVAL, evaluate_colin27, summarize
+
+    started = time.time()
+    names = list(SEEN_EVAL) + list(HELDOUT_STRUCTURES)
+    results = evaluate_colin27(model, names, clicks=clicks)
+    groups = {"seen": SEEN_EVAL, "heldout" if heldout else "trained_heldout_set": HELDOUT_STRUCTURES}
+    summary = summarize(results, groups)
+    logger.info("step %d eval (%.0f s): %s", step, time.time() - started, json.dumps(summary))
+    return {"step": step, "results": results, "summary": summary, "seconds": time.time() - started}
+
+
+def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
+    """Run (or resume) interactive training.
+
+    Returns:
+      {"step", "model"} on every rank, plus "history" and "evals" on rank 0.
+    """
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = ddp.setup(cfg.device)
+    run_dir, pool_dir = Path(cfg.run_dir), Path(cfg.pool_dir)
+    if info.is_main and cfg.pool_size and len(read_index(pool_dir)) < cfg.pool_size:
+        from ..data.colin27 import STRUCTURES, TRAIN_STRUCTURES
+
+        structures = TRAIN_STRUCTURES if cfg.heldout else STRUCTURES
+        build_pool(pool_dir, PoolSpec(size=cfg.pool_size, structures=tuple(structures), seed=cfg.seed))
+    ddp.barrier()
+    entries = usable_entries(pool_dir, cfg.heldout)
+    if not entries:
+        raise ValueError(f"{pool_dir}: the training pool is empty; build it with `fastsam3d train pool --out {pool_dir}`")
+
+    last = run_dir / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last) if last.exists() else None
+    if payload is not None:
+        model = model_from_checkpoint(payload)
+        start_step, elapsed_before = int(payload["step"]), float(payload.get("elapsed_s", 0.0))
+        logger.info("resuming %s at step %d", last, start_step)
+    else:
+        model = _initial_model(cfg)
+        start_step, elapsed_before = 0, 0.0
+    model = model.to(info.device).train()
+    if cfg.freeze_encoder:
+        model.image_encoder.requires_grad_(False)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    encoder_ids = {id(p) for p in model.image_encoder.parameters()}
+    groups = [
+        {"params": [p for p in parameters if id(p) in encoder_ids], "lr_mult": 1.0},
+        {"params": [p for p in parameters if id(p) not in encoder_ids], "lr_mult": cfg.decoder_lr_mult},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if payload is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    step_module: nn.Module = InteractiveStep(model, cfg)
+    if info.distributed:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True
+        )
+
+    metrics_path = run_dir / "metrics.json"
+    history: List[Dict] = []
+    evals: List[Dict] = []
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if metrics_path.exists() and payload is not None:
+            previous = json.loads(metrics_path.read_text())
+            history = [h for h in previous.get("history", []) if h["step"] <= start_step]
+            evals = [e for e in previous.get("evals", []) if e["step"] <= start_step]
+        logger.info(
+            "model %s: %.1f M parameters; %d pool entries; %d rank(s) on %s; autocast %s",
+            model.config.get("name"), count_parameters(model) / 1e6, len(entries), info.world_size, info.device,
+            autocast_dtype(cfg.autocast, info.device),
+        )
+
+    def write_outputs(step: int, elapsed: float) -> None:
+        save_checkpoint(last, _checkpoint_payload(model, optimizer, step, cfg, elapsed))
+        summary = {
+            "config": dataclasses.asdict(cfg),
+            "model_config": {k: v for k, v in model.config.items() if k not in ("source", "sha256")},
+            "step": step,
+            "elapsed_s": elapsed,
+            "world_size": info.world_size,
+            "history": history,
+            "evals": evals,
+        }
+        tmp = metrics_path.with_name(".metrics.json.tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, metrics_path)
+        _plot(history, evals, run_dir / "curves.png")
+
+    started = time.time()
+    last_save = started
+    window: Dict[str, List[float]] = {"loss": [], "dice_first": [], "dice_last": [], "seconds": []}
+    step = start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not info.is_main)
+    try:
+        while step < cfg.steps:
+            t0 = time.time()
+            rng = np.random.default_rng((cfg.seed, info.rank, step))
+            torch.manual_seed((cfg.seed * 1_000_003 + info.rank * 7_919 + step) % (2**63))
+            images, targets, _ = sample_batch(pool_dir, entries, cfg.batch_size, rng)
+            images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * group.get("lr_mult", 1.0) * lr_factor(step, cfg)
+            loss, stats = step_module(images, targets, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            window["loss"].append(float(loss.detach()))
+            window["dice_first"].append(stats["dice_first"])
+            window["dice_last"].append(stats["dice_last"])
+            window["seconds"].append(time.time() - t0)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "time_s": elapsed_before + time.time() - started}
+                record.update({k: ddp.all_reduce_mean(float(np.mean(v)), info) for k, v in window.items()})
+                if info.is_main:
+                    history.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", d1=f"{record['dice_first']:.2f}", dN=f"{record['dice_last']:.2f}", s=f"{record['seconds']:.2f}")
+                    logger.info("step %d loss %.4f dice@1 %.3f dice@last %.3f %.2f s/step", step, record["loss"], record["dice_first"], record["dice_last"], record["seconds"])
+                window = {k: [] for k in window}
+            if info.is_main and cfg.eval_every and step % cfg.eval_every == 0:
+                evals.append(run_quick_eval(model, step, cfg.eval_clicks, cfg.heldout))
+                save_checkpoint(run_dir / "checkpoints" / f"step_{step:06d}.pt", {"model": model.state_dict(), "step": step, "model_config": _checkpoint_payload(model, optimizer, step, cfg, 0.0)["model_config"]})
+            now = time.time()
+            out_of_time = bool(cfg.max_minutes) and now - started > cfg.max_minutes * 60
+            stop = ddp.broadcast_flag(out_of_time, info)
+            if info.is_main and (now - last_save > cfg.checkpoint_minutes * 60 or stop):
+                write_outputs(step, elapsed_before + now - started)
+                last_save = time.time()
+            if stop:
+                logger.info("stopping at step %d: max_minutes reached", step)
+                break
+    finally:
+        bar.close()
+    if info.is_main:
+        write_outputs(step, elapsed_before + time.time() - started)
+    ddp.barrier()
+    ddp.cleanup()
+    result: Dict[str, Any] = {"step": step, "model": model}
+    if info.is_main:
+        result.update(history=history, evals=evals)
+    return result

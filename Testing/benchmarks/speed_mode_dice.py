@@ -1,0 +1,64 @@
+"""The Dice cost of each speed mode against fp32, the number ``precision="auto"`` relies on.
+
+Runs the evaluation protocol (``fastsam3d evaluate``: Colin27, 10 interactions, click mode
+"all") once per speed mode with the same trained weights, and prints each mode's Dice@5 cost
+(fp32 minus the mode, mean over the structures) in the form of
+``FastSAM3DLib.quantize.MEASURED_DICE5_COST``. The weights are ``--model``, else the bundled
+model, else the newest training checkpoint under ``~/.cache/fastsam3d/runs/*/checkpoints/`` (say
+so when quoting: an undertrained model's cost need not be a trained one's).
+
+Usage::
+
+    python Testing/benchmarks/speed_mode_dice.py [--model PATH] [--out DIR] [--clicks 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from FastSAM3DLib.checkpoint import bundled_model_path, load_model  # noqa: E402
+from FastSAM3DLib.evaluate import Variant, colin27_cases, evaluate, precision_costs, summaries_by_variant, write_outputs  # noqa: E402
+from FastSAM3DLib.quantize import FAST_MODES, int8_available  # noqa: E402
+
+
+def newest_checkpoint() -> Path | None:
+    runs = sorted(Path.home().glob(".cache/fastsam3d/runs/*/checkpoints/*.pt"), key=lambda p: p.stat().st_mtime)
+    return runs[-1] if runs else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model")
+    parser.add_argument("--out", default="speed-mode-dice")
+    parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument("--structures", nargs="+")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = args.model or bundled_model_path() or newest_checkpoint()
+    if path is None:
+        print("no weights: pass --model PATH", file=sys.stderr)
+        return 2
+    model = load_model(path, device="cpu")
+    modes = ["fp32"] + [m for m in FAST_MODES if int8_available() or not m.startswith("int8")]
+    variants = [Variant("model", mode, "all", "point") for mode in modes]
+    cases = colin27_cases(args.structures)
+    results = evaluate(cases, variants, model=model, clicks=args.clicks, seed=args.seed)
+    summaries = summaries_by_variant(results)
+    meta = {"title": f"speed-mode Dice cost, {path}", "model": str(path), "clicks": args.clicks, "seed": args.seed}
+    write_outputs(Path(args.out), results, summaries, meta)
+    costs = precision_costs(summaries)
+    for cost in costs:
+        print(f"{cost['precision']:12s} Dice@5 {cost['dice@5']:.4f} (fp32 {cost['fp32_dice@5']:.4f})  cost {cost['dice@5_cost']:+.4f}"
+              f"   mean-over-clicks cost {cost['mean_dice_cost']:+.4f}")
+    print("MEASURED_DICE5_COST = " + json.dumps({c["precision"]: round(c["dice@5_cost"], 4) for c in costs}))
+    (Path(args.out) / "costs.json").write_text(json.dumps({"model": str(path), "costs": costs}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The evaluation protocol's bookkeeping, on generated cases whose right answers are known.
+
+* a scripted stand-in (its predictions are fixed in advance) checks Dice per click, NoC and that
+  clicks land in the error region with the right polarity and the right physical position;
+* an oracle model (the real Session, its decoder replaced by one returning the target sphere)
+  checks the whole path through the session;
+* the watershed baseline on a bright sphere checks the classical method and determinism;
+* the command line writes its files, and refuses bad input with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FastSAM3DLib import build_model
+from FastSAM3DLib.benchmark import _targets, encoder_flops, format_report
+from FastSAM3DLib.cli import main
+from FastSAM3DLib.evaluate import (
+    Case,
+    CaseResult,
+    Interactor,
+    ModelInteractor,
+    Variant,
+    WatershedInteractor,
+    compare_click_modes,
+    evaluate,
+    label_box_lps,
+    precision_costs,
+    run_case,
+    summaries_by_variant,
+    summarize,
+    write_outputs,
+)
+
+
+def _sphere_case(name="sphere", radius=9.0, size=(40, 44, 36), spacing=(1.2, 1.0, 1.5), direction=None, seed=0) -> Case:
+    zz, yy, xx = np.mgrid[: size[2], : size[1], : size[0]]
+    physical = np.stack([xx * spacing[0], yy * spacing[1], zz * spacing[2]], -1)
+    center = np.asarray(size) * np.asarray(spacing) / 2
+    inside = np.linalg.norm(physical - center, axis=-1) < radius
+    array = 100.0 + 120.0 * inside + np.random.default_rng(seed).normal(0, 4, inside.shape)
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing(spacing)
+    image.SetOrigin((-15.0, 8.0, 3.0))
+    if direction is not None:
+        image.SetDirection(direction)
+    label = sitk.GetImageFromArray(inside.astype(np.uint8))
+    label.CopyInformation(image)
+    return Case(name, image, label, "held-out")
+
+
+class _Scripted(Interactor):
+    """Returns prepared masks in turn and records the prompts it was given."""
+
+    def __init__(self, masks):
+        self.masks = list(masks)
+        self.prompts = []
+
+    def start(self, image):
+        self.image = image
+
+    def add_point(self, point_lps, positive):
+        self.prompts.append(("point", np.asarray(point_lps), positive))
+
+    def add_box(self, a, b):
+        self.prompts.append(("box", np.asarray(a), np.asarray(b)))
+
+    def predict(self):
+        return self.masks[min(len([p for p in self.prompts]), len(self.masks)) - 1].astype(np.uint8)
+
+
+def test_protocol_bookkeeping_with_scripted_predictions():
+    case = _sphere_case()
+    gt = sitk.GetArrayFromImage(case.label).astype(bool)
+    half = gt.copy()
+    half[: gt.shape[0] // 2] = False  # the bottom half of the sphere is missing
+    over = gt.copy()
+    over[10:16, 12:18, :4] = True  # a false-positive block at the x = 0 face
+    masks = [half, gt | over, gt]
+    scripted = _Scripted(masks)
+    result = run_case(scripted, case, Variant("model"), clicks=5, seed=3)
+    expected = [2 * (m & gt).sum() / (m.sum() + gt.sum()) for m in masks]
+    np.testing.assert_allclose(result.dice[:3], expected)
+    # Once the prediction equals the target the simulated user stops: Dice stays, no more prompts.
+    assert result.dice[3:] == [1.0, 1.0] and len(scripted.prompts) == 3
+    assert expected[0] < 0.8 < expected[1] < 1.0
+    for threshold in (0.8, 0.9):
+        assert result.noc(threshold) == (next(i for i, d in enumerate(expected, 1) if d >= threshold), True)
+    # Click 1: the interior-most target voxel, positive. Click 2 (prediction = top half): inside
+    # the missing bottom half, positive. Click 3 (false-positive slab): in the slab, negative.
+    kinds = [(kind, positive) for kind, _, positive in scripted.prompts]
+    assert kinds[:3] == [("point", True), ("point", True), ("point", False)]
+    for (_, point, positive), previous in zip(scripted.prompts[:3], [np.zeros_like(gt), half, gt | over]):
+        index = np.round(case.image.TransformPhysicalPointToContinuousIndex(point.tolist())).astype(int)[::-1]
+        assert gt[tuple(index)] == positive  # lands on the target for positive clicks, off it for negative
+        assert previous[tuple(index)] != gt[tuple(index)]  # in the error region of the previous prediction
+    assert result.clicks[0]["index_xyz"] == list(
+        np.unravel_index(np.argmax(_edt(gt)), gt.shape)[::-1]
+    )
+
+
+def _edt(mask):
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+
+
+def test_noc_and_summaries():
+    variant = Variant("model", "fp32", "all")
+    results = [
+        CaseResult("a", "seen", variant, [0.5, 0.85, 0.95, 0.95]),
+        CaseResult("b", "held-out", variant, [0.2, 0.3, 0.4, 0.5]),
+    ]
+    assert results[0].noc(0.8) == (2, True) and results[0].noc(0.9) == (3, True)
+    assert results[1].noc(0.8) == (4, False)
+    summary = summarize(results)
+    assert summary["dice@1"] == pytest.approx(0.35)
+    assert summary["dice@10"] == pytest.approx((0.95 + 0.5) / 2)  # beyond the budget: the last value
+    assert summary["noc@80"] == pytest.approx(3.0) and summary["fail@80"] == 1
+    tables = summaries_by_variant(results)[variant]
+    assert set(tables) == {"overall", "seen", "held-out", "a", "b"}
+    newest = [CaseResult(r.case, r.group, Variant("model", "fp32", "newest"), [d - 0.1 for d in r.dice]) for r in results]
+    int8 = [CaseResult(r.case, r.group, Variant("model", "int8", "all"), [d - 0.01 for d in r.dice]) for r in results]
+    summaries = summaries_by_variant(results + newest + int8)
+    verdict = compare_click_modes(summaries)
+    assert [v["better"] for v in verdict] == ["all"]
+    cost = precision_costs(summaries)
+    assert [(c["precision"], round(c["dice@5_cost"], 6)) for c in cost] == [("int8", 0.01)]
+
+
+class _SphereOracle(torch.nn.Module):
+    """Stands in for the mask decoder: the logits of a sphere of ``radius_mm`` around the first
+    positive click, in the crop's own grid (so the right mask in the user's grid is known)."""
+
+    def __init__(self, radius_mm: float):
+        super().__init__()
+        self.radius_cells = radius_mm / 6.0
+        self.point = None
+
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output=False):
+        center = (self.point + 0.5) / 4.0 - 0.5
+        grid = torch.stack(torch.meshgrid(*[torch.arange(32, dtype=torch.float32)] * 3, indexing="ij"), -1)
+        logits = self.radius_cells - (grid - center).norm(dim=-1)
+        batch = sparse_prompt_embeddings.shape[0]
+        return logits.expand(batch, 1, -1, -1, -1).clone(), torch.ones(batch, 1)
+
+
+def _oracle_model(radius_mm: float):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    oracle = _SphereOracle(radius_mm)
+    original = model.decode
+
+    def decode(embedding, coords, labels, mask_logits=None, multimask_output=False):
+        positives = coords[0][labels[0] == 1]
+        oracle.point = positives[0] if len(positives) else coords[0, 0]
+        return original(embedding, coords, labels, mask_logits, multimask_output)
+
+    model.mask_decoder = oracle
+    model.decode = decode
+    return model
+
+
+def test_through_the_session_with_an_oracle_model(tmp_path):
+    case = _sphere_case(radius=10.0, size=(48, 48, 40), spacing=(1.0, 1.0, 1.0))
+    model = _oracle_model(10.0)
+    variants = [Variant("model", "fp32", "all"), Variant("model", "fp32", "all", "box")]
+    results = evaluate([case], variants, model=model, clicks=3, seed=0, progress=False)
+    for result in results:
+        assert len(result.dice) == 3
+        assert result.dice[0] > 0.9  # the oracle's sphere is the target, up to the trilinear band
+        assert result.noc(0.9) == (1, True)
+        assert result.resolved_precision == "fp32"
+    assert "box_lps" in results[1].clicks[0]
+    box = np.asarray(results[1].clicks[0]["box_lps"])
+    low, high = label_box_lps(case.label)
+    np.testing.assert_allclose(box, [low, high])
+
+
+def test_watershed_baseline_finds_a_bright_sphere_and_is_deterministic(tmp_path):
+    cases = [_sphere_case("a", seed=1), _sphere_case("b", radius=7.0, seed=2, direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))]
+    variants = [Variant("watershed", "", "", "point"), Variant("watershed", "", "", "box")]
+
+    def small(variant):
+        return WatershedInteractor(crop_size=48)
+
+    first = evaluate(cases, variants, clicks=3, seed=7, progress=False, make_interactor=small)
+    second = evaluate(cases, variants, clicks=3, seed=7, progress=False, make_interactor=small)
+    assert [r.dice for r in first] == [r.dice for r in second]
+    assert [r.clicks for r in first] == [r.clicks for r in second]
+    for result in first:
+        assert result.dice[0] > 0.8, (result.case, result.variant, result.dice)
+    summaries = summaries_by_variant(first)
+    paths = write_outputs(tmp_path / "out", first, summaries, {"title": "test"})
+    for path in paths.values():
+        assert path.stat().st_size > 0
+    rows = (tmp_path / "out" / "per_click.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * 3
+    document = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(document["cases"]) == 4 and len(document["variants"]) == 2
+    assert (tmp_path / "out" / "dice_vs_clicks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_interactor_uses_the_session_grid():
+    case = _sphere_case()
+    torch.manual_seed(0)
+    interactor = ModelInteractor(build_model("tiny"), precision="fp32")
+    interactor.start(case.image)
+    interactor.add_point(case.image.TransformIndexToPhysicalPoint((20, 22, 18)), True)
+    mask = interactor.predict()
+    interactor.finish()
+    assert mask.shape == sitk.GetArrayViewFromImage(case.image).shape and mask.dtype == np.uint8
+    assert mask[18, 22, 20] == 1  # the clicked voxel is always in the mask
+
+
+def _write_folder(root):
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    case = _sphere_case(size=(32, 32, 28), spacing=(1.5, 1.5, 1.5))
+    sitk.WriteImage(case.image, str(root / "imagesTr" / "ball_0000.nii.gz"))
+    sitk.WriteImage(case.label, str(root / "labelsTr" / "ball.nii.gz"))
+
+
+def test_cli_evaluates_a_folder_and_writes_its_files(tmp_path, capsys):
+    _write_folder(tmp_path / "data")
+    out = tmp_path / "eval"
+    status = main(["evaluate", "--data", str(tmp_path / "data"), "--method", "watershed", "--clicks", "2",
+                   "--out", str(out), "--no-progress"])
+    assert status == 0
+    for name in ("per_click.csv", "summary.csv", "results.json", "dice_vs_clicks.png", "structures.png"):
+        assert (out / name).exists()
+    assert "watershed (point)" in capsys.readouterr().out
+
+
+def test_cli_refuses_bad_input(tmp_path, capsys):
+    assert main(["evaluate", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["evaluate", "--structures", "not_a_structure", "--method", "watershed", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+    assert main(["evaluate", "--precision", "fp64", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_benchmark_helpers():
+    assert encoder_flops("fastsam3d") == pytest.approx(49.55e9, rel=0.01)
+    assert encoder_flops("sam-med3d") / encoder_flops("fastsam3d") == pytest.approx(7.44, rel=0.02)
+    report = {
+        "machine": {"cpu": {"model": "x", "cores": 2, "extensions": ["avx2"], "native_bf16": False}, "device": "cpu",
+                    "torch": "t", "threads": 2, "load_average_start": (1.0, 1.0, 1.0)},
+        "student_encoder_gflop": 49.6, "auto_mode": "fp32-fast", "peak_rss_mb": {"x": 1.0},
+        "results": [
+            {"group": "floor", "name": "matmul fp32", "median_s": 1.0, "q1_s": 0.9, "q3_s": 1.1},
+            {"group": "session", "name": "first click int8", "median_s": 0.55, "q1_s": 0.5, "q3_s": 0.6},
+            {"group": "session", "name": "later click int8", "median_s": 0.012, "q1_s": 0.01, "q3_s": 0.02},
+            {"group": "encoder", "name": "fastsam3d int8", "median_s": 0.4, "q1_s": 0.4, "q3_s": 0.4},
+            {"group": "encoder", "name": "sam-med3d fp32", "median_s": 9.0, "q1_s": 9.0, "q3_s": 9.0},
+        ],
+    }
+    targets = _targets(report)
+    assert targets["first_click"]["met"] and targets["later_click"]["met"]
+    assert targets["student_vs_teacher"]["speedup"] == pytest.approx(22.5) and targets["student_vs_teacher"]["met"]
+    report["targets"] = targets
+    assert "first click int8" in format_report(report)

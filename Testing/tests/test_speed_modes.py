@@ -1,0 +1,291 @@
+"""Speed modes against the exact path: fast decoder and encoder, int8, sparse attention, paste-back.
+
+Every fast path must compute what the fp32 path computes: exactly (to float rounding) where it
+only reorders the arithmetic, within a stated tolerance where it changes the arithmetic (int8,
+sparse attention). Models are the tiny test configuration with fixed random weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FastSAM3DLib import Session, build_model
+from FastSAM3DLib.attention import attention, decomposed_rel_pos_bias
+from FastSAM3DLib.paste import CropPaster
+from FastSAM3DLib.preprocess import CropGrid, index_to_physical, sample_crop_logits
+from FastSAM3DLib.quantize import (
+    FAST_MODES,
+    FastDecoder,
+    FastImageEncoder,
+    Int8Linear,
+    fast_path,
+    int8_available,
+    resolve_precision,
+)
+from FastSAM3DLib.sparse_attention import (
+    group_indices,
+    head_patterns,
+    masked_dense_attention,
+    pattern_mask,
+    sparse_attention,
+)
+
+needs_int8 = pytest.mark.skipif(not int8_available(), reason="int8 kernels (fbgemm) need an x86 CPU")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    with torch.no_grad():  # weights of a trained model's scale, so every path carries signal
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+def _prompts(batch: int = 1):
+    coords = torch.tensor([[[60.0, 64.0, 70.0], [50.0, 61.0, 64.0], [75.0, 70.0, 66.0]]]).repeat(batch, 1, 1)
+    labels = torch.tensor([[1, 0, 1]]).repeat(batch, 1)
+    return coords, labels
+
+
+# -- sparse attention -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", [("local", 2), ("local", 4), ("dilated", 2), ("dilated", 4)])
+def test_sparse_groups_partition_the_grid(pattern):
+    groups = group_indices((8, 8, 8), pattern)
+    assert sorted(groups.reshape(-1).tolist()) == list(range(512))
+    grid = np.stack(np.unravel_index(groups.numpy(), (8, 8, 8)), -1)  # G x S x 3
+    kind, size = pattern
+    if kind == "local":  # each group is one contiguous size^3 block
+        assert (grid.max(1) - grid.min(1) == size - 1).all()
+    else:  # each group shares its coordinates modulo the rate
+        assert (grid % size == (grid[:, :1] % size)).all()
+
+
+def _qkv_tables(heads=4, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, heads, 512, dim, generator=generator, dtype=torch.float64) for _ in range(3))
+    tables = [torch.randn(15, dim, generator=generator, dtype=torch.float64) for _ in range(3)]
+    return q, k, v, tables
+
+
+def test_sparse_attention_covering_everything_is_dense_attention():
+    q, k, v, tables = _qkv_tables()
+    bias = decomposed_rel_pos_bias(q, *tables, (8, 8, 8), (8, 8, 8))
+    dense = attention(q, k, v, bias, backend="math")
+    for pattern in (("local", 8), ("dilated", 1)):
+        out = sparse_attention(q, k, v, (8, 8, 8), [pattern] * 4, tables)
+        torch.testing.assert_close(out, dense, rtol=1e-10, atol=1e-10)
+
+
+def test_sparse_attention_equals_its_plain_restatement():
+    q, k, v, tables = _qkv_tables(heads=6)
+    patterns = head_patterns(6)
+    assert patterns == [("local", 4)] * 3 + [("dilated", 2)] * 3
+    bias = decomposed_rel_pos_bias(q, *tables, (8, 8, 8), (8, 8, 8))
+    out = sparse_attention(q, k, v, (8, 8, 8), patterns, tables)
+    torch.testing.assert_close(out, masked_dense_attention(q, k, v, (8, 8, 8), patterns, bias), rtol=1e-10, atol=1e-10)
+    # and it is not dense attention: each query sees 64 of the 512 keys
+    assert pattern_mask((8, 8, 8), patterns).sum(-1).unique().tolist() == [64]
+    assert (out - attention(q, k, v, bias, backend="math")).abs().max() > 1e-3
+
+
+# -- int8 and the restated encoder / decoder --------------------------------------------------------
+
+
+@needs_int8
+def test_int8_linear_is_close_to_fp32():
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(256, 96)
+    x = torch.randn(37, 256)
+    error = (Int8Linear.from_linear(layer)(x) - layer(x)).norm() / layer(x).norm()
+    assert error < 0.02
+
+
+def test_fast_decoder_equals_the_model_decoder(tiny):
+    embedding = torch.randn(1, 48, 8, 8, 8)
+    decoder = FastDecoder(tiny)
+    for batch in (1, 3):
+        coords, labels = _prompts(batch)
+        for mask in (None, torch.randn(batch, 1, 32, 32, 32)):
+            with torch.inference_mode():
+                expected, expected_iou = tiny.decode(embedding, coords, labels, mask)
+                logits, iou = decoder(embedding, coords, labels, mask)
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_fp32_encoder_equals_the_model_encoder(tiny):
+    x = torch.randn(1, 1, 128, 128, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(FastImageEncoder(tiny.image_encoder, int8=False)(x), tiny.image_encoder(x), rtol=1e-4, atol=1e-4)
+
+
+def test_restated_patch_embedding_and_neck_are_exact(tiny):
+    """The int8 encoder's matrix-multiply forms of the patch embedding and the 3^3 neck, run in fp32."""
+    from FastSAM3DLib.quantize import _LinearNeck, _LinearPatchEmbed
+
+    encoder = tiny.image_encoder
+    x = torch.randn(1, 1, 128, 128, 128)
+    tokens = torch.randn(1, 8, 8, 8, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(_LinearPatchEmbed(encoder.patch_embed, False)(x), encoder.patch_embed(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_LinearNeck(encoder.neck, False)(tokens), encoder.neck(tokens.permute(0, 4, 1, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+@needs_int8
+def test_int8_encoder_and_decoder_stay_close(tiny):
+    x = torch.randn(1, 1, 128, 128, 128)
+    with torch.inference_mode():
+        reference = tiny.image_encoder(x)
+        int8 = FastImageEncoder(tiny.image_encoder, int8=True)(x)
+        assert (int8 - reference).norm() / reference.norm() < 0.1
+        coords, labels = _prompts()
+        mask = torch.randn(1, 1, 32, 32, 32)
+        expected, _ = tiny.decode(reference, coords, labels, mask)
+        logits, _ = FastDecoder(tiny, int8=True)(reference, coords, labels, mask)
+    assert (logits - expected).norm() / expected.norm() < 0.1
+
+
+def test_fast_path_is_cached_and_rebuilt_when_weights_change():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    path = fast_path(model, "fp32-fast")
+    assert fast_path(model, "fp32-fast") is path
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.add_(1.0)
+    rebuilt = fast_path(model, "fp32-fast")
+    assert rebuilt is not path
+    coords, labels = _prompts()
+    embedding = torch.randn(1, 48, 8, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt.decode(embedding, coords, labels)[0], model.decode(embedding, coords, labels)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_replaced_decoder_is_respected():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    path = fast_path(model, "fp32-fast")
+    calls = []
+    original = model.mask_decoder.forward
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.mask_decoder.forward = forward
+    coords, labels = _prompts()
+    with torch.inference_mode():
+        path.decode(torch.randn(1, 48, 8, 8, 8), coords, labels)
+    assert calls
+
+
+def test_auto_picks_a_measured_mode():
+    from FastSAM3DLib import quantize
+
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("int8", torch.device("cpu")) == "int8"
+    chosen = resolve_precision("auto", torch.device("cpu"))
+    cost = quantize.MEASURED_DICE5_COST.get(chosen)
+    assert chosen == "fp32" or (cost is not None and cost <= quantize.AUTO_MAX_DICE_COST)
+    assert "sparse" not in chosen  # opt-in only
+
+
+# -- each mode through the session ------------------------------------------------------------------
+
+
+def _volume():
+    zz, yy, xx = np.mgrid[:48, :56, :40]
+    array = 100.0 + 80.0 * (((xx - 20) ** 2 + (yy - 28) ** 2 + (zz - 24) ** 2) < 12**2)
+    array += np.random.default_rng(0).normal(0, 5, array.shape)
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing((1.5, 1.2, 1.0))
+    image.SetOrigin((10.0, -20.0, 5.0))
+    return image
+
+
+# IoU against the fp32 mask each mode must reach on this fixed input (random-weight tiny model).
+MODE_IOU = {"fp32-fast": 0.999, "int8": 0.97, "sparse": 0.95, "int8-sparse": 0.95}
+
+
+@pytest.mark.parametrize("mode", FAST_MODES)
+def test_each_mode_gives_masks_close_to_fp32(tiny, mode):
+    if mode.startswith("int8") and not int8_available():
+        pytest.skip("no int8 kernels here")
+    image = _volume()
+    clicks = [((20, 28, 24), True), ((4, 6, 5), False), ((26, 30, 20), True)]
+    masks = {}
+    for precision in ("fp32", mode):
+        session = Session(tiny, precision=precision, prefetch=False)
+        session.set_image(image)
+        for index, positive in clicks:
+            session.add_point(index_to_physical(image, index), positive)
+            masks.setdefault(precision, []).append(sitk.GetArrayFromImage(session.predict()).astype(bool))
+        assert session.precision == precision
+        session.close()
+    for reference, fast in zip(masks["fp32"], masks[mode]):
+        union = (reference | fast).sum()
+        iou = (reference & fast).sum() / union if union else 1.0
+        assert iou >= MODE_IOU[mode], (mode, iou)
+
+
+# -- paste-back -------------------------------------------------------------------------------------
+
+
+AXIS_ALIGNED = {
+    "lps_1mm": dict(spacing=(1.0, 1.0, 1.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)),
+    "ras_flip": dict(spacing=(0.9, 1.3, 2.0), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)),
+    "permuted": dict(spacing=(1.1, 0.7, 1.6), direction=(0, 1, 0, 0, 0, -1, 1, 0, 0)),
+}
+
+
+def _grid_image(spacing, direction, size=(70, 64, 50)):
+    image = sitk.Image(list(size), sitk.sitkUInt8)
+    image.SetSpacing(spacing)
+    image.SetDirection([float(d) for d in direction])
+    image.SetOrigin((-30.0, 12.0, 4.0))
+    return image
+
+
+def _field(seed: int, shift=(0.0, 0.0, 0.0)) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(32.0)] * 3, indexing="ij"), -1)
+    center = torch.tensor([15.0, 17.0, 14.0]) + torch.tensor(shift)
+    field = 7.0 - (grid - center).norm(dim=-1) + 0.8 * torch.randn(32, 32, 32, generator=generator)
+    return field[None, None]
+
+
+@pytest.mark.parametrize("name", sorted(AXIS_ALIGNED))
+def test_separable_paste_equals_direct_sampling(name):
+    image = _grid_image(**AXIS_ALIGNED[name])
+    crop = CropGrid.around(index_to_physical(image, (30, 40, 20)))
+    paster = CropPaster(crop, image, 32)
+    assert paster.axis_aligned
+    for seed, shift in enumerate([(0, 0, 0), (0.4, -0.3, 0.2), (3, 1, -2), (0, 0, 0)]):
+        logits = _field(seed % 3, shift)
+        values = paster.values(logits)
+        direct = sample_crop_logits(logits, crop, image, paster.region, outside=-np.inf)
+        finite = np.isfinite(direct)
+        assert np.array_equal(np.isfinite(values), finite)
+        np.testing.assert_allclose(values[finite], direct[finite], rtol=0, atol=2e-5)
+        mask = paster.mask(logits)  # incremental: updated from the previous call's answer
+        assert np.array_equal(mask, (values > 0).astype(np.uint8))
+        assert np.array_equal(mask, CropPaster(crop, image, 32).mask(logits))  # and equal to a fresh one
+
+
+def test_oblique_paste_still_matches():
+    image = _grid_image((1.0, 1.2, 1.5), (0.8660254, -0.5, 0, 0.5, 0.8660254, 0, 0, 0, 1), size=(40, 40, 30))
+    crop = CropGrid.around(index_to_physical(image, (20, 20, 15)))
+    paster = CropPaster(crop, image, 32)
+    assert not paster.axis_aligned
+    logits = _field(1)
+    values = paster.values(logits)
+    direct = sample_crop_logits(logits, crop, image, paster.region, outside=-np.inf)
+    finite = np.isfinite(direct)
+    np.testing.assert_allclose(values[finite], direct[finite], rtol=0, atol=2e-5)
+    assert np.array_equal(paster.mask(logits), (values > 0).astype(np.uint8))

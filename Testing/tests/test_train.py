@@ -1,0 +1,208 @@
+"""Training pipeline: click simulator, one-sample overfit, exact resume, 2-process DDP, distillation.
+
+Everything runs on the "tiny" configurations and a one-crop pool written into a temporary folder,
+so the whole file takes well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
+from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
+from FastSAM3DLib.train.interactive import InteractiveConfig, load_checkpoint, train_interactive
+from FastSAM3DLib.train.pool import INDEX_NAME, _write_entry, read_index
+
+# ----------------------------------------------------------------------------------------------
+# Click simulator
+
+
+def _random_masks(seed: int, shape=(12, 13, 14)):
+    rng = np.random.default_rng(seed)
+    gt = ndimage.binary_dilation(rng.random(shape) < 0.01, iterations=2)
+    pred = ndimage.binary_dilation(rng.random(shape) < 0.01, iterations=2)
+    return pred, gt
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_interior_click_is_the_deepest_error_voxel(seed: int) -> None:
+    pred, gt = _random_masks(seed)
+    click = next_click(pred, gt, np.random.default_rng(0), "interior")
+    fn, fp = gt & ~pred, pred & ~gt
+    if not (fn.any() or fp.any()):
+        assert click is None
+        return
+    assert isinstance(click, Click)
+    error = fn if click.positive else fp
+    assert error[click.index], "the click lies in the error region of its polarity"
+    depth = {name: ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1, 1:-1] for name, m in (("fn", fn), ("fp", fp))}
+    deepest = max(depth["fn"].max(), depth["fp"].max())
+    assert depth["fn" if click.positive else "fp"][click.index] == pytest.approx(deepest)
+    assert click.positive == (depth["fn"].max() >= depth["fp"].max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_random_click_in_error_region_positive_iff_false_negative(seed: int) -> None:
+    pred, gt = _random_masks(seed)
+    click = next_click(pred, gt, np.random.default_rng(seed), "random")
+    if not (pred ^ gt).any():
+        assert click is None
+        return
+    assert (pred ^ gt)[click.index]
+    assert click.positive == bool(gt[click.index] and not pred[click.index])
+    assert click == next_click(pred, gt, np.random.default_rng(seed), "random"), "deterministic given the generator"
+
+
+def test_no_error_gives_no_click_and_bad_mode_raises() -> None:
+    gt = np.zeros((5, 5, 5), bool)
+    gt[2, 2, 2] = True
+    assert next_click(gt, gt, np.random.default_rng(0)) is None
+    with pytest.raises(ValueError):
+        next_click(~gt, gt, np.random.default_rng(0), "nearest")
+    assert dice(gt, gt) == 1.0
+
+
+def test_lowres_click_lands_on_a_voxel_of_its_polarity() -> None:
+    rng = np.random.default_rng(3)
+    full = np.zeros((32, 32, 32), bool)
+    full[8:20, 10:22, 5:17] = True
+    low = full.reshape(8, 4, 8, 4, 8, 4).mean(axis=(1, 3, 5)) >= 0.5
+    for _ in range(10):
+        click = next_click_lowres(np.zeros_like(low), low, full, rng, "random")
+        assert click.positive and full[click.index]
+        click = next_click_lowres(np.ones_like(low), low, full, rng, "random")
+        assert not click.positive and not full[click.index]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.fixture(scope="module")
+def one_crop_pool(tmp_path_factory) -> Path:
+    """A pool holding one 128^3 crop: a bright ball (radius 24 voxels) on a noisy background."""
+    pool = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(0)
+    grid = np.indices((128, 128, 128)).astype(np.float32)
+    label = (((grid - np.array([60, 70, 64], np.float32)[:, None, None, None]) ** 2).sum(0) <= 24**2).astype(np.uint8)
+    image = (label * 2.0 + rng.normal(0.0, 0.3, label.shape)).astype(np.float32)
+    _write_entry(pool, "000_000000", image, label)
+    (pool / INDEX_NAME).write_text(json.dumps({"id": "000_000000", "index": 0, "source": "phantom", "structure": "ball", "voxels": int(label.sum())}) + "\n")
+    assert len(read_index(pool)) == 1
+    return pool
+
+
+def _tiny_config(run_dir: Path, pool: Path, **overrides) -> InteractiveConfig:
+    base = dict(
+        run_dir=str(run_dir), pool_dir=str(pool), model="tiny", steps=4, click_iters=3, lr=1e-3, warmup_steps=2,
+        eval_every=0, log_every=1, checkpoint_minutes=1e9, threads=1, device="cpu",
+    )
+    base.update(overrides)
+    return InteractiveConfig(**base)
+
+
+@pytest.mark.slow
+def test_one_sample_overfit_learns_the_mask(tmp_path: Path, one_crop_pool: Path) -> None:
+    cfg = _tiny_config(tmp_path / "run", one_crop_pool, steps=40)
+    history = train_interactive(cfg)["history"]
+    first = np.mean([h["loss"] for h in history[:5]])
+    last = np.mean([h["loss"] for h in history[-5:]])
+    assert last < 0.6 * first, f"loss fell only from {first:.3f} to {last:.3f}"
+    assert np.mean([h["dice_last"] for h in history[-5:]]) > 0.5, "the mask is learned, not the empty collapse"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["step"] == 40 and (tmp_path / "run" / "curves.png").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path: Path, one_crop_pool: Path) -> None:
+    train_interactive(_tiny_config(tmp_path / "straight", one_crop_pool, steps=4))
+    train_interactive(_tiny_config(tmp_path / "resumed", one_crop_pool, steps=2))
+    half = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert half["step"] == 2
+    train_interactive(_tiny_config(tmp_path / "resumed", one_crop_pool, steps=4))
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert resumed["step"] == straight["step"] == 4
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str, pool: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    cfg = _tiny_config(Path(run_dir), Path(pool), steps=3)
+    result = train_interactive(cfg)
+    torch.save(result["model"].state_dict(), Path(out) / f"rank{rank}.pt")
+    if rank == 0:
+        (Path(out) / "history.json").write_text(json.dumps(result["history"]))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_agree(tmp_path: Path, one_crop_pool: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run"), str(one_crop_pool), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation
+
+
+def test_layer_pairs_follow_student_i_teacher_2i() -> None:
+    assert layer_pairs(6, 12) == [(0, 1), (1, 3), (2, 5), (3, 7), (4, 9), (5, 11)]
+    assert [active_layers(s, 40, 3) for s in (0, 10, 20, 30, 39)] == [(1, False), (2, False), (3, False), (3, True), (3, True)]
+
+
+@pytest.mark.slow
+def test_distillation_loss_falls(tmp_path: Path, one_crop_pool: Path) -> None:
+    from FastSAM3DLib import build_model, save_model
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_model(build_model("tiny-teacher"), teacher_path)
+    cfg = DistillConfig(
+        run_dir=str(tmp_path / "distill"), pool_dir=str(one_crop_pool), model="tiny", teacher=str(teacher_path),
+        distill_steps=16, distill_lr=3e-3, warmup_steps=1, finetune_steps=0, threads=1, device="cpu",
+    )
+    distilled = distill_encoder(cfg)
+    history = json.loads((tmp_path / "distill" / "distill_metrics.json").read_text())["history"]
+    stage = [h["loss"] for h in history if h["neck"]]  # the last stage: all blocks and the neck
+    assert len(stage) >= 3 and stage[-1] < stage[0]
+    first_stage = [h["loss"] for h in history if h["layers"] == 1]
+    assert first_stage[-1] < 0.7 * first_stage[0]
+    assert load_checkpoint(distilled)["step"] == 16
+
+
+def test_balanced_loss_limits_match_its_definition() -> None:
+    from FastSAM3DLib.train.losses import DiceBalancedCE, _DiceCE, dice_ce_loss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 1, 8, 8, 8), (torch.rand(2, 1, 8, 8, 8) > 0.9).float()
+    balanced = DiceBalancedCE()(logits, target)
+    assert torch.allclose(DiceBalancedCE(cap=1e9)(logits, target), balanced)
+    # cap 1: no reweighting at all, i.e. plain DiceCE (MONAI's when installed).
+    assert torch.allclose(DiceBalancedCE(cap=1.0)(logits, target), _DiceCE()(logits, target), atol=1e-5)
+    assert torch.allclose(dice_ce_loss()(logits, target), _DiceCE()(logits, target), atol=1e-5)
