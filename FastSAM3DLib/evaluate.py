@@ -176,8 +176,9 @@ class WatershedInteractor(Interactor):
     """The classical baseline: marker-controlled watershed on the gradient magnitude (SimpleITK).
 
     It sees what the model sees: the image resampled to the model's crop (128^3 voxels of 1.5 mm,
-    centred on the first prompt). Positive clicks seed the object (a ball of ``seed_radius_mm``),
-    negative clicks and the crop's faces seed the background; with a box, everything outside the
+    centred on the first prompt), cut to the part of the crop the image covers. Positive clicks
+    seed the object (a ball of ``seed_radius_mm``), negative clicks and the faces of that box seed
+    the background; with a box, everything outside the
     box is background and its centre an object seed. The gradient magnitude (recursive Gaussian,
     ``sigma_mm``) is computed once per case; each prediction is one watershed, returned on the
     image's grid (nearest neighbour).
@@ -199,13 +200,26 @@ class WatershedInteractor(Interactor):
     def _open(self, center_lps: Sequence[float]) -> None:
         from .preprocess import CropGrid
 
-        self.crop = CropGrid.around(center_lps, size=self.crop_size)
-        resampled = sitk.Resample(self.image, self.crop.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        crop = CropGrid.around(center_lps, size=self.crop_size)
+        # The part of the crop the image covers (its corners' crop indices), as a smaller grid.
+        size = np.asarray(self.image.GetSize())
+        corners = np.array([[a, b, c] for a in (-0.5, size[0] - 0.5) for b in (-0.5, size[1] - 0.5) for c in (-0.5, size[2] - 0.5)])
+        physical = np.array([self.image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
+        index = crop.to_index(physical)
+        self.start = np.clip(np.floor(index.min(0)).astype(int), 0, crop.size - 1)
+        stop = np.clip(np.ceil(index.max(0)).astype(int) + 1, 1, crop.size)
+        self.shape = stop - self.start  # model-order (x, y, z of the crop image)
+        self.crop = crop
+        reference = sitk.Image([int(v) for v in self.shape], sitk.sitkUInt8)
+        reference.SetSpacing([crop.spacing] * 3)
+        reference.SetDirection(crop.reference_image().GetDirection())
+        reference.SetOrigin([float(v) for v in crop.to_physical(self.start)[0]])
+        resampled = sitk.Resample(self.image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         self.gradient = sitk.GradientMagnitudeRecursiveGaussian(resampled, self.sigma_mm)
 
     def _crop_index(self, point: Sequence[float]) -> np.ndarray:
-        """LPS -> crop index in (x, y, z) order of the crop's SimpleITK image."""
-        return self.crop.to_index(np.asarray(point, dtype=np.float64))[0]
+        """LPS -> index (x, y, z) in the watershed's grid (the covered part of the crop)."""
+        return self.crop.to_index(np.asarray(point, dtype=np.float64))[0] - self.start
 
     def add_point(self, point_lps, positive):
         if self.crop is None:
@@ -222,8 +236,8 @@ class WatershedInteractor(Interactor):
         full = np.zeros(tuple(reversed(self.image.GetSize())), dtype=np.uint8)
         if self.crop is None:
             return full
-        n = self.crop.size
-        markers = np.zeros((n, n, n), dtype=np.uint8)  # (z, y, x) of the crop image
+        n = self.shape  # (x, y, z)
+        markers = np.zeros(tuple(int(v) for v in n[::-1]), dtype=np.uint8)  # (z, y, x)
         markers[[0, -1], :, :] = markers[:, [0, -1], :] = markers[:, :, [0, -1]] = 2
         seeds: List[Tuple[np.ndarray, int]] = []
         if self.box is not None:
@@ -507,7 +521,7 @@ def plot_dice_curves(summaries, title: str = "") -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=110)
     for index, (variant, table) in enumerate(summaries.items()):
         color = f"C{index % 10}"
         for group, style in (("overall", "-"), ("seen", "--"), ("held-out", ":")):
@@ -521,7 +535,7 @@ def plot_dice_curves(summaries, title: str = "") -> bytes:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title or "Dice vs clicks")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
@@ -558,6 +572,16 @@ def plot_structures(summaries, title: str = "") -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def load_results(path: str | Path) -> List[CaseResult]:
+    """The case results of a ``results.json`` written by :func:`write_outputs` (to re-plot or re-summarize)."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [
+        CaseResult(c["case"], c["group"], Variant(**c["variant"]), list(c["dice"]), list(c.get("interactions", [])),
+                   list(c.get("seconds", [])), c.get("resolved_precision"))
+        for c in document["cases"]
+    ]
 
 
 # -- running ------------------------------------------------------------------------------------

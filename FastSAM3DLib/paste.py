@@ -36,6 +36,7 @@ from .preprocess import CropGrid, Region, crop_region_in_image, image_affine
 
 BLOCK = 4  # user voxels per block side (oblique path)
 _CELL_BUDGET = 1 << 21  # voxels evaluated per chunk of cells (bounds temporary memory)
+_FULL_FRACTION = 0.3  # above this fraction of the region to update, evaluate the whole region
 _NEG, _POS, _MIXED = 0, 1, 2
 
 
@@ -260,7 +261,12 @@ class CropPaster:
         present = tz.has[:, None, None] & ty.has[None, :, None] & tx.has[None, None, :]
         update = present & ((states != self._cached_state) | (states == _MIXED))
         cells = np.argwhere(update)
-        if len(cells):
+        per_cell = tz.run_w0.shape[0] * ty.run_w0.shape[0] * tx.run_w0.shape[0]
+        if len(cells) * per_cell > _FULL_FRACTION * self._cached_mask.size:
+            # Most of the region changes (a first click on a large object, noisy logits): three
+            # 1D passes over everything are cheaper than the cell-wise update, and equal to it.
+            np.greater(self._values_separable(logits), 0, out=self._cached_mask.reshape(shape), casting="unsafe")
+        elif len(cells):
             self._write_cells(padded, cells, self._cached_mask)
         self._cached_state = states
         return self._cached_mask.reshape(shape).copy()

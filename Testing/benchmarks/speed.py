@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from FastSAM3DLib.benchmark import benchmark, format_report  # noqa: E402
+from FastSAM3DLib.checkpoint import bundled_model_path  # noqa: E402
 
 
 def main() -> int:
@@ -33,9 +34,10 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--structure", default="putamen_l")
+    parser.add_argument("--session-model", help="trained checkpoint for realistic later-click masks (default: the bundled model if installed)")
     args = parser.parse_args()
     report = benchmark(device=args.device, rounds=args.repeats, heavy_rounds=args.heavy_repeats, threads=args.threads,
-                       structure=args.structure, later_clicks=8)
+                       structure=args.structure, later_clicks=8, session_model=args.session_model or bundled_model_path())
     print(format_report(report))
     Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.json_out}")

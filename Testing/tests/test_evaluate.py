@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from FastSAM3DLib import build_model
-from FastSAM3DLib.benchmark import _targets, encoder_flops, format_report
+from FastSAM3DLib.benchmark import Measurement, _targets, add_fp32_reference, encoder_flops, format_report, paired_ratios
 from FastSAM3DLib.cli import main
 from FastSAM3DLib.evaluate import (
     Case,
@@ -246,7 +246,7 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
 
 
 def test_benchmark_helpers():
-    assert encoder_flops("fastsam3d") == pytest.approx(49.55e9, rel=0.01)
+    assert encoder_flops("fastsam3d") == pytest.approx(49.55e9, rel=0.01)  # DESIGN.md §7: about 50 GFLOP
     assert encoder_flops("sam-med3d") / encoder_flops("fastsam3d") == pytest.approx(7.44, rel=0.02)
     report = {
         "machine": {"cpu": {"model": "x", "cores": 2, "extensions": ["avx2"], "native_bf16": False}, "device": "cpu",
@@ -265,3 +265,15 @@ def test_benchmark_helpers():
     assert targets["student_vs_teacher"]["speedup"] == pytest.approx(22.5) and targets["student_vs_teacher"]["met"]
     report["targets"] = targets
     assert "first click int8" in format_report(report)
+
+
+def test_fp32_reference_is_the_faster_shape_per_round():
+    """The floor the speed targets are judged against never favours a target: per round, the faster shape."""
+    vit = Measurement("floor", "matmul fp32 (ViT shapes)", lambda: None, seconds=[1.0, 3.0, 2.0], cpu_seconds=[2.0, 6.0, 4.0], round_of=[0, 1, 2])
+    square = Measurement("floor", "matmul fp32 (square)", lambda: None, seconds=[2.0, 1.5, 2.5], cpu_seconds=[4.0, 3.0, 5.0], round_of=[0, 1, 2])
+    reference = add_fp32_reference([vit, square])
+    assert reference.name == "matmul fp32" and reference.seconds == [1.0, 1.5, 2.0] and reference.cpu_seconds == [2.0, 3.0, 4.0]
+    click = Measurement("session", "first click int8", lambda: None, seconds=[0.5, 1.2, 0.9], round_of=[0, 1, 2])
+    paired_ratios([reference, click], reference)
+    assert click.extra["paired_ratio"] == pytest.approx(0.5)  # median of 0.5, 0.8, 0.45
+    assert reference.summary()["median_s"] == pytest.approx(1.5)
