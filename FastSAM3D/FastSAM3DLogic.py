@@ -585,7 +585,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
       model: an already loaded model (``FastSAM3DLib.load_model`` / ``build_model``); None loads
         the bundled weights on first use (``loadModel`` chooses others).
       device: "auto", "cpu", "cuda" (where the model runs).
-      precision: the session's precision ("auto", "fp32", "bf16").
+      precision: the session's precision (FastSAM3DLib.session.PRECISIONS; "auto" by default).
       sessionFactory: ``factory(model) -> Session``; the default creates ``FastSAM3DLib.Session``.
       maxUndo: how many earlier labelmaps are kept per segment.
 

@@ -51,14 +51,15 @@ ENCODER_MODELS = ("fastsam3d", "sam-med3d", "bundled")
 
 def cpu_info() -> Dict[str, object]:
     """CPU model and the instruction-set extensions that decide which speed modes can be fast."""
-    flags: set = set()
+    from .quantize import cpu_flags
+
+    flags = cpu_flags()
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
     interesting = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -261,9 +262,17 @@ def _encoder_measurements(names: Sequence[str], modes: Sequence[str], device: to
                     continue  # emulated bf16 on the bigger encoders takes minutes; the student shows the point
                 slow = device.type == "cpu" and not native_bf16
 
-                def run(model=model):
-                    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16):
-                        return model.image_encoder(x)
+                if device.type == "cpu":  # the bf16 fast path (bf16 weights cast once, fp32 between multiplies)
+                    bf16_encoder = fast_path(model, "bf16").encoder
+
+                    def run(encoder=bf16_encoder):
+                        with torch.inference_mode():
+                            return encoder(x)
+                else:
+
+                    def run(model=model):
+                        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16):
+                            return model.image_encoder(x)
 
                 out.append(Measurement("encoder", f"{name} bf16", run, rounds=1 if slow else (heavy_rounds if teacher else None), flops=flops,
                                        note=note + ("; bf16 emulated (no native bf16)" if slow else "")))

@@ -13,6 +13,13 @@ that floor here:
     multiply (fbgemm/x86 engine: per-output-channel symmetric int8 weights quantised once,
     activations quantised per call with 7-bit range as fbgemm needs on AVX2). Attention,
     LayerNorm, GELU and the residual stream stay fp32.
+``bf16`` (CPU)
+    For CPUs with native bf16 (AVX512-BF16 / AMX), where a bf16 matrix multiply runs about 2.5x
+    faster than fp32 but whole-model bf16 is not faster (bf16 ``Conv3d`` is slow there) and
+    autocast is slower still: every encoder linear layer, the patch embedding and the neck's
+    convolutions (restated as matrix multiplies, as in ``int8``) keep their weights in bf16, cast
+    once; activations are cast to bf16 at each multiply and the result returns to fp32, so
+    attention, LayerNorm, GELU and the residual stream stay fp32. On CUDA "bf16" is autocast.
 ``sparse``, ``int8-sparse``
     fp32 or int8, and the encoder's global attention blocks use
     :mod:`FastSAM3DLib.sparse_attention` (opt-in: the weights were trained with dense attention).
@@ -52,7 +59,24 @@ from .modeling.image_encoder import ImageEncoderViT3D, PatchEmbed3D
 from .sparse_attention import DEFAULT_PATTERNS, SparseAttention
 
 #: Speed modes this module builds (the Session's ``precision`` values other than fp32/bf16/auto).
-FAST_MODES: Tuple[str, ...] = ("fp32-fast", "int8", "sparse", "int8-sparse")
+FAST_MODES: Tuple[str, ...] = ("fp32-fast", "int8", "bf16", "sparse", "int8-sparse")
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, and slow."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def int8_available() -> bool:
@@ -106,10 +130,35 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], int8: bool) -> nn.Module:
-    """A float or int8 linear layer holding ``weight`` (out x in) and ``bias``."""
-    if int8:
+class Bf16Linear(nn.Module):
+    """``y = x W^T + b`` with W stored in bf16 (cast once); x is cast per call, y and b are fp32.
+
+    Arguments:
+      weight: out x in float weight.
+      bias: out, or None.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """... x in -> ... x out (float32)."""
+        y = F.linear(x.to(torch.bfloat16), self.weight).float()
+        return y if self.bias is None else y.add_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+
+
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str) -> nn.Module:
+    """A linear layer holding ``weight`` (out x in) and ``bias`` in ``kind``: "fp32", "int8" or "bf16"."""
+    if kind == "int8":
         return Int8Linear(weight, bias)
+    if kind == "bf16":
+        return Bf16Linear(weight, bias)
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=torch.float32)
     with torch.no_grad():
         layer.weight.copy_(weight)
@@ -135,13 +184,13 @@ def _shallow(module: nn.Module) -> nn.Module:
 
 
 class _LinearPatchEmbed(nn.Module):
-    """Patch embedding as one (int8) matrix multiply over unfolded patches."""
+    """Patch embedding as one (int8 / bf16) matrix multiply over unfolded patches."""
 
-    def __init__(self, patch: PatchEmbed3D, int8: bool) -> None:
+    def __init__(self, patch: PatchEmbed3D, kind: str) -> None:
         super().__init__()
         self.patch_size = patch.patch_size
         proj = patch.proj
-        self.linear = _linear(proj.weight.reshape(proj.out_channels, -1), proj.bias, int8)
+        self.linear = _linear(proj.weight.reshape(proj.out_channels, -1), proj.bias, kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
@@ -153,18 +202,18 @@ class _LinearPatchEmbed(nn.Module):
 
 class _LinearNeck(nn.Module):
     """The neck (1x1 conv, LayerNorm3d, 3x3x3 conv, LayerNorm3d) on channel-last tokens, its
-    convolutions as (int8) matrix multiplies; the 3^3 one over the 27 shifted copies of the grid."""
+    convolutions as (int8 / bf16) matrix multiplies; the 3^3 one over the 27 shifted copies of the grid."""
 
-    def __init__(self, neck: nn.Sequential, int8: bool) -> None:
+    def __init__(self, neck: nn.Sequential, kind: str) -> None:
         super().__init__()
         conv1, norm1, conv2, norm2 = neck
-        self.conv1 = _linear(conv1.weight.reshape(conv1.out_channels, -1), conv1.bias, int8)
+        self.conv1 = _linear(conv1.weight.reshape(conv1.out_channels, -1), conv1.bias, kind)
         k = conv2.kernel_size[0]
         if conv2.kernel_size != (k, k, k) or conv2.padding != (k // 2,) * 3 or conv2.stride != (1, 1, 1):
             raise ValueError("the neck's second convolution must be k x k x k, stride 1, 'same' padding")
         self.kernel = k
         # Rows (out), columns ordered (kd, kh, kw, in) to match the shifted copies below.
-        self.conv2 = _linear(conv2.weight.permute(0, 2, 3, 4, 1).reshape(conv2.out_channels, -1), conv2.bias, int8)
+        self.conv2 = _linear(conv2.weight.permute(0, 2, 3, 4, 1).reshape(conv2.out_channels, -1), conv2.bias, kind)
         self.norm1 = (norm1.weight, norm1.bias, norm1.eps)
         self.norm2 = (norm2.weight, norm2.bias, norm2.eps)
 
@@ -184,42 +233,47 @@ class _LinearNeck(nn.Module):
 
 
 class FastImageEncoder(nn.Module):
-    """The image encoder with (int8) linear layers and optionally sparse global attention.
+    """The image encoder with int8 or bf16 linear layers, and optionally sparse global attention.
 
     Holds a copy of the encoder's structure (blocks, norms, position embedding, relative-position
-    tables); the large weights are re-stored as int8 (or kept fp32 when ``int8`` is False).
+    tables); the large weights are re-stored in ``kind`` (int8 or bf16), or kept as they are for
+    "fp32". For int8 and bf16 the patch embedding and the neck become matrix multiplies too.
 
     Arguments:
       encoder: the fp32 encoder (left untouched).
-      int8: int8 linear layers.
+      kind: "int8", "bf16" or "fp32".
       sparse: sparse attention in the global attention blocks.
     """
 
-    def __init__(self, encoder: ImageEncoderViT3D, *, int8: bool = True, sparse: bool = False) -> None:
+    def __init__(self, encoder: ImageEncoderViT3D, kind: str = "int8", *, sparse: bool = False) -> None:
         super().__init__()
+        if kind not in ("int8", "bf16", "fp32"):
+            raise ValueError(f"kind must be 'int8', 'bf16' or 'fp32', got {kind!r}")
         skeleton = _shallow(encoder)  # the children below are rebuilt; no weight is copied
-        if int8:
-            skeleton.patch_embed = _LinearPatchEmbed(encoder.patch_embed, int8)
+        restated = kind != "fp32"
+        if restated:
+            skeleton.patch_embed = _LinearPatchEmbed(encoder.patch_embed, kind)
         blocks = nn.ModuleList()
         for block in encoder.blocks:
             fast = _shallow(block)
             mlp = _shallow(block.mlp)
-            mlp.lin1 = _linear(block.mlp.lin1.weight, block.mlp.lin1.bias, int8)
-            mlp.lin2 = _linear(block.mlp.lin2.weight, block.mlp.lin2.bias, int8)
+            mlp.lin1 = _linear(block.mlp.lin1.weight, block.mlp.lin1.bias, kind)
+            mlp.lin2 = _linear(block.mlp.lin2.weight, block.mlp.lin2.bias, kind)
             fast.mlp = mlp
             if block.kind != "mlp":
                 attn = _shallow(block.attn)
-                attn.qkv = _linear(block.attn.qkv.weight, block.attn.qkv.bias, int8)
-                attn.proj = _linear(block.attn.proj.weight, block.attn.proj.bias, int8)
+                attn.qkv = _linear(block.attn.qkv.weight, block.attn.qkv.bias, kind)
+                attn.proj = _linear(block.attn.proj.weight, block.attn.proj.bias, kind)
                 fast.attn = SparseAttention(attn, DEFAULT_PATTERNS) if sparse and block.window_size == 0 else attn
             blocks.append(fast)
         skeleton.blocks = blocks
         self.encoder = skeleton
-        self.neck = _LinearNeck(encoder.neck, int8) if int8 else None
+        self.neck = _LinearNeck(encoder.neck, kind) if restated else None
         self.blocks = blocks
         self.img_size = encoder.img_size
         self.in_chans = encoder.patch_embed.proj.in_channels
-        self.int8, self.sparse = int8, sparse
+        self.kind, self.sparse = kind, sparse
+        self.int8 = kind == "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B x 1 x S x S x S -> B x out x S/p x S/p x S/p."""
@@ -291,6 +345,7 @@ class FastDecoder(nn.Module):
         if len(transformer.layers) != 2:
             raise ValueError("the fast decoder is written for the two-layer two-way transformer")
         self.int8 = int8
+        kind = "int8" if int8 else "fp32"
         with torch.no_grad():
             pe = prompt.get_dense_pe().float()
             self.register_buffer("key_pe", pe.flatten(2).transpose(1, 2).contiguous())  # 1 x N x C
@@ -310,20 +365,20 @@ class FastDecoder(nn.Module):
                 w = proj.weight.float()
                 self.register_buffer(f"{name}_w16", (w @ self.mask_w).T.contiguous())  # 16 x internal
                 self.register_buffer(f"{name}_b16", w @ self.mask_b)
-            self.out0 = _linear(layer0.cross_attn_image_to_token.out_proj.weight, layer0.cross_attn_image_to_token.out_proj.bias, int8)
+            self.out0 = _linear(layer0.cross_attn_image_to_token.out_proj.weight, layer0.cross_attn_image_to_token.out_proj.bias, kind)
             # Layer 1: one matrix multiply for k (token->image), q (image->token) and v (token->image);
             # v's input lacks the positional encoding, so key_pe @ Wv^T is subtracted afterwards.
             t2i, i2t = layer1.cross_attn_token_to_image, layer1.cross_attn_image_to_token
             fused_w = torch.cat([t2i.k_proj.weight, i2t.q_proj.weight, t2i.v_proj.weight]).float()
             fused_b = torch.cat([t2i.k_proj.bias, i2t.q_proj.bias, t2i.v_proj.bias]).float()
-            self.fused1 = _linear(fused_w, fused_b, int8)
+            self.fused1 = _linear(fused_w, fused_b, kind)
             self.register_buffer("v1_pe", self.key_pe[0] @ t2i.v_proj.weight.float().T)
             self.split1 = (t2i.k_proj.out_features, i2t.q_proj.out_features, t2i.v_proj.out_features)
-            self.out1 = _linear(i2t.out_proj.weight, i2t.out_proj.bias, int8)
+            self.out1 = _linear(i2t.out_proj.weight, i2t.out_proj.bias, kind)
             # Output upscaling: ConvTranspose3d(k=2, s=2) == per-token matmul to 8 sub-voxels.
             up1, norm, act1, up2, act2 = decoder.output_upscaling
-            self.up1 = _linear(up1.weight.permute(2, 3, 4, 1, 0).reshape(-1, up1.in_channels), up1.bias.repeat(8), int8)
-            self.up2 = _linear(up2.weight.permute(2, 3, 4, 1, 0).reshape(-1, up2.in_channels), up2.bias.repeat(8), int8)
+            self.up1 = _linear(up1.weight.permute(2, 3, 4, 1, 0).reshape(-1, up1.in_channels), up1.bias.repeat(8), kind)
+            self.up2 = _linear(up2.weight.permute(2, 3, 4, 1, 0).reshape(-1, up2.in_channels), up2.bias.repeat(8), kind)
             self.c1, self.c2 = up1.out_channels, up2.out_channels
             self.up_norm = (norm.weight, norm.bias, norm.eps)
             self.act1, self.act2 = act1, act2
@@ -516,6 +571,8 @@ def check_mode(model: Sam3D, mode: str) -> None:
         raise ValueError(f"unknown speed mode {mode!r}: expected one of {', '.join(FAST_MODES)}")
     if mode.startswith("int8") and (model.device.type != "cpu" or not int8_available()):
         raise ValueError(f"speed mode {mode!r} needs an x86 CPU (PyTorch's fbgemm int8 kernels); the model is on {model.device}")
+    if mode == "bf16" and model.device.type != "cpu":
+        raise ValueError(f"the bf16 fast path is for CPUs; on {model.device} bf16 is autocast (use the model directly)")
 
 
 def fast_path(model: Sam3D, mode: str) -> FastPath:
@@ -533,10 +590,11 @@ def fast_path(model: Sam3D, mode: str) -> FastPath:
         if entry is not None and entry[0] == version:
             return entry[1]
         int8, sparse = mode.startswith("int8"), "sparse" in mode
+        kind = "int8" if int8 else "bf16" if mode == "bf16" else "fp32"
         encoder = decoder = None
         with torch.no_grad():
             if mode != "fp32-fast" and type(model.image_encoder) is ImageEncoderViT3D and "forward" not in vars(model.image_encoder):
-                encoder = FastImageEncoder(model.image_encoder, int8=int8, sparse=sparse).eval()
+                encoder = FastImageEncoder(model.image_encoder, kind, sparse=sparse).eval()
             restatable = (
                 type(model.mask_decoder) is MaskDecoder3D
                 and type(model.prompt_encoder) is PromptEncoder3D
@@ -562,15 +620,16 @@ AUTO_MAX_DICE_COST = 0.005
 #: checkpoint (fastsam3d-384, step 1179, fp32 Dice@5 0.190): the differences are mostly the click
 #: trajectories diverging, not the arithmetic (Dice@1 was equal in every mode). Re-measure with the
 #: bundled model and update. "fp32-fast" is fp32 arithmetic in another order: it costs nothing.
-MEASURED_DICE5_COST: Dict[str, Optional[float]] = {"fp32-fast": 0.0, "int8": 0.0249, "sparse": -0.0086, "int8-sparse": -0.0003}
+MEASURED_DICE5_COST: Dict[str, Optional[float]] = {"fp32-fast": 0.0, "int8": 0.0249, "bf16": None, "sparse": -0.0086, "int8-sparse": -0.0003}
 #: Modes "auto" may pick on a CPU, fastest first. The sparse modes are opt-in only (DESIGN.md §3).
-AUTO_CPU_ORDER: Tuple[str, ...] = ("int8", "fp32-fast")
+AUTO_CPU_ORDER: Tuple[str, ...] = ("bf16", "int8", "fp32-fast")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The concrete mode for a requested precision: "auto" becomes bf16 on CUDA and, on a CPU, the
     fastest mode of :data:`AUTO_CPU_ORDER` whose measured Dice@5 cost is at most
-    :data:`AUTO_MAX_DICE_COST` (int8 only where its kernels exist); other values pass through."""
+    :data:`AUTO_MAX_DICE_COST` (bf16 only on CPUs with native bf16, int8 only where its kernels
+    exist); other values pass through."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -582,6 +641,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if cost is None or cost > AUTO_MAX_DICE_COST:
             continue
         if mode.startswith("int8") and not int8_available():
+            continue
+        if mode == "bf16" and not native_bf16_cpu():
             continue
         return mode
     return "fp32"

@@ -131,8 +131,9 @@ class Session:
     Arguments:
       model: a loaded model (``load_model``); it may be shared by several sessions and threads.
       device: "auto" keeps the model where it is; anything else moves the model there.
-      precision: the speed mode. "fp32" (exact), "bf16" (the image encoder under bfloat16
-        autocast: for GPUs and CPUs with native bf16), "fp32-fast" (fp32 with the restructured
+      precision: the speed mode. "fp32" (exact), "bf16" (GPUs: the image encoder under bfloat16
+        autocast; CPUs with native bf16: bf16 encoder matrix multiplies, see
+        FastSAM3DLib.quantize), "fp32-fast" (fp32 with the restructured
         decoder), "int8" (int8 encoder linear layers and decoder projections, x86 CPUs),
         "sparse" / "int8-sparse" (opt-in sparse encoder attention), or "auto": bf16 on CUDA; on
         a CPU the fastest mode whose measured Dice cost is within FastSAM3DLib.quantize's
@@ -169,7 +170,9 @@ class Session:
         self.model = model.eval()
         self.device = model.device
         self.precision = resolve_precision(precision, self.device)
-        if self.precision in FAST_MODES:
+        # bf16 on a GPU is autocast; every other speed mode is a fast path of quantize.py.
+        self._fast = self.precision in FAST_MODES and not (self.precision == "bf16" and self.device.type != "cpu")
+        if self._fast:
             check_mode(model, self.precision)  # the fast path itself is built on first use
         self.intensity = intensity
         self.cache_bytes = int(cache_bytes)
@@ -263,9 +266,10 @@ class Session:
             array = resample_to_crop(self.image, crop, default=default)
             tensor = torch.from_numpy(normalize_crop(array, self.intensity))[None, None].to(self.device)
             encoder = self.model.image_encoder
-            if self.precision in FAST_MODES:  # its blocks share the model's blocks' hooks
+            if self._fast:  # its blocks share the model's blocks' hooks
                 encoder = fast_path(self.model, self.precision).encoder
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            autocast = self.precision == "bf16" and not self._fast
+            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
                 embedding = encoder(tensor)
             embedding = embedding.float()
             with self._lock:
@@ -436,7 +440,7 @@ class Session:
         previous = state.logits.get(crop)
         if previous is None:
             previous = torch.zeros((1, 1, *self.model.low_res_size), device=self.device)
-        decode = fast_path(self.model, self.precision).decode if self.precision in FAST_MODES else self.model.decode
+        decode = fast_path(self.model, self.precision).decode if self._fast else self.model.decode
         with _model_lock(self.model), torch.inference_mode():
             logits, iou = decode(
                 embedding,

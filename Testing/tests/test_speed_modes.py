@@ -18,6 +18,7 @@ from FastSAM3DLib.paste import CropPaster
 from FastSAM3DLib.preprocess import CropGrid, index_to_physical, sample_crop_logits
 from FastSAM3DLib.quantize import (
     FAST_MODES,
+    Bf16Linear,
     FastDecoder,
     FastImageEncoder,
     Int8Linear,
@@ -123,7 +124,7 @@ def test_fast_decoder_equals_the_model_decoder(tiny):
 def test_fast_fp32_encoder_equals_the_model_encoder(tiny):
     x = torch.randn(1, 1, 128, 128, 128)
     with torch.inference_mode():
-        torch.testing.assert_close(FastImageEncoder(tiny.image_encoder, int8=False)(x), tiny.image_encoder(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(FastImageEncoder(tiny.image_encoder, "fp32")(x), tiny.image_encoder(x), rtol=1e-4, atol=1e-4)
 
 
 def test_restated_patch_embedding_and_neck_are_exact(tiny):
@@ -143,7 +144,7 @@ def test_int8_encoder_and_decoder_stay_close(tiny):
     x = torch.randn(1, 1, 128, 128, 128)
     with torch.inference_mode():
         reference = tiny.image_encoder(x)
-        int8 = FastImageEncoder(tiny.image_encoder, int8=True)(x)
+        int8 = FastImageEncoder(tiny.image_encoder, "int8")(x)
         assert (int8 - reference).norm() / reference.norm() < 0.1
         coords, labels = _prompts()
         mask = torch.randn(1, 1, 32, 32, 32)
@@ -210,7 +211,7 @@ def _volume():
 
 
 # IoU against the fp32 mask each mode must reach on this fixed input (random-weight tiny model).
-MODE_IOU = {"fp32-fast": 0.999, "int8": 0.97, "sparse": 0.95, "int8-sparse": 0.95}
+MODE_IOU = {"fp32-fast": 0.999, "int8": 0.97, "bf16": 0.97, "sparse": 0.95, "int8-sparse": 0.95}
 
 
 @pytest.mark.parametrize("mode", FAST_MODES)
@@ -291,3 +292,42 @@ def test_oblique_paste_still_matches():
     finite = np.isfinite(direct)
     np.testing.assert_allclose(values[finite], direct[finite], rtol=0, atol=2e-5)
     assert np.array_equal(paster.mask(logits), (values > 0).astype(np.uint8))
+
+
+# -- bf16 on CPUs -----------------------------------------------------------------------------------
+
+
+def test_bf16_encoder_keeps_bf16_weights_and_fp32_activations(tiny):
+    """The CPU bf16 path: weights cast once, every convolution a matrix multiply, outputs near fp32."""
+    encoder = FastImageEncoder(tiny.image_encoder, "bf16")
+    layers = [m for m in encoder.modules() if isinstance(m, Bf16Linear)]
+    assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    # bf16 Conv3d is slow on CPUs: the patch embedding and the neck run as bf16 matrix multiplies.
+    assert isinstance(encoder.encoder.patch_embed.linear, Bf16Linear)
+    assert isinstance(encoder.neck.conv1, Bf16Linear) and isinstance(encoder.neck.conv2, Bf16Linear)
+    x = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        reference, fast = tiny.image_encoder(x), encoder(x)
+    assert fast.dtype == torch.float32 and fast.shape == reference.shape
+    relative = (fast - reference).norm() / reference.norm()
+    assert 1e-4 < relative < 3e-2, relative  # bf16 rounding: visible, small
+
+
+def test_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from FastSAM3DLib import quantize
+
+    monkeypatch.setitem(quantize.MEASURED_DICE5_COST, "bf16", 0.0)
+    monkeypatch.setattr(quantize, "native_bf16_cpu", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(quantize, "native_bf16_cpu", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) != "bf16"
+    monkeypatch.setattr(quantize, "native_bf16_cpu", lambda: True)
+    monkeypatch.setitem(quantize.MEASURED_DICE5_COST, "bf16", 0.02)  # too costly: not chosen
+    assert resolve_precision("auto", torch.device("cpu")) != "bf16"
+
+
+def test_cli_offers_every_session_precision():
+    from FastSAM3DLib.cli import SESSION_PRECISIONS
+    from FastSAM3DLib.session import PRECISIONS
+
+    assert tuple(SESSION_PRECISIONS) == tuple(PRECISIONS)
