@@ -318,7 +318,7 @@ def _session_measurements(model, image, label, first_point, modes: Sequence[str]
         first = Measurement("session", f"first click {mode}{suffix}", lambda: None, self_timed=True,
                             note="set_image + embed + decode + paste (predict_region), fresh session")
         later = Measurement("session", f"later click {mode}{suffix}", lambda: None, passive=True,
-                            note="add_point + decode + paste (predict_region), all corrective clicks")
+                            note="add_point + decode + the changed voxels (predict_changes), all corrective clicks")
         later_full = Measurement("session", f"later click {mode}{suffix} (full-image mask)", lambda: None, passive=True,
                                  note="as later click, then predict() for the whole grid")
 
@@ -345,7 +345,7 @@ def _session_measurements(model, image, label, first_point, modes: Sequence[str]
                     point = image.TransformIndexToPhysicalPoint(zyx[::-1])
                     t, c = time.perf_counter(), time.process_time()
                     session.add_point(point, click.positive)
-                    region, local = session.predict_region()
+                    changed, delta = session.predict_changes()
                     wall, cpu_ = time.perf_counter() - t, time.process_time() - c
                     if session.last_timings.get("wait_embed_s", 0.0) > 1e-3:
                         # The click fell outside the crop: it is a first click in a new crop, not a later click.
@@ -354,12 +354,11 @@ def _session_measurements(model, image, label, first_point, modes: Sequence[str]
                         times.append(wall)
                         cpus.append(cpu_)
                         later.extra.setdefault("breakdown", []).append(dict(session.last_timings))
+                        later.extra.setdefault("changed_box_voxels", []).append(0 if changed.empty else int(np.prod(changed.size)))
                         t = time.perf_counter()
                         session.predict()
                         times_full.append(wall + time.perf_counter() - t)
-                    pred[:] = False
-                    if not region.empty:
-                        pred[region.slices()] = local > 0
+                    pred[changed.slices()] = delta > 0
                     voxels.append(int(pred.sum()))
                 later.seconds.extend(times)
                 later_full.seconds.extend(times_full)

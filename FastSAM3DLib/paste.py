@@ -95,8 +95,9 @@ class CropPaster:
       image: the user's image (only its geometry is used).
       low_res_size: side of the decoder's logit grid (32).
 
-    ``mask`` keeps the previous answer to update it incrementally; calls are serialised by a lock,
-    and any sequence of logits (several objects sharing one crop) gives exact answers.
+    ``mask`` / ``update`` keep the previous answer to update it incrementally (``update`` also says
+    where it changed); calls are serialised by a lock, and any sequence of logits (several objects
+    sharing one crop) gives exact answers.
     """
 
     def __init__(self, crop: CropGrid, image: sitk.Image, low_res_size: int = 32) -> None:
@@ -109,13 +110,14 @@ class CropPaster:
         self._to_crop = crop_inverse @ matrix
         self._offset = crop_inverse @ (origin - np.asarray(crop.origin)) + self._to_crop @ np.asarray(self.region.start)
         self._lock = threading.Lock()
+        self.owner: object = None  # whose logits the kept mask holds (the session's bookkeeping)
+        self._last_logits: Optional[torch.Tensor] = None
         self._axes: Optional[List[_AxisTable]] = self._axis_tables()
+        self._cached_mask: Optional[np.ndarray] = None  # flat (z, y, x) uint8 of the last answer
+        self._cached_state: Optional[np.ndarray] = None  # cell classes of the last answer (separable path)
         if self._axes is None:
             self._blocks = tuple(-(-n // BLOCK) for n in self.region.size)  # blocks per axis (x, y, z)
             self._prepare_support()
-        else:
-            self._cached_mask: Optional[np.ndarray] = None
-            self._cached_state: Optional[np.ndarray] = None
 
     @property
     def axis_aligned(self) -> bool:
@@ -250,26 +252,37 @@ class CropPaster:
                 np.add(zy, xoff[i], out=flat[i])
             out_flat[flat.reshape(-1)] = (inside > 0).reshape(-1)
 
-    def _mask_separable(self, logits: torch.Tensor) -> np.ndarray:
+    def _update_separable(self, logits: torch.Tensor) -> Region:
         padded = np.pad(self._oriented(self._field(logits)), 1, mode="edge")
         states = self._cell_states(padded)
         tz, ty, tx = self._axes
         shape = tuple(len(t.cell) for t in self._axes)
-        if self._cached_mask is None:
+        first = self._cached_mask is None
+        if first:
             self._cached_mask = np.zeros(int(np.prod(shape)), dtype=np.uint8)
             self._cached_state = np.full(states.shape, _NEG, dtype=np.uint8)
         present = tz.has[:, None, None] & ty.has[None, :, None] & tx.has[None, None, :]
         update = present & ((states != self._cached_state) | (states == _MIXED))
         cells = np.argwhere(update)
         per_cell = tz.run_w0.shape[0] * ty.run_w0.shape[0] * tx.run_w0.shape[0]
-        if len(cells) * per_cell > _FULL_FRACTION * self._cached_mask.size:
+        if first or len(cells) * per_cell > _FULL_FRACTION * self._cached_mask.size:
             # Most of the region changes (a first click on a large object, noisy logits): three
             # 1D passes over everything are cheaper than the cell-wise update, and equal to it.
             np.greater(self._values_separable(logits), 0, out=self._cached_mask.reshape(shape), casting="unsafe")
+            changed = self._whole
         elif len(cells):
             self._write_cells(padded, cells, self._cached_mask)
+            # The voxels of the updated cells, per array axis (z, y, x): their bounding box.
+            low, high = [], []
+            for axis, table in enumerate(self._axes):
+                voxels = table.runs[np.unique(cells[:, axis])]
+                low.append(int(voxels.min()))
+                high.append(int(voxels.max()) + 1)
+            changed = Region(tuple(low[::-1]), tuple(high[::-1]))
+        else:
+            changed = Region((0, 0, 0), (0, 0, 0))
         self._cached_state = states
-        return self._cached_mask.reshape(shape).copy()
+        return changed
 
     def _values_separable(self, low_res: torch.Tensor) -> np.ndarray:
         field = self._oriented(self._field(low_res))
@@ -362,12 +375,48 @@ class CropPaster:
         Arguments:
           logits: the crop's low-res logits, L x L x L (any leading singleton dims), model order.
         """
-        if self.region.empty:
-            return np.zeros(tuple(reversed(self.region.size)), dtype=np.uint8)
         with self._lock:
-            if self._axes is not None:
-                return self._mask_separable(logits)
-            return self._mask_blocks(logits)
+            self._update(logits)
+            return self._cached_array().copy()
+
+    def update(self, logits: torch.Tensor) -> Region:
+        """Bring the kept mask to ``logits > 0``; returns the region-local box (x, y, z voxel
+        indices relative to ``region.start``) outside which no voxel changed since the previous
+        ``mask``/``update`` call: the whole region on the first call and on the oblique path,
+        else the cells along the zero level set that were rewritten (the very same tensor object
+        as the previous call counts as unchanged). Read it with :meth:`read`.
+        """
+        with self._lock:
+            return self._update(logits)
+
+    def read(self, box: Optional[Region] = None) -> np.ndarray:
+        """A copy of the kept mask in a region-local box (default: all of it), (z, y, x) order."""
+        with self._lock:
+            array = self._cached_array()
+            return array[box.slices()].copy() if box is not None else array.copy()
+
+    @property
+    def _whole(self) -> Region:
+        return Region((0, 0, 0), self.region.size)
+
+    def _cached_array(self) -> np.ndarray:
+        shape = tuple(reversed(self.region.size))
+        if self._cached_mask is None:
+            return np.zeros(shape, dtype=np.uint8)
+        return self._cached_mask.reshape(shape)
+
+    def _update(self, logits: torch.Tensor) -> Region:
+        if self.region.empty:
+            return self._whole
+        if logits is self._last_logits:  # the very same tensor again (e.g. a repeated call): nothing to do
+            return Region((0, 0, 0), (0, 0, 0))
+        if self._axes is not None:
+            changed = self._update_separable(logits)
+        else:
+            self._cached_mask = self._mask_blocks(logits).reshape(-1)
+            changed = self._whole
+        self._last_logits = logits
+        return changed
 
     def values(self, low_res: torch.Tensor) -> np.ndarray:
         """Any low-res field (logits, probabilities) sampled trilinearly at every region voxel.

@@ -108,6 +108,27 @@ class Prompt:
 
 
 @dataclass
+class _Delivery:
+    """What an object's previous prediction handed out: ``predict_changes`` is relative to it."""
+
+    state: "_ObjectState"
+    region: Region
+    enforced: Dict[Tuple[int, int, int], int]
+    box: Optional[Prompt]
+
+
+def _shift(region: Region, origin: Sequence[int], sign: int = 1) -> Region:
+    """``region`` moved by ``sign * origin`` (between image and region-local indices)."""
+    return Region(tuple(a + sign * o for a, o in zip(region.start, origin)), tuple(b + sign * o for b, o in zip(region.stop, origin)))
+
+
+def _intersect(a: Region, b: Region) -> Region:
+    start = tuple(max(x, y) for x, y in zip(a.start, b.start))
+    stop = tuple(max(lo, min(x, y)) for lo, x, y in zip(start, a.stop, b.stop))
+    return Region(start, stop)
+
+
+@dataclass
 class _ObjectState:
     prompts: List[Prompt] = field(default_factory=list)
     crops: List[CropGrid] = field(default_factory=list)
@@ -196,6 +217,7 @@ class Session:
         self._pending: Dict[CropGrid, Future] = {}
         self._pasters: Dict[CropGrid, CropPaster] = {}
         self._objects: Dict[int, _ObjectState] = {}
+        self._delivered: Dict[int, _Delivery] = {}
         self._next_object = 0
 
     # -- image -----------------------------------------------------------------------------------
@@ -220,6 +242,7 @@ class Session:
             self._pending.clear()
             self._pasters.clear()
             self._objects = {0: _ObjectState()}
+            self._delivered.clear()
             self._next_object = 1
         if self.prefetch:
             size = np.asarray(loaded.GetSize(), dtype=np.float64)
@@ -480,6 +503,25 @@ class Session:
           the region (x, y, z voxel box of the set image) and a uint8 (z, y, x) array for it; the
           mask is 0 everywhere outside the region. GUIs update just this box.
         """
+        return self._paste(object, changes_only=False)
+
+    def predict_changes(self, object: int = 0) -> Tuple[Region, np.ndarray]:
+        """What changed in the object's mask since this object's previous ``predict``,
+        ``predict_region`` or ``predict_changes``: writing the returned array into that previous
+        result at the returned box gives the current mask (on the first call, or after ``reset``,
+        a new crop or another object's prediction in a shared crop, the box covers everything
+        that may differ).
+
+        A later click costs its decode plus the voxels along the mask's boundary that changed,
+        not the volume: this is what a live view should call per click.
+
+        Returns:
+          the box (x, y, z voxel indices of the set image; empty when nothing changed) and the
+          object's whole mask inside it, uint8 (z, y, x).
+        """
+        return self._paste(object, changes_only=True)
+
+    def _paste(self, object: int, changes_only: bool) -> Tuple[Region, np.ndarray]:
         start_total = time.perf_counter()
         self.last_timings = {"decode_s": 0.0}
         state = self._object(object)
@@ -487,30 +529,42 @@ class Session:
         crops = [c for c in state.crops if c in state.logits]
         start = time.perf_counter()
         region = Region((0, 0, 0), (0, 0, 0))
-        for crop in crops:
-            region = region.union(self._paster(crop).region)
-        mask = np.zeros(tuple(reversed(region.size)), dtype=np.uint8)
+        changed = Region((0, 0, 0), (0, 0, 0))
         for crop in crops:
             paster = self._paster(crop)
+            region = region.union(paster.region)
             if paster.region.empty:
                 continue
-            local = Region(
-                tuple(a - r for a, r in zip(paster.region.start, region.start)),
-                tuple(b - r for b, r in zip(paster.region.stop, region.start)),
-            )
-            mask[local.slices()] |= paster.mask(state.logits[crop])
-        self._apply_boxes(state, region, mask)
-        self._enforce_clicks(state, region, mask)
+            with self._lock:
+                shared = paster.owner is not state  # another object's logits are in its kept mask
+                paster.owner = state
+            box = paster.update(state.logits[crop])
+            box = Region((0, 0, 0), paster.region.size) if shared else box
+            if not box.empty:
+                changed = changed.union(_shift(box, paster.region.start))
+        enforced = self._enforced(state)
+        box_prompt = next((p for p in reversed(state.prompts) if p.is_box), None)
+        previous = self._delivered.get(object)
+        if previous is None or previous.state is not state or previous.region != region or previous.box != box_prompt:
+            changed = region if previous is None else region.union(previous.region)
+        else:
+            for voxel in set(enforced.items()) ^ set(previous.enforced.items()):
+                changed = changed.union(Region(voxel[0], tuple(v + 1 for v in voxel[0])))
+        self._delivered[object] = _Delivery(state, region, enforced, box_prompt)
+        out = changed if changes_only else region
+        mask = np.zeros(tuple(reversed(out.size)), dtype=np.uint8)
+        if not out.empty:
+            for crop in crops:
+                paster = self._paster(crop)
+                overlap = _intersect(out, paster.region)
+                if overlap.empty:
+                    continue
+                mask[_shift(overlap, out.start, -1).slices()] |= paster.read(_shift(overlap, paster.region.start, -1))
+            self._apply_boxes(state, out, mask)
+            self._enforce_clicks(state, out, mask, enforced)
         self.last_timings["paste_s"] = time.perf_counter() - start
         self.last_timings["total_s"] = time.perf_counter() - start_total
-        return region, mask
-
-    def _region_index(self, region: Region, point: Sequence[float]) -> Optional[Tuple[int, int, int]]:
-        index = np.round(physical_to_index(self.image, point)).astype(int)
-        local = index - np.asarray(region.start)
-        if np.any(local < 0) or np.any(local >= np.asarray(region.size)):
-            return None
-        return tuple(int(v) for v in local[::-1])  # (z, y, x)
+        return out, mask
 
     def _apply_boxes(self, state: _ObjectState, region: Region, mask: np.ndarray) -> None:
         boxes = [p for p in state.prompts if p.is_box]
@@ -528,20 +582,43 @@ class Session:
         inside = inside.reshape(len(xs), len(ys), len(zs)).transpose(2, 1, 0)
         mask &= inside.astype(np.uint8)
 
-    def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray) -> None:
+    def _enforced(self, state: _ObjectState) -> Dict[Tuple[int, int, int], int]:
+        """The clicked voxels (x, y, z of the set image) and the value each click fixes there (later clicks win)."""
+        size = np.asarray(self.image.GetSize())
+        out: Dict[Tuple[int, int, int], int] = {}
+        for prompt in state.prompts:
+            if prompt.is_box:
+                continue
+            index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
+            if np.all(index >= 0) and np.all(index < size):
+                out[tuple(int(v) for v in index)] = 1 if prompt.positive else 0
+        return out
+
+    def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray, enforced: Dict[Tuple[int, int, int], int]) -> None:
         """A positive click's voxel is always in the mask, a negative one's never (later clicks win).
 
         How often the model's own answer disagreed is counted once per click.
         """
         for number, prompt in enumerate(state.prompts):
-            where = None if prompt.is_box else self._region_index(region, prompt.point)
-            if where is None:
+            if number < state.checked or prompt.is_box:
                 continue
-            if number >= state.checked:
-                self.clicks_checked += 1
-                self.click_violations += int(bool(mask[where]) != prompt.positive)
-            mask[where] = 1 if prompt.positive else 0
+            index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
+            if np.any(index < 0) or np.any(index >= np.asarray(self.image.GetSize())):
+                continue
+            voxel = Region(tuple(int(v) for v in index), tuple(int(v) + 1 for v in index))
+            answer = np.zeros((1, 1, 1), dtype=np.uint8)  # the model's own answer there, before any correction
+            for crop in state.crops:
+                paster = self._pasters.get(crop)
+                if crop in state.logits and paster is not None and not _intersect(voxel, paster.region).empty:
+                    answer |= paster.read(_shift(voxel, paster.region.start, -1))
+            self._apply_boxes(state, voxel, answer)
+            self.clicks_checked += 1
+            self.click_violations += int(bool(answer[0, 0, 0]) != prompt.positive)
         state.checked = len(state.prompts)
+        for voxel, value in enforced.items():
+            local = np.asarray(voxel) - np.asarray(region.start)
+            if np.all(local >= 0) and np.all(local < np.asarray(region.size)):
+                mask[tuple(int(v) for v in local[::-1])] = value
 
     def predict(self, object: int = 0) -> sitk.Image:
         """The object's mask as a uint8 SimpleITK image on the set image's exact grid."""

@@ -111,6 +111,7 @@ def test_session_invariants_over_geometry_and_prompt_sequences(geometry, actions
     history = []  # masks before each prompt still in force
     clicks = []  # (voxel index (x, y, z), positive) of the clicks still in force, oldest first
     mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+    applied = mask.copy()  # a live view's copy, kept up to date by predict_changes alone
     for action in actions:
         if action[0] == "undo":
             undone = session.undo()
@@ -118,6 +119,9 @@ def test_session_invariants_over_geometry_and_prompt_sequences(geometry, actions
             if not undone:
                 continue
             expected, clicks = history.pop()
+            changed, delta = session.predict_changes()  # relative to the last prediction handed out
+            applied[changed.slices()] = delta
+            assert np.array_equal(applied, expected)
             mask_image = session.predict()
             assert np.array_equal(sitk.GetArrayFromImage(mask_image), expected)  # undo is exact
             mask = expected
@@ -136,10 +140,13 @@ def test_session_invariants_over_geometry_and_prompt_sequences(geometry, actions
                 continue
             session.add_box(corner, opposite)
 
+        changed, delta = session.predict_changes()  # the live view's way: only what changed
+        applied[changed.slices()] = delta
         mask_image = session.predict()
         _same_grid(mask_image, image)
         mask = sitk.GetArrayFromImage(mask_image)
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        assert np.array_equal(applied, mask)
 
         region, local = session.predict_region()
         inside = np.zeros(mask.shape, dtype=bool)

@@ -311,3 +311,40 @@ def test_background_embedding_is_cancelled_by_a_new_image():
         future.result(timeout=60)
     session.close()
     assert session.encoder_calls == 0
+
+
+def test_predict_changes_touches_only_what_changed():
+    """A live view kept up to date by ``predict_changes`` alone equals ``predict`` after every step,
+    and a later click that changes little hands out a small box, not the volume."""
+    image = _image(size=(120, 120, 100))
+    model, _ = _oracle_model(10.0)
+    session = Session(model, prefetch=False)
+    session.set_image(image)
+    view = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+
+    def step(object=0):
+        box, delta = session.predict_changes(object)
+        view[box.slices()] = delta
+        assert np.array_equal(view, sitk.GetArrayFromImage(session.predict(object)))
+        return box
+
+    center = index_to_physical(image, (60, 60, 50))
+    session.add_point(center)
+    region, _ = session.predict_region()
+    session.add_point(index_to_physical(image, (60, 60, 50)) + np.array([6.0, 0.0, 0.0]), positive=False)
+    box = step()
+    assert not box.empty and np.prod(box.size) < 0.02 * np.prod(region.size), (box, region)  # the band and the clicked voxel
+    assert view[50, 60, 66] == 0  # the negative click's voxel, inside the sphere
+    assert step().empty  # nothing new: nothing to write
+
+    other = session.new_object()  # another object decoded in the same crop ...
+    session.add_point(index_to_physical(image, (30, 30, 30)), object=other)
+    session.predict_region(other)
+    session.add_point(center + np.array([0.0, 4.0, 0.0]))  # ... then this object again: still exact
+    step()
+    assert session.undo()
+    step()
+    session.reset()
+    step()  # the old mask is cleared
+    assert not view.any()
+    session.close()
