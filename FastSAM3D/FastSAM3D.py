@@ -548,10 +548,13 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         state = {"done": 0, "total": None}
         cancel = threading.Event()
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        future = executor.submit(self.logic.downloadPublicWeights, "fastsam3d",
+        import FastSAM3DDownload
+
+        source = FastSAM3DDownload.PUBLIC_WEIGHTS[FastSAM3DDownload.DEFAULT_PUBLIC_WEIGHTS]
+        future = executor.submit(self.logic.downloadPublicWeights, source.key,
                                  lambda done, total: state.update(done=done, total=total), cancel)
         executor.shutdown(wait=False)
-        dialog = slicer.util.createProgressDialog(labelText=_("Downloading FastSAM3D weights..."), maximum=100)
+        dialog = slicer.util.createProgressDialog(labelText=_("Downloading {title}...").format(title=source.title), maximum=100)
         dialog.setWindowModality(qt.Qt.NonModal)  # Slicer stays usable during a long download
         dialog.connect("canceled()", cancel.set)
         self._download = (future, dialog)

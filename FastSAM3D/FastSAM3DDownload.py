@@ -83,12 +83,28 @@ class WeightsSource:
     homepage: str
 
 
-#: Public weights the module offers to download. The FastSAM3D authors publish ``FastSAM3D.pth``
-#: (about 638 MB: model weights plus optimizer state and an ``argparse.Namespace``, so it is
-#: converted once to safetensors after verification). Its sha256 is not pinned yet: it must be
-#: taken from the published file's LFS pointer (the "SHA256" shown on its Hugging Face file page)
-#: by a maintainer with network access. Until then the download is refused with that explanation.
+#: Public weights the module offers to download.
+#:
+#: * ``sam-med3d-turbo``: the SAM-Med3D ViT-B teacher (Wang et al.), ``sam_med3d_turbo.pth`` as
+#:   published on Hugging Face (commit 07f6f69, "Update SAM-Med3D ckpt with new Torch Version"); its
+#:   sha256 is the one Hugging Face shows for that file's LFS object. A pure state dict, loaded by
+#:   ``load_model`` (about 10x slower to embed than the FastSAM3D student, same decoder).
+#: * ``fastsam3d``: the FastSAM3D student (about 638 MB: model weights plus optimizer state and an
+#:   ``argparse.Namespace``, so it is converted once to safetensors after verification). Its
+#:   sha256 is not pinned yet: no published digest was found, and it must be taken from the file's
+#:   LFS pointer by a maintainer with network access. Until then its download is refused with that
+#:   explanation, and :data:`DEFAULT_PUBLIC_WEIGHTS` is the pinned teacher.
 PUBLIC_WEIGHTS: Dict[str, WeightsSource] = {
+    "sam-med3d-turbo": WeightsSource(
+        key="sam-med3d-turbo",
+        title="SAM-Med3D-turbo (public ViT-B weights, Wang et al.)",
+        url="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
+        filename="sam_med3d_turbo.pth",
+        sha256="899a46d04d3b70f723282ceb489149373558bf0aaba389a346f5ab57da5cdd3c",
+        size=None,
+        license="Apache-2.0",
+        homepage="https://huggingface.co/blueyo0/SAM-Med3D",
+    ),
     "fastsam3d": WeightsSource(
         key="fastsam3d",
         title="FastSAM3D (public student weights, Shen et al., MICCAI 2024)",
@@ -100,6 +116,9 @@ PUBLIC_WEIGHTS: Dict[str, WeightsSource] = {
         homepage="https://huggingface.co/techlove/FastSAM3D",
     ),
 }
+
+#: What the module's "Download public weights" button fetches: the first source with a pinned sha256.
+DEFAULT_PUBLIC_WEIGHTS: str = next(key for key, source in PUBLIC_WEIGHTS.items() if source.sha256)
 
 
 def sha256_of_file(path: Union[str, os.PathLike], chunk_size: int = 1 << 20) -> str:

@@ -685,7 +685,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             return Path(app.cachePath) / "FastSAM3D"
         return Path.home() / ".cache" / "fastsam3d"
 
-    def downloadPublicWeights(self, key: str = "fastsam3d", progress=None, cancel=None) -> Path:
+    def downloadPublicWeights(self, key: Optional[str] = None, progress=None, cancel=None) -> Path:
         """Download public weights (pinned sha256) and convert them once to safetensors; returns its path.
 
         The public ``.pth`` holds pickled training state; it is unpickled (``trust=True``) only after
@@ -695,7 +695,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         import FastSAM3DDownload
 
         directory = self.weightsDirectory()
-        source = FastSAM3DDownload.PUBLIC_WEIGHTS[key]
+        source = FastSAM3DDownload.PUBLIC_WEIGHTS[key or FastSAM3DDownload.DEFAULT_PUBLIC_WEIGHTS]
         converted = directory / (Path(source.filename).stem + ".safetensors")
         if converted.exists():
             return converted

@@ -8,6 +8,7 @@ and wrong bytes. Every socket has a timeout, so a hang fails fast instead of blo
 from __future__ import annotations
 
 import hashlib
+import re
 import http.server
 import sys
 import threading
@@ -200,3 +201,13 @@ class socket_closed_port:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_the_offered_public_weights_are_pinned():
+    """What the module's download button fetches has a pinned sha256 and an https URL; unpinned
+    sources stay listed (with their homepage) but are refused until a digest is pinned."""
+    source = dl.PUBLIC_WEIGHTS[dl.DEFAULT_PUBLIC_WEIGHTS]
+    assert re.fullmatch(r"[0-9a-f]{64}", source.sha256)
+    assert source.url.startswith("https://") and source.homepage.startswith("https://")
+    for other in dl.PUBLIC_WEIGHTS.values():
+        assert other.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", other.sha256)
