@@ -5,7 +5,9 @@ One training step, per crop of the batch:
 1. the image encoder embeds the 128^3 crop once;
 2. a first click is placed in the label (its interior-most voxel, or a random one);
 3. ``click_iters`` times: decode with the clicks so far (all of them, or only the newest) and the
-   previous low-res logits as mask prompt (none at first); add DiceCE (+ an IoU-head MSE) against
+   previous low-res logits as mask prompt (all-zero logits at first, as the public training and
+   validation code and the Session do: a model trained with "no mask" there answers the Session's
+   first click badly); add DiceCE (+ an IoU-head MSE) against
    the target at the loss grid; simulate the next click in the error region of this prediction.
 
 The loss is averaged over the iterations that carry gradients: all of them by default, or the
@@ -217,7 +219,7 @@ class InteractiveStep(nn.Module):
 
         total = images.new_zeros(())
         counted = 0
-        previous: Optional[torch.Tensor] = None
+        previous = images.new_zeros((batch, 1, *model.low_res_size))
         dices: List[float] = []
         for it in range(cfg.click_iters):
             chosen = [c if cfg.prompt_mode == "all" else c[-1:] for c in clicks]

@@ -3,7 +3,7 @@
 Follows the protocol of DESIGN.md §6 on one crop per structure: a 128^3 crop at 1.5 mm centred on
 the label's bounding box, z-normalised like the session does it; the first two clicks at the
 interior-most error voxel, later ones uniform in the error region; every decode gets all clicks so
-far and the previous low-res logits; Dice of the upsampled mask at full crop resolution after each
+far and the previous low-res logits (all-zero at the first click, as the Session); Dice of the upsampled mask at full crop resolution after each
 click. Colin27 is the only subject here, so "seen" structures were trained on (augmented crops of
 this very image) and held-out ones were not: the held-out figures measure "segment anything"
 across structures, not across subjects.
@@ -12,7 +12,7 @@ across structures, not across subjects.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,7 +48,7 @@ def evaluate_structure(
     pred = np.zeros_like(gt)
     points: List[Sequence[int]] = []
     polarity: List[int] = []
-    previous: Optional[torch.Tensor] = None
+    previous = torch.zeros((1, 1, *model.low_res_size), device=device)
     scores: List[float] = []
     for c in range(clicks):
         click = next_click(pred, gt, rng, "interior" if c < interior_clicks else "random")
