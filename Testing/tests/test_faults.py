@@ -29,6 +29,9 @@ from FastSAM3DLib.preprocess import index_to_physical
 from FastSAM3DLib.session import EmbeddingCancelled
 
 REPO = Path(__file__).resolve().parents[2]
+# The exact path throughout: faults are injected by replacing a module's forward, which the fast
+# paths then call as it is (in fp32), so the fault-free reference must use the same arithmetic.
+PRECISION = "fp32"
 
 
 def _tiny():
@@ -61,7 +64,7 @@ def _reference(image: sitk.Image, clicks, prefetch: bool = False, predict_after=
     decode feeds its logits to the next): ``predict_after`` lists the click counts after which the
     session predicted before the end.
     """
-    session = Session(_tiny(), prefetch=prefetch)
+    session = Session(_tiny(), precision=PRECISION, prefetch=prefetch)
     session.set_image(image, wait=prefetch)
     for number, (point, positive) in enumerate(clicks, 1):
         session.add_point(point, positive)
@@ -98,7 +101,7 @@ def test_encoder_fault_is_reported_and_the_retry_gives_the_right_mask(monkeypatc
     model = _tiny()
     fault = _FailOnce(model.image_encoder)
     monkeypatch.setattr(model.image_encoder, "forward", fault)
-    session = Session(model, prefetch=False)
+    session = Session(model, precision=PRECISION, prefetch=False)
     session.set_image(image)
     for point, positive in clicks:
         session.add_point(point, positive)
@@ -117,7 +120,7 @@ def test_a_failed_background_embedding_is_retried_by_the_first_click(monkeypatch
     expected = _reference(image, clicks, prefetch=True)  # the click is decoded in the prefetched centre crop
     model = _tiny()
     monkeypatch.setattr(model.image_encoder, "forward", _FailOnce(model.image_encoder))
-    session = Session(model, prefetch=True)
+    session = Session(model, precision=PRECISION, prefetch=True)
     with pytest.raises(RuntimeError, match="injected fault"):
         session.set_image(image, wait=True)  # the prefetch at the image centre failed
     session.add_point(*clicks[0])
@@ -131,7 +134,7 @@ def test_decoder_fault_keeps_the_previous_mask_and_undo_works(monkeypatch):
     expected_first = _reference(image, clicks[:1])
     expected_all = _reference(image, clicks, predict_after=(1,))
     model = _tiny()
-    session = Session(model, prefetch=False)
+    session = Session(model, precision=PRECISION, prefetch=False)
     session.set_image(image)
     session.add_point(*clicks[0])
     assert np.array_equal(sitk.GetArrayFromImage(session.predict()), expected_first)
@@ -153,7 +156,7 @@ def test_decoder_fault_keeps_the_previous_mask_and_undo_works(monkeypatch):
 def test_decoder_fault_during_uncertainty_leaves_dropout_off(monkeypatch):
     image = _image()
     model = _tiny()
-    session = Session(model, prefetch=False)
+    session = Session(model, precision=PRECISION, prefetch=False)
     session.set_image(image)
     session.add_point(*_clicks(image)[0])
     before = sitk.GetArrayFromImage(session.predict())
@@ -204,7 +207,7 @@ def test_switching_volumes_mid_embedding_cancels_and_nothing_of_the_old_image_le
 
     model = _tiny()
     gate = _Gate(model)
-    session = Session(model, prefetch=True)
+    session = Session(model, precision=PRECISION, prefetch=True)
     try:
         session.set_image(old)  # prefetch starts and is held inside block 1
         assert gate.entered.wait(30)
@@ -227,7 +230,7 @@ def test_switching_volumes_mid_embedding_cancels_and_nothing_of_the_old_image_le
 def test_closing_a_session_mid_embedding_cancels_it():
     model = _tiny()
     gate = _Gate(model)
-    session = Session(model, prefetch=True)
+    session = Session(model, precision=PRECISION, prefetch=True)
     try:
         session.set_image(_image())
         assert gate.entered.wait(30)
@@ -253,7 +256,7 @@ def test_two_sessions_in_threads_sharing_one_model_match_sequential_runs():
     plans = [_clicks(image) for image in images]
 
     def run(image, clicks, out, index, barrier=None):
-        session = Session(model, prefetch=True)
+        session = Session(model, precision=PRECISION, prefetch=True)
         if barrier is not None:
             barrier.wait(30)
         session.set_image(image)
