@@ -273,7 +273,6 @@ class FastImageEncoder(nn.Module):
         self.img_size = encoder.img_size
         self.in_chans = encoder.patch_embed.proj.in_channels
         self.kind, self.sparse = kind, sparse
-        self.int8 = kind == "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B x 1 x S x S x S -> B x out x S/p x S/p x S/p."""
