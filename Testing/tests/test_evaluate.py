@@ -36,6 +36,7 @@ from FastSAM3DLib.evaluate import (
     summarize,
     write_outputs,
 )
+from oracles import sphere_oracle_model
 
 
 def _sphere_case(name="sphere", radius=9.0, size=(40, 44, 36), spacing=(1.2, 1.0, 1.5), direction=None, seed=0) -> Case:
@@ -133,42 +134,9 @@ def test_noc_and_summaries():
     assert [(c["precision"], round(c["dice@5_cost"], 6)) for c in cost] == [("int8", 0.01)]
 
 
-class _SphereOracle(torch.nn.Module):
-    """Stands in for the mask decoder: the logits of a sphere of ``radius_mm`` around the first
-    positive click, in the crop's own grid (so the right mask in the user's grid is known)."""
-
-    def __init__(self, radius_mm: float):
-        super().__init__()
-        self.radius_cells = radius_mm / 6.0
-        self.point = None
-
-    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output=False):
-        center = (self.point + 0.5) / 4.0 - 0.5
-        grid = torch.stack(torch.meshgrid(*[torch.arange(32, dtype=torch.float32)] * 3, indexing="ij"), -1)
-        logits = self.radius_cells - (grid - center).norm(dim=-1)
-        batch = sparse_prompt_embeddings.shape[0]
-        return logits.expand(batch, 1, -1, -1, -1).clone(), torch.ones(batch, 1)
-
-
-def _oracle_model(radius_mm: float):
-    torch.manual_seed(0)
-    model = build_model("tiny")
-    oracle = _SphereOracle(radius_mm)
-    original = model.decode
-
-    def decode(embedding, coords, labels, mask_logits=None, multimask_output=False):
-        positives = coords[0][labels[0] == 1]
-        oracle.point = positives[0] if len(positives) else coords[0, 0]
-        return original(embedding, coords, labels, mask_logits, multimask_output)
-
-    model.mask_decoder = oracle
-    model.decode = decode
-    return model
-
-
 def test_through_the_session_with_an_oracle_model(tmp_path):
     case = _sphere_case(radius=10.0, size=(48, 48, 40), spacing=(1.0, 1.0, 1.0))
-    model = _oracle_model(10.0)
+    model, _ = sphere_oracle_model(10.0)
     variants = [Variant("model", "fp32", "all"), Variant("model", "fp32", "all", "box")]
     results = evaluate([case], variants, model=model, clicks=3, seed=0, progress=False)
     for result in results:

@@ -3,7 +3,7 @@
 Geometry tests use generated images with oblique/anisotropic/flipped grids where the right answer
 is known; real anatomy comes from Colin27 (Debian mricron-data). The model is the tiny test
 configuration with fixed weights, or — where an answer must be anatomically right — a model whose
-decoder is replaced by an oracle of known logits (see ``_OracleDecoder``).
+decoder is replaced by an oracle of known logits (``Testing/oracles.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from FastSAM3DLib import ImageError, PromptError, Session, build_model
 from FastSAM3DLib.preprocess import index_to_physical
+from oracles import sphere_oracle_model
 
 
 def _image(size=(40, 50, 30), spacing=(1.0, 1.0, 1.0), direction=None, origin=(0.0, 0.0, 0.0), seed=0) -> sitk.Image:
@@ -34,41 +35,6 @@ def _rotation(ax: float, ay: float, az: float) -> tuple:
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return tuple((rz @ ry @ rx).flatten())
-
-
-class _OracleDecoder(torch.nn.Module):
-    """Stands in for the mask decoder: returns the logits of a sphere of ``radius_mm`` around the first
-    positive point, in the crop's own grid. With it, the correct mask in any user geometry is known."""
-
-    def __init__(self, radius_mm: float, low_res: int = 32, crop_size: int = 128, spacing: float = 1.5) -> None:
-        super().__init__()
-        self.radius_cells = radius_mm / (spacing * crop_size / low_res)
-        self.low_res, self.scale = low_res, crop_size / low_res
-        self.calls = 0
-
-    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output=False):
-        self.calls += 1
-        center = (self.point + 0.5) / self.scale - 0.5
-        grid = torch.stack(torch.meshgrid(*[torch.arange(self.low_res, dtype=torch.float32)] * 3, indexing="ij"), -1)
-        logits = self.radius_cells - (grid - center).norm(dim=-1)
-        batch = sparse_prompt_embeddings.shape[0]
-        return logits.expand(batch, 1, -1, -1, -1).clone(), torch.ones(batch, 1)
-
-
-def _oracle_model(radius_mm: float):
-    torch.manual_seed(0)
-    model = build_model("tiny")
-    oracle = _OracleDecoder(radius_mm)
-    original = model.decode
-
-    def decode(embedding, coords, labels, mask_logits=None, multimask_output=False):
-        positives = coords[0][labels[0] == 1]
-        oracle.point = positives[0] if len(positives) else coords[0, 0]
-        return original(embedding, coords, labels, mask_logits, multimask_output)
-
-    model.mask_decoder = oracle
-    model.decode = decode
-    return model, oracle
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +58,7 @@ def test_sphere_comes_back_in_the_image_geometry(name):
     params = dict(GEOMETRIES[name])
     size = params.pop("size", (48, 48, 32))
     image = _image(size=size, **params)
-    model, _ = _oracle_model(12.0)
+    model, _ = sphere_oracle_model(12.0)
     session = Session(model, prefetch=False)
     session.set_image(image)
     center_index = (np.asarray(image.GetSize()) - 1) / 2.0
@@ -246,7 +212,7 @@ def test_uncertainty_methods_and_scaling(tiny):
 
 def test_box_prompt_is_clipped_to_the_box():
     image = _image(size=(60, 60, 60))
-    model, _ = _oracle_model(40.0)  # a sphere much bigger than the box
+    model, _ = sphere_oracle_model(40.0)  # a sphere much bigger than the box
     session = Session(model, prefetch=False)
     session.set_image(image)
     a, b = index_to_physical(image, (20, 20, 20)), index_to_physical(image, (40, 36, 30))
@@ -317,7 +283,7 @@ def test_predict_changes_touches_only_what_changed():
     """A live view kept up to date by ``predict_changes`` alone equals ``predict`` after every step,
     and a later click that changes little hands out a small box, not the volume."""
     image = _image(size=(120, 120, 100))
-    model, _ = _oracle_model(10.0)
+    model, _ = sphere_oracle_model(10.0)
     session = Session(model, prefetch=False)
     session.set_image(image)
     view = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
