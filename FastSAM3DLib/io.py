@@ -202,16 +202,7 @@ def read_image(path: Union[str, os.PathLike]) -> sitk.Image:
             raise ImageError(f"{path}: could not read its DICOM series: {error}") from None
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty")
-    lengths: Dict[Path, int] = {}
-    if _is_gzip(path):
-        lengths[path] = _data_length(path)  # the whole stream must decompress
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise ImageError(f"{path}: not a readable image ({_reader_message(error)})") from None
-    _check_complete(path, reader, lengths)
+    reader = _complete_file_reader(path)
     try:
         return reader.Execute()
     except RuntimeError as error:
@@ -276,7 +267,12 @@ def check_image_file(path: Union[str, os.PathLike]) -> None:
     Used on files we have just written: SimpleITK's NIfTI writer reports a full disk only on
     stderr and leaves a truncated file behind.
     """
-    path = Path(path)
+    _complete_file_reader(Path(path))
+
+
+def _complete_file_reader(path: Path) -> sitk.ImageFileReader:
+    """A reader with the header of ``path`` read, after checking that the file holds every voxel
+    the header declares (a gzip stream must decompress whole); raises ImageError otherwise."""
     lengths: Dict[Path, int] = {}
     if _is_gzip(path):
         lengths[path] = _data_length(path)
@@ -287,6 +283,7 @@ def check_image_file(path: Union[str, os.PathLike]) -> None:
     except RuntimeError as error:
         raise ImageError(f"{path}: not a readable image ({_reader_message(error)})") from None
     _check_complete(path, reader, lengths)
+    return reader
 
 
 def _umask() -> int:
