@@ -11,6 +11,12 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def _soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float) -> torch.Tensor:
+    """1 - soft Dice per sample (B x 1): probabilities and targets B x 1 x D x H x W."""
+    dims = tuple(range(2, prob.ndim))
+    return 1.0 - (2.0 * (prob * target).sum(dims) + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
+
+
 class _DiceCE(nn.Module):
     """Soft Dice (per sample, smoothing 1e-5) + binary cross-entropy, on logits; MONAI's DiceCELoss(sigmoid=True)."""
 
@@ -21,11 +27,7 @@ class _DiceCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits, target: B x 1 x D x H x W (target in [0, 1]) -> scalar."""
-        prob = torch.sigmoid(logits)
-        dims = tuple(range(2, logits.ndim))
-        intersection = (prob * target).sum(dims)
-        denominator = prob.sum(dims) + target.sum(dims)
-        dice = 1.0 - (2.0 * intersection + self.smooth) / (denominator + self.smooth)
+        dice = _soft_dice_loss(torch.sigmoid(logits), target, self.smooth)
         pos_weight = torch.tensor(self.pos_weight, device=logits.device) if self.pos_weight != 1.0 else None
         return dice.mean() + F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
 
@@ -45,8 +47,7 @@ class DiceFocal(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits, target: B x 1 x D x H x W (target in [0, 1]) -> scalar."""
         prob = torch.sigmoid(logits)
-        dims = tuple(range(2, logits.ndim))
-        dice = 1.0 - (2.0 * (prob * target).sum(dims) + self.smooth) / (prob.sum(dims) + target.sum(dims) + self.smooth)
+        dice = _soft_dice_loss(prob, target, self.smooth)
         ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         p_t = prob * target + (1.0 - prob) * (1.0 - target)
         alpha_t = self.alpha * target + (1.0 - self.alpha) * (1.0 - target)
@@ -72,9 +73,8 @@ class DiceBalancedCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits, target: B x 1 x D x H x W (target in [0, 1]) -> scalar."""
-        prob = torch.sigmoid(logits)
         dims = tuple(range(2, logits.ndim))
-        dice = 1.0 - (2.0 * (prob * target).sum(dims) + self.smooth) / (prob.sum(dims) + target.sum(dims) + self.smooth)
+        dice = _soft_dice_loss(torch.sigmoid(logits), target, self.smooth)
         ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         n_fg = target.sum(dims).clamp_min(1e-6)
         n_bg = (1.0 - target).sum(dims).clamp_min(1e-6)
