@@ -143,6 +143,20 @@ class Region:
         """Numpy slices into a ``GetArrayFromImage`` (z, y, x) array."""
         return tuple(slice(a, b) for a, b in zip(reversed(self.start), reversed(self.stop)))
 
+    def intersection(self, other: "Region") -> "Region":
+        """The voxels in both boxes (empty if they do not overlap)."""
+        start = tuple(max(a, b) for a, b in zip(self.start, other.start))
+        stop = tuple(max(lo, min(a, b)) for lo, a, b in zip(start, self.stop, other.stop))
+        return Region(start, stop)
+
+    def relative_to(self, origin: Sequence[int]) -> "Region":
+        """This box with ``origin`` as (0, 0, 0): image indices -> indices within a region starting there."""
+        return Region(tuple(a - o for a, o in zip(self.start, origin)), tuple(b - o for b, o in zip(self.stop, origin)))
+
+    def offset_by(self, origin: Sequence[int]) -> "Region":
+        """The inverse of :meth:`relative_to`: indices within a region starting at ``origin`` -> image indices."""
+        return Region(tuple(a + o for a, o in zip(self.start, origin)), tuple(b + o for b, o in zip(self.stop, origin)))
+
     def union(self, other: "Region") -> "Region":
         if self.empty:
             return other

@@ -117,17 +117,6 @@ class _Delivery:
     box: Optional[Prompt]
 
 
-def _shift(region: Region, origin: Sequence[int], sign: int = 1) -> Region:
-    """``region`` moved by ``sign * origin`` (between image and region-local indices)."""
-    return Region(tuple(a + sign * o for a, o in zip(region.start, origin)), tuple(b + sign * o for b, o in zip(region.stop, origin)))
-
-
-def _intersect(a: Region, b: Region) -> Region:
-    start = tuple(max(x, y) for x, y in zip(a.start, b.start))
-    stop = tuple(max(lo, min(x, y)) for lo, x, y in zip(start, a.stop, b.stop))
-    return Region(start, stop)
-
-
 @dataclass
 class _ObjectState:
     prompts: List[Prompt] = field(default_factory=list)
@@ -541,7 +530,7 @@ class Session:
             box = paster.update(state.logits[crop])
             box = Region((0, 0, 0), paster.region.size) if shared else box
             if not box.empty:
-                changed = changed.union(_shift(box, paster.region.start))
+                changed = changed.union(box.offset_by(paster.region.start))
         enforced = self._enforced(state)
         box_prompt = next((p for p in reversed(state.prompts) if p.is_box), None)
         previous = self._delivered.get(object)
@@ -556,10 +545,10 @@ class Session:
         if not out.empty:
             for crop in crops:
                 paster = self._paster(crop)
-                overlap = _intersect(out, paster.region)
+                overlap = out.intersection(paster.region)
                 if overlap.empty:
                     continue
-                mask[_shift(overlap, out.start, -1).slices()] |= paster.read(_shift(overlap, paster.region.start, -1))
+                mask[overlap.relative_to(out.start).slices()] |= paster.read(overlap.relative_to(paster.region.start))
             self._apply_boxes(state, out, mask)
             self._enforce_clicks(state, out, mask, enforced)
         self.last_timings["paste_s"] = time.perf_counter() - start
@@ -584,15 +573,21 @@ class Session:
 
     def _enforced(self, state: _ObjectState) -> Dict[Tuple[int, int, int], int]:
         """The clicked voxels (x, y, z of the set image) and the value each click fixes there (later clicks win)."""
-        size = np.asarray(self.image.GetSize())
         out: Dict[Tuple[int, int, int], int] = {}
         for prompt in state.prompts:
-            if prompt.is_box:
-                continue
-            index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
-            if np.all(index >= 0) and np.all(index < size):
-                out[tuple(int(v) for v in index)] = 1 if prompt.positive else 0
+            voxel = self._click_voxel(prompt)
+            if voxel is not None:
+                out[voxel] = 1 if prompt.positive else 0
         return out
+
+    def _click_voxel(self, prompt: Prompt) -> Optional[Tuple[int, int, int]]:
+        """The set image's voxel (x, y, z) a click falls in; None for a box or a point outside the image."""
+        if prompt.is_box:
+            return None
+        index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
+        if np.any(index < 0) or np.any(index >= np.asarray(self.image.GetSize())):
+            return None
+        return tuple(int(v) for v in index)
 
     def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray, enforced: Dict[Tuple[int, int, int], int]) -> None:
         """A positive click's voxel is always in the mask, a negative one's never (later clicks win).
@@ -600,17 +595,15 @@ class Session:
         How often the model's own answer disagreed is counted once per click.
         """
         for number, prompt in enumerate(state.prompts):
-            if number < state.checked or prompt.is_box:
+            index = self._click_voxel(prompt) if number >= state.checked else None
+            if index is None:
                 continue
-            index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
-            if np.any(index < 0) or np.any(index >= np.asarray(self.image.GetSize())):
-                continue
-            voxel = Region(tuple(int(v) for v in index), tuple(int(v) + 1 for v in index))
+            voxel = Region(index, tuple(v + 1 for v in index))
             answer = np.zeros((1, 1, 1), dtype=np.uint8)  # the model's own answer there, before any correction
             for crop in state.crops:
                 paster = self._pasters.get(crop)
-                if crop in state.logits and paster is not None and not _intersect(voxel, paster.region).empty:
-                    answer |= paster.read(_shift(voxel, paster.region.start, -1))
+                if crop in state.logits and paster is not None and not voxel.intersection(paster.region).empty:
+                    answer |= paster.read(voxel.relative_to(paster.region.start))
             self._apply_boxes(state, voxel, answer)
             self.clicks_checked += 1
             self.click_violations += int(bool(answer[0, 0, 0]) != prompt.positive)
