@@ -242,7 +242,7 @@ def _load_bundled_architecture():
 def _encoder_measurements(names: Sequence[str], modes: Sequence[str], device: torch.device, native_bf16: bool, rounds: int,
                           heavy_rounds: int) -> List[Measurement]:
     from .build import build_model
-    from .quantize import FAST_MODES, check_mode, fast_path
+    from .quantize import check_mode, fast_path, runs_fast_path
 
     out = []
     x = torch.randn(1, 1, 128, 128, 128, device=device)
@@ -257,27 +257,12 @@ def _encoder_measurements(names: Sequence[str], modes: Sequence[str], device: to
         model = model.to(device).eval()
         teacher = name == "sam-med3d"
         for mode in modes:
-            if mode == "bf16":
-                if device.type == "cpu" and not native_bf16 and name != "fastsam3d":
-                    continue  # emulated bf16 on the bigger encoders takes minutes; the student shows the point
-                slow = device.type == "cpu" and not native_bf16
-
-                if device.type == "cpu":  # the bf16 fast path (bf16 weights cast once, fp32 between multiplies)
-                    bf16_encoder = fast_path(model, "bf16").encoder
-
-                    def run(encoder=bf16_encoder):
-                        with torch.inference_mode():
-                            return encoder(x)
-                else:
-
-                    def run(model=model):
-                        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16):
-                            return model.image_encoder(x)
-
-                out.append(Measurement("encoder", f"{name} bf16", run, rounds=1 if slow else (heavy_rounds if teacher else None), flops=flops,
-                                       note=note + ("; bf16 emulated (no native bf16)" if slow else "")))
-                continue
-            if mode in FAST_MODES:
+            slow = mode == "bf16" and device.type == "cpu" and not native_bf16
+            if slow and name != "fastsam3d":
+                continue  # emulated bf16 on the bigger encoders takes minutes; the student shows the point
+            fast = runs_fast_path(mode, device)
+            autocast = mode == "bf16" and not fast
+            if fast:
                 try:
                     check_mode(model, mode)
                 except ValueError:
@@ -286,11 +271,12 @@ def _encoder_measurements(names: Sequence[str], modes: Sequence[str], device: to
             else:
                 encoder = model.image_encoder
 
-            def run(encoder=encoder):
-                with torch.inference_mode():
+            def run(encoder=encoder, autocast=autocast):
+                with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                     return encoder(x)
 
-            out.append(Measurement("encoder", f"{name} {mode}", run, rounds=heavy_rounds if teacher else None, flops=flops, note=note))
+            out.append(Measurement("encoder", f"{name} {mode}", run, rounds=1 if slow else (heavy_rounds if teacher else None), flops=flops,
+                                   note=note + ("; bf16 emulated (no native bf16)" if slow else "")))
     return out
 
 
@@ -398,7 +384,7 @@ def benchmark(
     """
     from .build import build_model
     from .checkpoint import resolve_device
-    from .quantize import FAST_MODES, int8_available, resolve_precision
+    from .quantize import int8_available, resolve_precision
 
     torch.set_num_threads(threads)
     dev = resolve_device(device)

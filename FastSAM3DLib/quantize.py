@@ -563,6 +563,12 @@ def _parameter_version(model: nn.Module) -> int:
     return sum(p._version for p in model.parameters())
 
 
+def runs_fast_path(mode: str, device: torch.device) -> bool:
+    """Whether a resolved precision runs through :func:`fast_path` on ``device``: every speed mode of
+    :data:`FAST_MODES`, except bf16 off the CPU, which is autocast of the model itself."""
+    return mode in FAST_MODES and not (mode == "bf16" and device.type != "cpu")
+
+
 def check_mode(model: Sam3D, mode: str) -> None:
     """Raise ValueError unless ``mode`` is a speed mode of :data:`FAST_MODES` usable for ``model``
     (the int8 modes need an x86 CPU with PyTorch's fbgemm kernels and the model on the CPU)."""

@@ -31,7 +31,7 @@ from .errors import PromptError
 from .io import ImageLike, load_image
 from .modeling import Sam3D
 from .paste import CropPaster
-from .quantize import FAST_MODES, check_mode, fast_path, resolve_precision
+from .quantize import check_mode, fast_path, resolve_precision, runs_fast_path
 from .preprocess import (
     CropGrid,
     IntensitySettings,
@@ -180,8 +180,7 @@ class Session:
         self.model = model.eval()
         self.device = model.device
         self.precision = resolve_precision(precision, self.device)
-        # bf16 on a GPU is autocast; every other speed mode is a fast path of quantize.py.
-        self._fast = self.precision in FAST_MODES and not (self.precision == "bf16" and self.device.type != "cpu")
+        self._fast = runs_fast_path(self.precision, self.device)
         if self._fast:
             check_mode(model, self.precision)  # the fast path itself is built on first use
         self.intensity = intensity
