@@ -353,6 +353,20 @@ class _VolumeState:
 
 
 @dataclass
+class RegionMask:
+    """A predicted mask on the volume's voxels, kept to the box where it can be non-zero.
+
+    Carrying the box instead of a full-size mask keeps a click's cost proportional to the model's
+    crops, not to the volume (a 512 x 512 x 300 CT would otherwise cost two full-size copies and a
+    full scan per click).
+    """
+
+    start: Tuple[int, int, int]  # (i, j, k) of the box's first voxel
+    array: np.ndarray  # uint8 (k, j, i), the box
+    size: Tuple[int, int, int]  # (i, j, k) dimensions of the whole volume
+
+
+@dataclass
 class SegmentationResult:
     """What one prediction wrote: the segment, how many voxels, and the engine's timings."""
 
@@ -415,11 +429,13 @@ class PredictionRequest:
             raise
         return track
 
-    def run(self) -> sitk.Image:
+    def run(self) -> RegionMask:
         with self.state.lock:
             self.state.ensureSession()
             track = self._syncPrompts()
-            return self.state.session.predict(object=track.handle)
+            region, array = self.state.session.predict_region(object=track.handle)
+            size = tuple(int(n) for n in self.state.session.image.GetSize())
+            return RegionMask(tuple(int(a) for a in region.start), array, size)
 
 
 class UncertaintyRequest(PredictionRequest):
@@ -853,7 +869,16 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         prompts.extend(("point", tuple(p), bool(label)) for p, label in zip(lps, labels))
         return PredictionRequest(volumeNode.GetScene(), state, (segmentationNode.GetID(), segmentId), prompts, volumeNode.GetID())
 
-    def applyPrediction(self, request: PredictionRequest, mask: sitk.Image) -> SegmentationResult:
+    @staticmethod
+    def _checkMaskFits(mask: RegionMask, volumeNode) -> None:
+        dims = tuple(volumeNode.GetImageData().GetDimensions())
+        if tuple(mask.size) != dims:
+            raise _errors().ImageError(
+                f"the mask is for {tuple(mask.size)} voxels but volume {volumeNode.GetName()!r} has {dims}; the volume "
+                "changed while the prediction ran: click again"
+            )
+
+    def applyPrediction(self, request: PredictionRequest, mask: RegionMask) -> SegmentationResult:
         """Write a finished request's mask into its segment (main thread); undo keeps the previous one."""
         errors = _errors()
         scene = request.scene
@@ -862,17 +887,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         if volumeNode is None:
             raise errors.ImageError("the input volume was removed from the scene before the result arrived")
         self._checkSegment(segmentationNode, request.segmentID)
-        array = sitk.GetArrayViewFromImage(mask)
-        dims = volumeNode.GetImageData().GetDimensions()
-        if array.shape != tuple(dims[::-1]):
-            raise errors.ImageError(
-                f"the mask has {array.shape[::-1]} voxels but volume {volumeNode.GetName()!r} has {dims}; the volume "
-                "changed while the prediction ran: click again"
-            )
-        labelmap = self.maskToSegmentLabelmap(array, volumeNode, segmentationNode)
+        self._checkMaskFits(mask, volumeNode)
+        labelmap = self.maskToSegmentLabelmap(mask.array, volumeNode, segmentationNode, mask.start)
         self._writeSegment(segmentationNode, request.segmentID, labelmap)
-        spacing = np.prod(sitk.Image.GetSpacing(mask))
-        voxels = int(np.count_nonzero(array))
+        spacing = np.prod(volumeNode.GetSpacing())
+        voxels = int(np.count_nonzero(mask.array))
         timings = dict(getattr(request.state.session, "last_timings", {}) or {})
         return SegmentationResult(segmentationNode.GetID(), request.segmentID, voxels, float(voxels * spacing / 1000.0), timings)
 
@@ -937,21 +956,22 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             )
         return geometry
 
-    def maskToSegmentLabelmap(self, maskArray: np.ndarray, volumeNode, segmentationNode):
+    def maskToSegmentLabelmap(self, maskArray: np.ndarray, volumeNode, segmentationNode, start: Sequence[int] = (0, 0, 0)):
         """A (k, j, i) mask on the volume's voxels -> uint8 labelmap on the segmentation's reference grid.
 
+        ``maskArray`` is the whole volume, or the box of it whose first voxel is ``start`` (i, j, k).
         Carries the mask through the volume's and the segmentation's parent transforms and resamples
         (nearest neighbour) only when the grids differ. Returns None for an empty mask.
         """
         bounds = _nonzeroBounds(maskArray)
         if bounds is None:
             return None
-        start = [bounds[2].start, bounds[1].start, bounds[0].start]
+        first = [start[0] + bounds[2].start, start[1] + bounds[1].start, start[2] + bounds[0].start]
         extent = volumeNode.GetImageData().GetExtent()
         labelmap = _makeOrientedImage(
             np.ascontiguousarray(maskArray[bounds], dtype=np.uint8).clip(0, 1),
             _matrixToNumpy(self._ijkToRasMatrix(volumeNode)),
-            [start[0] + extent[0], start[1] + extent[2], start[2] + extent[4]],
+            [first[0] + extent[0], first[1] + extent[2], first[2] + extent[4]],
         )
         reference = self.referenceGeometry(segmentationNode, volumeNode)
         transform, identity = _transformBetween(volumeNode, segmentationNode)
@@ -1154,7 +1174,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
     # -- Segment Editor ----------------------------------------------------------------------------
 
-    def applyMaskThroughSegmentEditor(self, scriptedEffect, sourceVolumeNode, mask: sitk.Image, modificationModeSet) -> bool:
+    def applyMaskThroughSegmentEditor(self, scriptedEffect, sourceVolumeNode, mask: RegionMask, modificationModeSet) -> bool:
         """Write a mask through the Segment Editor so that its masking, overwrite rules and undo apply.
 
         Order (as Slicer's own effects do): check the segment is visible -> ``saveStateForUndo()`` ->
@@ -1165,7 +1185,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         parameterSetNode = scriptedEffect.parameterSetNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
         self._checkSegment(segmentationNode, parameterSetNode.GetSelectedSegmentID())
-        labelmap = self.maskToSegmentLabelmap(sitk.GetArrayViewFromImage(mask), sourceVolumeNode, segmentationNode)
+        self._checkMaskFits(mask, sourceVolumeNode)
+        labelmap = self.maskToSegmentLabelmap(mask.array, sourceVolumeNode, segmentationNode, mask.start)
         if not scriptedEffect.confirmCurrentSegmentVisible():
             return False
         scriptedEffect.saveStateForUndo()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 
 from FastSAM3DLib import build_model
 from FastSAM3DLib.modeling import Sam3D
+from FastSAM3DLib.preprocess import Region
 
 
 class SphereOracle(torch.nn.Module):
@@ -51,3 +54,18 @@ def sphere_oracle_model(radius_mm: float) -> Tuple[Sam3D, SphereOracle]:
     model.mask_decoder = oracle
     model.decode = decode
     return model, oracle
+
+
+def region_of(mask: sitk.Image, margin: int = 1) -> Tuple[Region, np.ndarray]:
+    """What ``Session.predict_region`` returns, for an engine stand-in that computes a full-size mask:
+    the box around its non-zero voxels widened by ``margin`` (clipped to the image; empty if none),
+    and the (z, y, x) array inside it."""
+    array = sitk.GetArrayFromImage(mask)
+    hits = np.nonzero(array)
+    if not hits[0].size:
+        return Region((0, 0, 0), (0, 0, 0)), np.zeros((0, 0, 0), np.uint8)
+    size = mask.GetSize()
+    start = tuple(max(0, int(hits[2 - a].min()) - margin) for a in range(3))
+    stop = tuple(min(size[a], int(hits[2 - a].max()) + 1 + margin) for a in range(3))
+    region = Region(start, stop)
+    return region, np.ascontiguousarray(array[region.slices()])

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO / "FastSAM3D"))
 
 import FastSAM3DLogic as FL  # noqa: E402
 from FastSAM3DLib.errors import FastSAM3DInputError, PromptError  # noqa: E402
+from oracles import region_of  # noqa: E402
 
 FL.ensureSegmentationConverterRules()
 
@@ -112,6 +113,9 @@ class BallSession:
         out = sitk.GetImageFromArray(mask)
         out.CopyInformation(image)
         return out
+
+    def predict_region(self, object=0):
+        return region_of(self.predict(object))
 
     def uncertainty(self, n=16, method="mc-dropout", object=0):
         mask = sitk.Cast(self.predict(object), sitk.sitkFloat32)

@@ -33,6 +33,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 import vtk  # noqa: E402
+from oracles import region_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "FastSAM3D"
@@ -71,6 +72,9 @@ class Ball:
         out = sitk.GetImageFromArray(mask.reshape(size).transpose(2, 1, 0).copy())
         out.CopyInformation(image)
         return out
+
+    def predict_region(self, object=0):
+        return region_of(self.predict(object))
 
     def uncertainty(self, n=16, method="mc-dropout", object=0):
         mask = sitk.Cast(self.predict(object), sitk.sitkFloat32)
