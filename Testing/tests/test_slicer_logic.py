@@ -739,6 +739,14 @@ def test_real_session_bookkeeping_and_translation(ch2_node_data, putamen, tiny_l
     index = putamen[0]
     assert plain[index[2], index[1], index[0]] == 1  # the engine keeps the clicked voxel inside
     assert layer_bytes(segmentation, other) == before
+    # What travels from the worker is the crop's box, not a full-size mask, and it is what was written.
+    result = tiny_logic.prepareSegmentation(volume, segmentation, target, [click], [1]).run()
+    dims = volume.GetImageData().GetDimensions()
+    assert tuple(result.size) == dims and result.array.size < np.prod(dims)  # a 192 mm crop in a 217 mm volume
+    placed = np.zeros(dims[::-1], np.uint8)
+    (i, j, k), (depth, rows, cols) = result.start, result.array.shape
+    placed[k:k + depth, j:j + rows, i:i + cols] = result.array
+    assert np.array_equal(placed, plain)
     worldPlain = exported_world_voxels(segmentation, target)
 
     scene2, volume2, segmentation2, target2, other2 = new_scene(ch2_node_data)
