@@ -25,7 +25,9 @@ Only the target segment changes: the mask replaces that segment's binary labelma
 ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment`` (which moves the segment to its own
 layer rather than touch an overlapping segment). Everything that can fail is checked before the
 segmentation is touched, and a failed write restores the previous labelmap. Each write keeps the
-segment's previous labelmap, so :meth:`FastSAM3DLogic.undo` restores it exactly.
+segment's previous labelmap, so :meth:`FastSAM3DLogic.undo` restores it exactly. A prediction travels
+from the worker as the box of the volume that the model's crops cover (:class:`RegionMask`), so a
+click costs work in proportion to the crops, not to the volume.
 """
 
 from __future__ import annotations
