@@ -35,7 +35,9 @@ less work — algebraically the same computation (equal to float rounding in fp3
   mask 0) with keys and values folded into the queries (16 x 512 work instead of 512 x 384 x 384);
 * the transposed convolutions (kernel = stride = 2) are matrix multiplies whose outputs stay in
   token order until the very end, and only mask 0 is computed (``multimask_output=False``);
-* in the int8 modes its large image-side matrix multiplies are int8 as well.
+* in the int8 modes its large image-side matrix multiplies are int8 as well, and so are the
+  token-side layers: a handful of tokens against whole weight matrices, so their time is spent
+  reading weights, and int8 weights are a quarter of the bytes.
 
 Fast paths are built once per model and shared (:func:`fast_path`); they are rebuilt when the
 model's parameters change in place. ``precision="fp32"`` never touches any of this.
@@ -47,7 +49,7 @@ import copy
 import threading
 import warnings
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -381,7 +383,31 @@ class FastDecoder(nn.Module):
             self.c1, self.c2 = up1.out_channels, up2.out_channels
             self.up_norm = (norm.weight, norm.bias, norm.eps)
             self.act1, self.act2 = act1, act2
+            # Token-side layers: int8 copies in the int8 mode, looked up by the layer they stand for.
+            self.token_linears = nn.ModuleList()
+            self._token: Dict[int, nn.Module] = {}
+            if int8:
+                for linear in self._token_side_linears(decoder):
+                    self.token_linears.append(Int8Linear(linear.weight, linear.bias))
+                    self._token[id(linear)] = self.token_linears[-1]
         self._cache = _EmbeddingCache()
+
+    @staticmethod
+    def _token_side_linears(decoder: nn.Module) -> List[nn.Linear]:
+        """The decoder's linear layers that only ever see the prompt and output tokens."""
+        linears: List[nn.Linear] = []
+        for layer in decoder.transformer.layers:
+            attn, t2i, i2t = layer.self_attn, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, t2i.q_proj, t2i.out_proj,
+                        i2t.k_proj, i2t.v_proj, layer.mlp.lin1, layer.mlp.lin2]
+        final = decoder.transformer.final_attn_token_to_image
+        linears += [final.q_proj, final.out_proj]
+        linears += list(decoder.output_hypernetworks_mlps[0].layers) + list(decoder.iou_prediction_head.layers)
+        return linears
+
+    def _p(self, linear: nn.Linear) -> nn.Module:
+        """The layer to run for one of the model's token-side linear layers (its int8 copy, if any)."""
+        return self._token.get(id(linear), linear)
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -412,11 +438,26 @@ class FastDecoder(nn.Module):
             h = h.permute(0, 4, 1, 2, 3)
         return h.flatten(2).transpose(1, 2)
 
-    @staticmethod
-    def _attend(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """A decoder Attention given already projected q, k, v (B x N x internal): output projection included."""
         out = attention(_heads(q, module.num_heads), _heads(k, module.num_heads), _heads(v, module.num_heads))
-        return module.out_proj(_merge(out))
+        return self._p(module.out_proj)(_merge(out))
+
+    def _token_attention(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A decoder Attention among tokens: B x T x C each -> B x T x C."""
+        return self._attend(module, self._p(module.q_proj)(q), self._p(module.k_proj)(k), self._p(module.v_proj)(v))
+
+    def _mlp(self, block, x: torch.Tensor) -> torch.Tensor:
+        """A transformer MLPBlock on tokens (no dropout)."""
+        return self._p(block.lin2)(block.act(self._p(block.lin1)(x)))
+
+    def _head(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        """A mask-decoder MLP (ReLU between layers) on tokens."""
+        for i, layer in enumerate(mlp.layers):
+            x = self._p(layer)(x)
+            if i < len(mlp.layers) - 1:
+                x = F.relu(x)
+        return x
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -467,33 +508,35 @@ class FastDecoder(nn.Module):
         keys, k0, v0, q0 = (t.expand(batch, -1, -1) for t in (keys, k0, v0, q0))
 
         # Layer 0 (its self-attention sees no positional encoding and has no residual).
-        queries = layer0.norm1(layer0.self_attn(q=tokens, k=tokens, v=tokens))
+        queries = layer0.norm1(self._token_attention(layer0.self_attn, tokens, tokens, tokens))
         t2i = layer0.cross_attn_token_to_image
-        queries = layer0.norm2(queries + self._attend(t2i, t2i.q_proj(queries + tokens), k0, v0))
-        queries = layer0.norm3(queries + layer0.mlp(queries))
+        queries = layer0.norm2(queries + self._attend(t2i, self._p(t2i.q_proj)(queries + tokens), k0, v0))
+        queries = layer0.norm3(queries + self._mlp(layer0.mlp, queries))
         i2t = layer0.cross_attn_image_to_token
         q_tok = queries + tokens
-        out = attention(_heads(q0, i2t.num_heads), _heads(i2t.k_proj(q_tok), i2t.num_heads), _heads(i2t.v_proj(queries), i2t.num_heads))
+        k_tok, v_tok = self._p(i2t.k_proj)(q_tok), self._p(i2t.v_proj)(queries)
+        out = attention(_heads(q0, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
         keys = layer0.norm4(keys + self.out0(_merge(out)))
 
         # Layer 1.
         q = queries + tokens
-        queries = layer1.norm1(queries + layer1.self_attn(q=q, k=q, v=queries))
+        queries = layer1.norm1(queries + self._token_attention(layer1.self_attn, q, q, queries))
         k1, q1, v1 = torch.split(self.fused1(keys + key_pe), self.split1, dim=-1)
         v1 = v1 - self.v1_pe
         t2i = layer1.cross_attn_token_to_image
-        queries = layer1.norm2(queries + self._attend(t2i, t2i.q_proj(queries + tokens), k1, v1))
-        queries = layer1.norm3(queries + layer1.mlp(queries))
+        queries = layer1.norm2(queries + self._attend(t2i, self._p(t2i.q_proj)(queries + tokens), k1, v1))
+        queries = layer1.norm3(queries + self._mlp(layer1.mlp, queries))
         i2t = layer1.cross_attn_image_to_token
         q_tok = queries + tokens
-        out = attention(_heads(q1, i2t.num_heads), _heads(i2t.k_proj(q_tok), i2t.num_heads), _heads(i2t.v_proj(queries), i2t.num_heads))
+        k_tok, v_tok = self._p(i2t.k_proj)(q_tok), self._p(i2t.v_proj)(queries)
+        out = attention(_heads(q1, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
         keys = layer1.norm4(keys + self.out1(_merge(out)))
 
         # Final token->image attention, for the IoU token and mask token 0 only, with the key and
         # value projections folded into the two queries.
         final = transformer.final_attn_token_to_image
         read = (queries + tokens)[:, :2]
-        q = _heads(final.q_proj(read), final.num_heads)  # B x h x 2 x d
+        q = _heads(self._p(final.q_proj)(read), final.num_heads)  # B x h x 2 x d
         heads, dim = q.shape[1], q.shape[-1]
         wk = final.k_proj.weight.reshape(heads, dim, -1)  # h x d x C
         bk = final.k_proj.bias.reshape(heads, dim)
@@ -504,9 +547,9 @@ class FastDecoder(nn.Module):
         weights = (logits * dim**-0.5).softmax(dim=-1)  # B x h x 2 x N
         pooled = weights @ keys.unsqueeze(1)  # B x h x 2 x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None]
-        read = transformer.norm_final_attn(queries[:, :2] + final.out_proj(_merge(out)))
-        iou = decoder.iou_prediction_head(read[:, 0])[:, :1]
-        hyper = decoder.output_hypernetworks_mlps[0](read[:, 1])  # B x c2
+        read = transformer.norm_final_attn(queries[:, :2] + self._p(final.out_proj)(_merge(out)))
+        iou = self._head(decoder.iou_prediction_head, read[:, 0])[:, :1]
+        hyper = self._head(decoder.output_hypernetworks_mlps[0], read[:, 1])  # B x c2
 
         # Upscaling: token -> 8 sub-voxels -> 8 sub-voxels each, then mask 0 = hyper . features.
         n = keys.shape[1]
