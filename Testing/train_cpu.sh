@@ -7,11 +7,14 @@
 #
 # What it does:
 #   1. builds (or extends) the crop pool: Colin27 structures (every allowed one) and procedural phantoms;
-#   2. trains, starting from the last checkpoint in RUN_DIR, else from INIT (default: the committed
-#      bundled weights, so a fresh machine continues the campaign), else from scratch (then start with
-#      BALANCE_CAP=0: with a cap the first steps collapse to empty masks);
-#   3. evaluates the last checkpoint on Colin27 and exports it next to the run (not over the committed
-#      file: replace that only when the development evaluation improves and the putamen test passes).
+#   2. trains, starting from the last checkpoint in RUN_DIR, else from INIT (default: the bundled
+#      weights, else the committed campaign state Resources/Training/fastsam3d-campaign.safetensors,
+#      so a fresh machine continues the campaign), else from scratch (then start with BALANCE_CAP=0:
+#      with a cap the first steps collapse to empty masks);
+#   3. evaluates the last checkpoint on Colin27 and exports it next to the run. Replace a committed
+#      file only when the development evaluation improves: Resources/Models/ (the bundled model)
+#      once one click on the left putamen passes Testing/tests/test_slicer_logic.py, else
+#      Resources/Training/ (see its README.md).
 # Checkpoints every few minutes, so a session cut short keeps its progress in RUN_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +29,11 @@ LR=${LR:-3e-5}
 SCHEDULE=${SCHEDULE:-constant}
 BALANCE_CAP=${BALANCE_CAP:-5}
 RANKS=${RANKS:-2}
-INIT=${INIT:-Resources/Models/fastsam3d-bundled.safetensors}
+# Start (when RUN_DIR has no checkpoint) from the bundled weights, else from the committed campaign state.
+if [ -z "${INIT:-}" ]; then
+  INIT=Resources/Models/fastsam3d-bundled.safetensors
+  [ -f "$INIT" ] || INIT=Resources/Training/fastsam3d-campaign.safetensors
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=1
 

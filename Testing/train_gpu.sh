@@ -8,8 +8,9 @@
 #   1. builds (or extends) the crop pool with all CPU cores: Colin27 training structures when
 #      Debian's mricron-data is installed, procedural phantoms always (phantoms only otherwise);
 #   2. trains with torchrun (NCCL, one process per GPU, BATCH crops per GPU and step, bf16 autocast),
-#      starting from the last checkpoint in RUN_DIR, else from INIT (default: the committed bundled
-#      weights, so a fresh machine continues the campaign), else from scratch;
+#      starting from the last checkpoint in RUN_DIR, else from INIT (default: the bundled weights,
+#      else the committed campaign state in Resources/Training/, so a fresh machine continues the
+#      campaign), else from scratch;
 #   3. evaluates the last checkpoint on Colin27 (if installed) and exports it next to the run
 #      (not over the committed file: replace that only when the development evaluation improves).
 # Checkpoints every few minutes, so a session cut short keeps its progress in RUN_DIR.
@@ -24,7 +25,10 @@ MINUTES=${MINUTES:-8}
 BATCH=${BATCH:-8}
 STEPS=${STEPS:-100000}
 LR=${LR:-2e-4}
-INIT=${INIT:-Resources/Models/fastsam3d-bundled.safetensors}
+if [ -z "${INIT:-}" ]; then  # the bundled weights, else the committed campaign state
+  INIT=Resources/Models/fastsam3d-bundled.safetensors
+  [ -f "$INIT" ] || INIT=Resources/Training/fastsam3d-campaign.safetensors
+fi
 HELDOUT=${HELDOUT:---heldout}          # set HELDOUT=--include-heldout for the shipped model
 NGPU=${NGPU:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 WORKERS=${WORKERS:-$(nproc)}
