@@ -405,7 +405,7 @@ class FastDecoder(nn.Module):
         linears += list(decoder.output_hypernetworks_mlps[0].layers) + list(decoder.iou_prediction_head.layers)
         return linears
 
-    def _p(self, linear: nn.Linear) -> nn.Module:
+    def _token_layer(self, linear: nn.Linear) -> nn.Module:
         """The layer to run for one of the model's token-side linear layers (its int8 copy, if any)."""
         return self._token.get(id(linear), linear)
 
@@ -441,20 +441,21 @@ class FastDecoder(nn.Module):
     def _attend(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """A decoder Attention given already projected q, k, v (B x N x internal): output projection included."""
         out = attention(_heads(q, module.num_heads), _heads(k, module.num_heads), _heads(v, module.num_heads))
-        return self._p(module.out_proj)(_merge(out))
+        return self._token_layer(module.out_proj)(_merge(out))
 
     def _token_attention(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """A decoder Attention among tokens: B x T x C each -> B x T x C."""
-        return self._attend(module, self._p(module.q_proj)(q), self._p(module.k_proj)(k), self._p(module.v_proj)(v))
+        layer = self._token_layer
+        return self._attend(module, layer(module.q_proj)(q), layer(module.k_proj)(k), layer(module.v_proj)(v))
 
     def _mlp(self, block, x: torch.Tensor) -> torch.Tensor:
         """A transformer MLPBlock on tokens (no dropout)."""
-        return self._p(block.lin2)(block.act(self._p(block.lin1)(x)))
+        return self._token_layer(block.lin2)(block.act(self._token_layer(block.lin1)(x)))
 
     def _head(self, mlp, x: torch.Tensor) -> torch.Tensor:
         """A mask-decoder MLP (ReLU between layers) on tokens."""
         for i, layer in enumerate(mlp.layers):
-            x = self._p(layer)(x)
+            x = self._token_layer(layer)(x)
             if i < len(mlp.layers) - 1:
                 x = F.relu(x)
         return x
@@ -510,11 +511,11 @@ class FastDecoder(nn.Module):
         # Layer 0 (its self-attention sees no positional encoding and has no residual).
         queries = layer0.norm1(self._token_attention(layer0.self_attn, tokens, tokens, tokens))
         t2i = layer0.cross_attn_token_to_image
-        queries = layer0.norm2(queries + self._attend(t2i, self._p(t2i.q_proj)(queries + tokens), k0, v0))
+        queries = layer0.norm2(queries + self._attend(t2i, self._token_layer(t2i.q_proj)(queries + tokens), k0, v0))
         queries = layer0.norm3(queries + self._mlp(layer0.mlp, queries))
         i2t = layer0.cross_attn_image_to_token
         q_tok = queries + tokens
-        k_tok, v_tok = self._p(i2t.k_proj)(q_tok), self._p(i2t.v_proj)(queries)
+        k_tok, v_tok = self._token_layer(i2t.k_proj)(q_tok), self._token_layer(i2t.v_proj)(queries)
         out = attention(_heads(q0, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
         keys = layer0.norm4(keys + self.out0(_merge(out)))
 
@@ -524,11 +525,11 @@ class FastDecoder(nn.Module):
         k1, q1, v1 = torch.split(self.fused1(keys + key_pe), self.split1, dim=-1)
         v1 = v1 - self.v1_pe
         t2i = layer1.cross_attn_token_to_image
-        queries = layer1.norm2(queries + self._attend(t2i, self._p(t2i.q_proj)(queries + tokens), k1, v1))
+        queries = layer1.norm2(queries + self._attend(t2i, self._token_layer(t2i.q_proj)(queries + tokens), k1, v1))
         queries = layer1.norm3(queries + self._mlp(layer1.mlp, queries))
         i2t = layer1.cross_attn_image_to_token
         q_tok = queries + tokens
-        k_tok, v_tok = self._p(i2t.k_proj)(q_tok), self._p(i2t.v_proj)(queries)
+        k_tok, v_tok = self._token_layer(i2t.k_proj)(q_tok), self._token_layer(i2t.v_proj)(queries)
         out = attention(_heads(q1, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
         keys = layer1.norm4(keys + self.out1(_merge(out)))
 
@@ -536,7 +537,7 @@ class FastDecoder(nn.Module):
         # value projections folded into the two queries.
         final = transformer.final_attn_token_to_image
         read = (queries + tokens)[:, :2]
-        q = _heads(self._p(final.q_proj)(read), final.num_heads)  # B x h x 2 x d
+        q = _heads(self._token_layer(final.q_proj)(read), final.num_heads)  # B x h x 2 x d
         heads, dim = q.shape[1], q.shape[-1]
         wk = final.k_proj.weight.reshape(heads, dim, -1)  # h x d x C
         bk = final.k_proj.bias.reshape(heads, dim)
@@ -547,7 +548,7 @@ class FastDecoder(nn.Module):
         weights = (logits * dim**-0.5).softmax(dim=-1)  # B x h x 2 x N
         pooled = weights @ keys.unsqueeze(1)  # B x h x 2 x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None]
-        read = transformer.norm_final_attn(queries[:, :2] + self._p(final.out_proj)(_merge(out)))
+        read = transformer.norm_final_attn(queries[:, :2] + self._token_layer(final.out_proj)(_merge(out)))
         iou = self._head(decoder.iou_prediction_head, read[:, 0])[:, :1]
         hyper = self._head(decoder.output_hypernetworks_mlps[0], read[:, 1])  # B x c2
 

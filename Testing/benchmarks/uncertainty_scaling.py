@@ -2,7 +2,7 @@
 
 One click on the left putamen, then ``uncertainty(n)`` for each n (both methods), medians over
 ``--repeats`` calls; prints a table and writes JSON. Also reports the session's embedding cache
-(bytes held for the one crop) and the decode-only time of one plain click for comparison.
+(bytes held for the one crop) and the time of one plain later click (decode + paste) for comparison.
 
 Usage: python Testing/benchmarks/uncertainty_scaling.py [--model PATH] [--n 2 4 8 16 32] [--json FILE]
 """
