@@ -14,7 +14,8 @@ image whose direction is a signed permutation, which includes Colin27 and most s
     form a box. Per call, the cells are classified (all 8 corners positive, all non-positive, or
     mixed) and only the cells whose class changed since the previous call, or that are mixed,
     are written into a cached mask: a later click costs work in proportion to the band along the
-    zero level set, not to the region. ``values`` runs the same arithmetic over every voxel as
+    zero level set, not to the region. The first call fills the region with each voxel's cell
+    class (one byte per voxel) and interpolates only the mixed cells. ``values`` runs the same arithmetic over every voxel as
     three 1D passes, so ``values(logits) > 0`` equals ``mask(logits)`` bit for bit.
 Any other grid (oblique)
     The user's voxels are cut into 4^3 blocks whose support windows are classified the same
@@ -49,6 +50,7 @@ class _AxisTable:
       w0, w1: per voxel, float32 weights of the lattice points ``cell`` and ``cell + 1``.
       valid: per voxel, whether its centre lies inside the crop along this axis.
       has: per cell of the edge-padded field (L + 1 of them), whether any valid voxel falls in it.
+      voxel_cell: per voxel, its cell of the edge-padded field (L + 1 for a voxel outside the crop).
       runs: (L+1) x R voxel indices of each padded cell, R the longest run (shorter runs repeat
         their last voxel).
       run_w0, run_w1: R x (L+1) weights of the run voxels.
@@ -73,6 +75,7 @@ class _AxisTable:
         cells = low_res + 1
         counts = np.bincount(pseudo[self.valid], minlength=cells)
         self.has = counts > 0
+        self.voxel_cell = np.where(self.valid, pseudo, cells)
         width = max(int(counts.max()) if counts.size else 1, 1)
         # Runs shorter than the longest repeat their last voxel: the repeat recomputes and rewrites
         # that voxel's own value, so padding needs no sentinel and no masking.
@@ -257,18 +260,26 @@ class CropPaster:
         states = self._cell_states(padded)
         tz, ty, tx = self._axes
         shape = tuple(len(t.cell) for t in self._axes)
+        present = tz.has[:, None, None] & ty.has[None, :, None] & tx.has[None, None, :]
         first = self._cached_mask is None
         if first:
-            self._cached_mask = np.zeros(int(np.prod(shape)), dtype=np.uint8)
-            self._cached_state = np.full(states.shape, _NEG, dtype=np.uint8)
-        present = tz.has[:, None, None] & ty.has[None, :, None] & tx.has[None, None, :]
-        update = present & ((states != self._cached_state) | (states == _MIXED))
+            update = present & (states == _MIXED)
+        else:
+            update = present & ((states != self._cached_state) | (states == _MIXED))
         cells = np.argwhere(update)
         per_cell = tz.run_w0.shape[0] * ty.run_w0.shape[0] * tx.run_w0.shape[0]
-        if first or len(cells) * per_cell > _FULL_FRACTION * self._cached_mask.size:
-            # Most of the region changes (a first click on a large object, noisy logits): three
-            # 1D passes over everything are cheaper than the cell-wise update, and equal to it.
+        if len(cells) * per_cell > _FULL_FRACTION * int(np.prod(shape)):
+            # Most of the region changes (noisy logits): three 1D passes over everything are
+            # cheaper than the cell-wise update, and equal to it.
+            if first:
+                self._cached_mask = np.empty(int(np.prod(shape)), dtype=np.uint8)
             np.greater(self._values_separable(logits), 0, out=self._cached_mask.reshape(shape), casting="unsafe")
+            changed = self._whole
+        elif first:
+            # Start from the answer of the cells whose corners all agree (a gather of one byte per
+            # voxel), then interpolate the mixed cells along the zero level set.
+            self._cached_mask = self._fill_cells(states == _POS)
+            self._write_cells(padded, cells, self._cached_mask)
             changed = self._whole
         elif len(cells):
             self._write_cells(padded, cells, self._cached_mask)
@@ -283,6 +294,15 @@ class CropPaster:
             changed = Region((0, 0, 0), (0, 0, 0))
         self._cached_state = states
         return changed
+
+    def _fill_cells(self, cell_values: np.ndarray) -> np.ndarray:
+        """Flat (z, y, x) uint8 array of the region with each voxel set to its padded cell's value
+        (0 outside the crop)."""
+        tz, ty, tx = self._axes
+        values = np.zeros(tuple(n + 1 for n in cell_values.shape), dtype=np.uint8)  # + the outside cell
+        values[: cell_values.shape[0], : cell_values.shape[1], : cell_values.shape[2]] = cell_values
+        rows = values[tz.voxel_cell][:, ty.voxel_cell]  # nz x ny x cells
+        return np.take(rows, tx.voxel_cell, axis=2).reshape(-1)
 
     def _values_separable(self, low_res: torch.Tensor) -> np.ndarray:
         field = self._oriented(self._field(low_res))

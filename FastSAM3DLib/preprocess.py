@@ -55,7 +55,8 @@ class CropGrid:
     def to_index(self, points_lps: np.ndarray) -> np.ndarray:
         """N x 3 LPS points -> N x 3 continuous crop indices (model order)."""
         points = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
-        return (points - np.asarray(self.origin)) @ np.linalg.inv(self.matrix).T
+        # The inverse of CANONICAL_DIRECTION * spacing (a diagonal of +-1) is CANONICAL_DIRECTION / spacing.
+        return (points - np.asarray(self.origin)) @ (CANONICAL_DIRECTION / self.spacing)
 
     def to_physical(self, indices: np.ndarray) -> np.ndarray:
         """N x 3 crop indices (model order) -> N x 3 LPS points."""

@@ -206,6 +206,7 @@ class Session:
         self._pasters: Dict[CropGrid, CropPaster] = {}
         self._objects: Dict[int, _ObjectState] = {}
         self._delivered: Dict[int, _Delivery] = {}
+        self._click_voxels: Dict[Prompt, Optional[Tuple[int, int, int]]] = {}
         self._next_object = 0
 
     # -- image -----------------------------------------------------------------------------------
@@ -231,6 +232,7 @@ class Session:
             self._pasters.clear()
             self._objects = {0: _ObjectState()}
             self._delivered.clear()
+            self._click_voxels.clear()
             self._next_object = 1
         if self.prefetch:
             size = np.asarray(loaded.GetSize(), dtype=np.float64)
@@ -540,14 +542,22 @@ class Session:
                 changed = changed.union(Region(voxel[0], tuple(v + 1 for v in voxel[0])))
         self._delivered[object] = _Delivery(state, region, enforced, box_prompt)
         out = changed if changes_only else region
-        mask = np.zeros(tuple(reversed(out.size)), dtype=np.uint8)
+        mask: Optional[np.ndarray] = None
+        for crop in crops if not out.empty else []:
+            paster = self._paster(crop)
+            overlap = out.intersection(paster.region)
+            if overlap.empty:
+                continue
+            part = paster.read(overlap.relative_to(paster.region.start))
+            if mask is None and overlap == out:
+                mask = part  # one crop covers the box (the usual case): its copy is the answer
+                continue
+            if mask is None:
+                mask = np.zeros(tuple(reversed(out.size)), dtype=np.uint8)
+            mask[overlap.relative_to(out.start).slices()] |= part
+        if mask is None:
+            mask = np.zeros(tuple(reversed(out.size)), dtype=np.uint8)
         if not out.empty:
-            for crop in crops:
-                paster = self._paster(crop)
-                overlap = out.intersection(paster.region)
-                if overlap.empty:
-                    continue
-                mask[overlap.relative_to(out.start).slices()] |= paster.read(overlap.relative_to(paster.region.start))
             self._apply_boxes(state, out, mask)
             self._enforce_clicks(state, out, mask, enforced)
         self.last_timings["paste_s"] = time.perf_counter() - start
@@ -583,10 +593,11 @@ class Session:
         """The set image's voxel (x, y, z) a click falls in; None for a box or a point outside the image."""
         if prompt.is_box:
             return None
-        index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
-        if np.any(index < 0) or np.any(index >= np.asarray(self.image.GetSize())):
-            return None
-        return tuple(int(v) for v in index)
+        if prompt not in self._click_voxels:  # every click is looked up again on each later click
+            index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
+            inside = not (np.any(index < 0) or np.any(index >= np.asarray(self.image.GetSize())))
+            self._click_voxels[prompt] = tuple(int(v) for v in index) if inside else None
+        return self._click_voxels[prompt]
 
     def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray, enforced: Dict[Tuple[int, int, int], int]) -> None:
         """A positive click's voxel is always in the mask, a negative one's never (later clicks win).

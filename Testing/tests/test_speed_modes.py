@@ -242,6 +242,8 @@ AXIS_ALIGNED = {
     "lps_1mm": dict(spacing=(1.0, 1.0, 1.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)),
     "ras_flip": dict(spacing=(0.9, 1.3, 2.0), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)),
     "permuted": dict(spacing=(1.1, 0.7, 1.6), direction=(0, 1, 0, 0, 0, -1, 1, 0, 0)),
+    # Larger than the crop (192 mm): the region has voxels outside it on every axis.
+    "beyond_crop": dict(spacing=(4.0, 3.5, 4.5), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1)),
 }
 
 
