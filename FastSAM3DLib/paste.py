@@ -15,8 +15,10 @@ image whose direction is a signed permutation, which includes Colin27 and most s
     mixed) and only the cells whose class changed since the previous call, or that are mixed,
     are written into a cached mask: a later click costs work in proportion to the band along the
     zero level set, not to the region. The first call fills the region with each voxel's cell
-    class (one byte per voxel) and interpolates only the mixed cells. ``values`` runs the same arithmetic over every voxel as
-    three 1D passes, so ``values(logits) > 0`` equals ``mask(logits)`` bit for bit.
+    class (one byte per voxel) and interpolates only the mixed cells. ``values`` runs the same
+    arithmetic over every voxel as three 1D passes, so ``values(logits) > 0`` equals
+    ``mask(logits)`` bit for bit (logits are read with infinities clamped and denormals flushed
+    to zero, the values for which a product with a weight could change sign or become NaN).
 Any other grid (oblique)
     The user's voxels are cut into 4^3 blocks whose support windows are classified the same
     way, and the voxels of mixed blocks are sampled with ``grid_sample``.
@@ -196,7 +198,9 @@ class CropPaster:
 
     @staticmethod
     def _field(low_res: torch.Tensor) -> np.ndarray:
-        return low_res.detach().reshape(*low_res.shape[-3:]).float().cpu().numpy()
+        field = np.clip(low_res.detach().reshape(*low_res.shape[-3:]).float().cpu().numpy(), -1e30, 1e30)
+        field[np.abs(field) < np.finfo(np.float32).tiny] = 0.0
+        return field
 
     def _oriented(self, field: np.ndarray) -> np.ndarray:
         """The low-res field with its axes in the region array's (z, y, x) order."""

@@ -593,11 +593,12 @@ class Session:
         """The set image's voxel (x, y, z) a click falls in; None for a box or a point outside the image."""
         if prompt.is_box:
             return None
-        if prompt not in self._click_voxels:  # every click is looked up again on each later click
-            index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
-            inside = not (np.any(index < 0) or np.any(index >= np.asarray(self.image.GetSize())))
-            self._click_voxels[prompt] = tuple(int(v) for v in index) if inside else None
-        return self._click_voxels[prompt]
+        with self._lock:  # cached: every paste revisits every prompt; set_image clears it
+            if prompt not in self._click_voxels:
+                index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
+                inside = not (np.any(index < 0) or np.any(index >= np.asarray(self.image.GetSize())))
+                self._click_voxels[prompt] = tuple(int(v) for v in index) if inside else None
+            return self._click_voxels[prompt]
 
     def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray, enforced: Dict[Tuple[int, int, int], int]) -> None:
         """A positive click's voxel is always in the mask, a negative one's never (later clicks win).

@@ -255,11 +255,11 @@ def _grid_image(spacing, direction, size=(70, 64, 50)):
     return image
 
 
-def _field(seed: int, shift=(0.0, 0.0, 0.0)) -> torch.Tensor:
+def _field(seed: int, shift=(0.0, 0.0, 0.0), noise: float = 0.8) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     grid = torch.stack(torch.meshgrid(*[torch.arange(32.0)] * 3, indexing="ij"), -1)
     center = torch.tensor([15.0, 17.0, 14.0]) + torch.tensor(shift)
-    field = 7.0 - (grid - center).norm(dim=-1) + 0.8 * torch.randn(32, 32, 32, generator=generator)
+    field = 7.0 - (grid - center).norm(dim=-1) + noise * torch.randn(32, 32, 32, generator=generator)
     return field[None, None]
 
 
@@ -281,6 +281,19 @@ def test_separable_paste_equals_direct_sampling(name):
         mask = paster.mask(logits)  # incremental: updated from the previous call's answer
         assert np.array_equal(mask, (values > 0).astype(np.uint8))
         assert np.array_equal(mask, CropPaster(crop, image, 32).mask(logits))  # and equal to a fresh one
+
+
+@pytest.mark.parametrize("name", sorted(AXIS_ALIGNED))
+def test_first_paste_interpolates_only_the_boundary_cells(name, monkeypatch):
+    """A fresh paster fills the cells whose corners agree and interpolates only the mixed ones
+    (no whole-region pass), and the answer is still values() > 0 exactly."""
+    image = _grid_image(**AXIS_ALIGNED[name])
+    crop = CropGrid.around(index_to_physical(image, (30, 40, 20)))
+    logits = _field(0, noise=0.0) - 4.0  # a sphere of radius 3 low-res voxels
+    expected = (CropPaster(crop, image, 32).values(logits) > 0).astype(np.uint8)
+    assert 0 < expected.sum() < expected.size
+    monkeypatch.setattr(CropPaster, "_values_separable", lambda *_: pytest.fail("the whole region was interpolated"))
+    assert np.array_equal(CropPaster(crop, image, 32).mask(logits), expected)
 
 
 def test_oblique_paste_still_matches():
