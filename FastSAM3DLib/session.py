@@ -542,21 +542,18 @@ class Session:
                 changed = changed.union(Region(voxel[0], tuple(v + 1 for v in voxel[0])))
         self._delivered[object] = _Delivery(state, region, enforced, box_prompt)
         out = changed if changes_only else region
-        mask: Optional[np.ndarray] = None
-        for crop in crops if not out.empty else []:
+        parts = []  # (overlap with the box, that crop's mask there)
+        for crop in crops:
             paster = self._paster(crop)
             overlap = out.intersection(paster.region)
-            if overlap.empty:
-                continue
-            part = paster.read(overlap.relative_to(paster.region.start))
-            if mask is None and overlap == out:
-                mask = part  # one crop covers the box (the usual case): its copy is the answer
-                continue
-            if mask is None:
-                mask = np.zeros(tuple(reversed(out.size)), dtype=np.uint8)
-            mask[overlap.relative_to(out.start).slices()] |= part
-        if mask is None:
+            if not overlap.empty:
+                parts.append((overlap, paster.read(overlap.relative_to(paster.region.start))))
+        if len(parts) == 1 and parts[0][0] == out:
+            mask = parts[0][1]  # one crop covers the box (the usual case): its copy is the answer
+        else:
             mask = np.zeros(tuple(reversed(out.size)), dtype=np.uint8)
+            for overlap, part in parts:
+                mask[overlap.relative_to(out.start).slices()] |= part
         if not out.empty:
             self._apply_boxes(state, out, mask)
             self._enforce_clicks(state, out, mask, enforced)
