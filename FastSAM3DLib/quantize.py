@@ -666,10 +666,11 @@ AUTO_MAX_DICE_COST = 0.005
 #: structures, 10 interactions, click mode "all", seed 0): ``python Testing/benchmarks/speed_mode_dice.py
 #: --model CHECKPOINT`` (``fastsam3d evaluate --precision fp32 fp32-fast int8 bf16 sparse int8-sparse``).
 #: Measured 2026-11-30 on our width-384 campaign checkpoint (``Resources/Training``, run bundled-v2, step
-#: 1836; fp32 Dice@5 0.322), with the int8 decoder's token-side layers in int8; bf16 through the CPU fast
+#: 4364; fp32 Dice@5 0.438), with the int8 decoder's token-side layers in int8; bf16 through the CPU fast
 #: path with emulated bf16 arithmetic (same rounding as native). The model is undertrained, so the
-#: differences are mostly click trajectories diverging after near-ties: re-measure with the bundled model.
-MEASURED_DICE5_COST: Dict[str, Optional[float]] = {"fp32-fast": 0.0, "int8": -0.0121, "bf16": 0.0015, "sparse": 0.0051, "int8-sparse": 0.0276}
+#: differences are mostly click trajectories diverging after near-ties (at step 1836: int8 -0.012, bf16
+#: +0.002, sparse +0.005, int8-sparse +0.028): re-measure with the bundled model.
+MEASURED_DICE5_COST: Dict[str, Optional[float]] = {"fp32-fast": 0.0, "int8": -0.022, "bf16": -0.0178, "sparse": 0.0216, "int8-sparse": 0.0006}
 #: Modes "auto" may pick on a CPU, fastest first. The sparse modes are opt-in only (DESIGN.md §3).
 AUTO_CPU_ORDER: Tuple[str, ...] = ("bf16", "int8", "fp32-fast")
 
