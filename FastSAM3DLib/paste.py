@@ -264,6 +264,7 @@ class CropPaster:
         states = self._cell_states(padded)
         tz, ty, tx = self._axes
         shape = tuple(len(t.cell) for t in self._axes)
+        size = int(np.prod(shape))
         present = tz.has[:, None, None] & ty.has[None, :, None] & tx.has[None, None, :]
         first = self._cached_mask is None
         if first:
@@ -272,11 +273,11 @@ class CropPaster:
             update = present & ((states != self._cached_state) | (states == _MIXED))
         cells = np.argwhere(update)
         per_cell = tz.run_w0.shape[0] * ty.run_w0.shape[0] * tx.run_w0.shape[0]
-        if len(cells) * per_cell > _FULL_FRACTION * int(np.prod(shape)):
+        if len(cells) * per_cell > _FULL_FRACTION * size:
             # Most of the region changes (noisy logits): three 1D passes over everything are
             # cheaper than the cell-wise update, and equal to it.
             if first:
-                self._cached_mask = np.empty(int(np.prod(shape)), dtype=np.uint8)
+                self._cached_mask = np.empty(size, dtype=np.uint8)
             np.greater(self._values_separable(logits), 0, out=self._cached_mask.reshape(shape), casting="unsafe")
             changed = self._whole
         elif first:
@@ -303,8 +304,7 @@ class CropPaster:
         """Flat (z, y, x) uint8 array of the region with each voxel set to its padded cell's value
         (0 outside the crop)."""
         tz, ty, tx = self._axes
-        values = np.zeros(tuple(n + 1 for n in cell_values.shape), dtype=np.uint8)  # + the outside cell
-        values[: cell_values.shape[0], : cell_values.shape[1], : cell_values.shape[2]] = cell_values
+        values = np.pad(cell_values.astype(np.uint8), (0, 1))  # + the outside cell (index L + 1), 0
         rows = values[tz.voxel_cell][:, ty.voxel_cell]  # nz x ny x cells
         return np.take(rows, tx.voxel_cell, axis=2).reshape(-1)
 
