@@ -2,7 +2,8 @@
 the full-size student, eager and compiled (inductor), fp32 and int8, one run.
 
 Times one decode of a 128^3 crop embedding with 5 clicks and a previous mask (what a later click
-decodes), medians over ``--repeats``; also the time of the first compiled call (the compilation;
+decodes), the four variants interleaved round by round (``FastSAM3DLib.benchmark.run_interleaved``),
+medians over ``--repeats`` rounds; also the time of the first compiled call (the compilation;
 inductor caches it on disk, so a second run of this script shows the warm-cache figure), the
 largest difference from the eager result, and a second prompt count (a later click has one more
 click than the one before: with ``dynamic=True`` that must not recompile). Prints a table and
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,19 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from FastSAM3DLib.benchmark import Measurement, run_interleaved  # noqa: E402
 from FastSAM3DLib.build import build_model  # noqa: E402
 from FastSAM3DLib.quantize import FastDecoder  # noqa: E402
-
-
-def median_ms(function, repeats: int) -> float:
-    for _ in range(3):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> int:
@@ -59,10 +49,10 @@ def main() -> int:
             coords = torch.rand(1, count, 3, generator=generator) * 127
             labels = (torch.rand(1, count, generator=generator) > 0.3).float()
             prompts[count] = (coords, labels)
+        timed = []  # (row, eager, compiled)
         for int8 in (False, True):
             decoder = FastDecoder(model, int8=int8).eval()
-            eager = lambda: decoder(embedding, *prompts[5], previous)  # noqa: E731
-            reference = eager()[0]
+            reference = decoder(embedding, *prompts[5], previous)[0]
             compiled_decoder = torch.compile(decoder, dynamic=True)
             start = time.perf_counter()
             result = compiled_decoder(embedding, *prompts[5], previous)[0]
@@ -70,15 +60,21 @@ def main() -> int:
             start = time.perf_counter()
             compiled_decoder(embedding, *prompts[6], previous)
             next_count_s = time.perf_counter() - start
+            name = "int8" if int8 else "fp32"
+            eager = Measurement("decode", f"{name} eager", lambda d=decoder: d(embedding, *prompts[5], previous))
+            compiled = Measurement("decode", f"{name} compiled", lambda d=compiled_decoder: d(embedding, *prompts[5], previous))
             row = {
-                "decoder": "int8" if int8 else "fp32",
-                "eager_ms": median_ms(eager, args.repeats),
-                "compiled_ms": median_ms(lambda: compiled_decoder(embedding, *prompts[5], previous), args.repeats),
+                "decoder": name,
                 "first_compiled_call_s": compile_s,
                 "one_more_click_first_call_s": next_count_s,
                 "max_abs_difference": float((result - reference).abs().max()),
             }
-            rows.append(row)
+            timed.append((row, eager, compiled))
+        run_interleaved([m for _, *pair in timed for m in pair], args.repeats, torch.device("cpu"))
+    for row, eager, compiled in timed:
+        row["eager_ms"] = 1e3 * eager.summary()["median_s"]
+        row["compiled_ms"] = 1e3 * compiled.summary()["median_s"]
+        rows.append(row)
     print(f"decode, {args.model}, {args.threads} threads, 5 clicks (medians of {args.repeats})")
     print(f"{'decoder':8s} {'eager':>9s} {'compiled':>9s} {'compile':>9s} {'+1 click':>9s} {'max |diff|':>11s}")
     for row in rows:
