@@ -37,6 +37,8 @@ _BASE: ModelConfig = {
     "iou_head_depth": 3,
     "iou_head_hidden_dim": 256,
     "decoder_dropout": 0.0,
+    # Trained for SAM's ambiguity rule (candidate masks for a lone first click: Sam3D.uses_multimask).
+    "first_click_multimask": False,
 }
 
 _FASTSAM3D_KINDS = ["mlp", "mlp", "fastsam3d", "fastsam3d", "fastsam3d", "fastsam3d"]

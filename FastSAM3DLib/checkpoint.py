@@ -315,11 +315,17 @@ def load_model(
                 "'image_encoder.' prefix). Pass decoder_path= (--decoder on the command line) with a full "
                 "checkpoint whose prompt encoder and mask decoder to use."
             )
-        decoder_state, _ = read_state_dict(decoder_path)
+        decoder_state, decoder_metadata = read_state_dict(decoder_path)
         state = {f"image_encoder.{k}": v for k, v in state.items()}
         state.update({k: v for k, v in decoder_state.items() if not k.startswith("image_encoder.")})
+        # How the decoder answers a first click is a property of the decoder's file.
+        decoder_config = _config_from_metadata(decoder_metadata, Path(decoder_path)) or {}
+        metadata_overrides = {k: decoder_config[k] for k in ("first_click_multimask",) if k in decoder_config}
+    else:
+        metadata_overrides = {}
 
     overrides = dict(_config_from_metadata(metadata, path) or {})
+    overrides.update(metadata_overrides)
     overrides.update(config or {})
     try:
         cfg = infer_config(state, overrides)

@@ -31,10 +31,11 @@ less work — algebraically the same computation (equal to float rounding in fp3
   mask prompt enters them only through 16 channels (``mask_downscaling`` ends in a 1x1
   convolution), so per click they cost a rank-16 update;
 * the other image-side projections of a layer are one fused matrix multiply;
-* the final token->image attention is computed for the two tokens that are read (IoU and
-  mask 0) with keys and values folded into the queries (16 x 512 work instead of 512 x 384 x 384);
+* the final token->image attention is computed for the tokens that are read (IoU and mask 0, or
+  the three candidates) with keys and values folded into the queries (16 x 512 work instead of
+  512 x 384 x 384);
 * the transposed convolutions (kernel = stride = 2) are matrix multiplies whose outputs stay in
-  token order until the very end, and only mask 0 is computed (``multimask_output=False``);
+  token order until the very end, and only the masks asked for are computed;
 * in the int8 modes its large image-side matrix multiplies are int8 as well, and so are the
   token-side layers: a handful of tokens against whole weight matrices, so their time is spent
   reading weights, and int8 weights are a quarter of the bytes.
@@ -329,8 +330,8 @@ class _EmbeddingCache:
 class FastDecoder(nn.Module):
     """Prompt encoder + mask decoder of a :class:`Sam3D`, restated to do less work per click.
 
-    Computes what ``model.decode(..., multimask_output=False)`` computes (see the module
-    docstring for how); dropout is never applied (use the model itself for MC dropout).
+    Computes what ``model.decode`` computes (see the module docstring for how); dropout is never
+    applied (use the model itself for MC dropout).
 
     Arguments:
       model: the model (its modules are referenced, and fused weights derived from them).
@@ -402,7 +403,9 @@ class FastDecoder(nn.Module):
                         i2t.k_proj, i2t.v_proj, layer.mlp.lin1, layer.mlp.lin2]
         final = decoder.transformer.final_attn_token_to_image
         linears += [final.q_proj, final.out_proj]
-        linears += list(decoder.output_hypernetworks_mlps[0].layers) + list(decoder.iou_prediction_head.layers)
+        for mlp in decoder.output_hypernetworks_mlps:
+            linears += list(mlp.layers)
+        linears += list(decoder.iou_prediction_head.layers)
         return linears
 
     def _token_layer(self, linear: nn.Linear) -> nn.Module:
@@ -470,13 +473,11 @@ class FastDecoder(nn.Module):
         mask_logits: Optional[torch.Tensor] = None,
         multimask_output: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Same arguments and results as :meth:`Sam3D.decode` with ``multimask_output=False``.
+        """Same arguments and results as :meth:`Sam3D.decode`.
 
         Returns:
-          low-res logits B x 1 x 32 x 32 x 32 and predicted IoU B x 1.
+          low-res logits B x M x 32 x 32 x 32 and predicted IoU B x M (M = 1, or 3 with ``multimask_output``).
         """
-        if multimask_output:
-            raise ValueError("the fast decoder computes mask 0 only; use the model's decode for multimask output")
         if image_embeddings.shape[0] != 1:
             raise ValueError("the fast decoder takes one image embedding (broadcast to the prompt batch)")
         prompt, decoder = self.prompt_encoder, self.mask_decoder
@@ -533,35 +534,39 @@ class FastDecoder(nn.Module):
         out = attention(_heads(q1, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
         keys = layer1.norm4(keys + self.out1(_merge(out)))
 
-        # Final token->image attention, for the IoU token and mask token 0 only, with the key and
-        # value projections folded into the two queries.
+        # Final token->image attention, for the IoU token and the mask tokens asked for only, with
+        # the key and value projections folded into those R queries.
+        outputs = list(range(1, decoder.num_mask_tokens)) if multimask_output else [0]
+        read_tokens = [0] + [1 + k for k in outputs]
         final = transformer.final_attn_token_to_image
-        read = (queries + tokens)[:, :2]
-        q = _heads(self._token_layer(final.q_proj)(read), final.num_heads)  # B x h x 2 x d
+        read = (queries + tokens)[:, read_tokens]
+        q = _heads(self._token_layer(final.q_proj)(read), final.num_heads)  # B x h x R x d
         heads, dim = q.shape[1], q.shape[-1]
         wk = final.k_proj.weight.reshape(heads, dim, -1)  # h x d x C
         bk = final.k_proj.bias.reshape(heads, dim)
         wv = final.v_proj.weight.reshape(heads, dim, -1)
         bv = final.v_proj.bias.reshape(heads, dim)
-        q_folded = torch.einsum("bhqd,hdc->bhqc", q, wk)  # B x h x 2 x C
+        q_folded = torch.einsum("bhqd,hdc->bhqc", q, wk)  # B x h x R x C
         logits = q_folded @ (keys + key_pe).transpose(1, 2).unsqueeze(1) + (q * bk[None, :, None]).sum(-1, keepdim=True)
-        weights = (logits * dim**-0.5).softmax(dim=-1)  # B x h x 2 x N
-        pooled = weights @ keys.unsqueeze(1)  # B x h x 2 x C
+        weights = (logits * dim**-0.5).softmax(dim=-1)  # B x h x R x N
+        pooled = weights @ keys.unsqueeze(1)  # B x h x R x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None]
-        read = transformer.norm_final_attn(queries[:, :2] + self._token_layer(final.out_proj)(_merge(out)))
-        iou = self._head(decoder.iou_prediction_head, read[:, 0])[:, :1]
-        hyper = self._head(decoder.output_hypernetworks_mlps[0], read[:, 1])  # B x c2
+        read = transformer.norm_final_attn(queries[:, read_tokens] + self._token_layer(final.out_proj)(_merge(out)))
+        iou = self._head(decoder.iou_prediction_head, read[:, 0])[:, outputs]
+        hyper = torch.stack(
+            [self._head(decoder.output_hypernetworks_mlps[k], read[:, 1 + j]) for j, k in enumerate(outputs)], dim=-1
+        )  # B x c2 x M
 
-        # Upscaling: token -> 8 sub-voxels -> 8 sub-voxels each, then mask 0 = hyper . features.
+        # Upscaling: token -> 8 sub-voxels -> 8 sub-voxels each, then mask m = hyper_m . features.
         n = keys.shape[1]
         up = self.up1(keys).reshape(batch, n * 8, self.c1)  # rows (token, sub1), channel last
         weight, bias, eps = self.up_norm
         up = self.act1(F.layer_norm(up, (self.c1,), weight, bias, eps))
         up = self.act2(self.up2(up).reshape(batch, n * 64, self.c2))  # rows (token, sub1, sub2)
-        mask = (up @ hyper.unsqueeze(-1)).reshape(batch, *(prompt.image_embedding_size), 2, 2, 2, 2, 2, 2)
         g = prompt.image_embedding_size
-        mask = mask.permute(0, 1, 4, 7, 2, 5, 8, 3, 6, 9).reshape(batch, 1, g[0] * 4, g[1] * 4, g[2] * 4)
-        return mask, iou
+        masks = (up @ hyper).reshape(batch, *g, 2, 2, 2, 2, 2, 2, len(outputs))
+        masks = masks.permute(0, 10, 1, 4, 7, 2, 5, 8, 3, 6, 9).reshape(batch, len(outputs), g[0] * 4, g[1] * 4, g[2] * 4)
+        return masks, iou
 
 
 # -- the session's entry point ----------------------------------------------------------------------
@@ -593,9 +598,9 @@ class FastPath:
         overridden = "decode" in vars(model) or any(
             "forward" in vars(m) for m in (model.prompt_encoder, model.mask_decoder)
         )
-        if self._decoder is None or multimask_output or overridden:
+        if self._decoder is None or overridden:
             return model.decode(image_embeddings, coords, labels, mask_logits, multimask_output)
-        return self._decoder(image_embeddings, coords, labels, mask_logits)
+        return self._decoder(image_embeddings, coords, labels, mask_logits, multimask_output)
 
 
 _paths: "weakref.WeakKeyDictionary[Sam3D, Dict[str, Tuple[int, FastPath]]]" = weakref.WeakKeyDictionary()

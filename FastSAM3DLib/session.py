@@ -29,7 +29,7 @@ import torch
 from .checkpoint import resolve_device
 from .errors import PromptError
 from .io import ImageLike, load_image
-from .modeling import Sam3D
+from .modeling import Sam3D, select_by_iou
 from .paste import CropPaster
 from .quantize import check_mode, fast_path, resolve_precision, runs_fast_path
 from .preprocess import (
@@ -124,15 +124,16 @@ class _ObjectState:
     logits: Dict[CropGrid, torch.Tensor] = field(default_factory=dict)
     decoded: Dict[CropGrid, int] = field(default_factory=dict)  # crop -> number of prompts decoded
     iou: Dict[CropGrid, float] = field(default_factory=dict)
+    candidate: Dict[CropGrid, bool] = field(default_factory=dict)  # logits are a lone click's chosen candidate
     checked: int = 0  # prompts whose click consistency has been counted
     history: List[tuple] = field(default_factory=list)
 
     def snapshot(self) -> tuple:
-        return (list(self.prompts), list(self.crops), dict(self.logits), dict(self.decoded), dict(self.iou), self.checked)
+        return (list(self.prompts), list(self.crops), dict(self.logits), dict(self.decoded), dict(self.iou), dict(self.candidate), self.checked)
 
     def restore(self, state: tuple) -> None:
-        self.prompts, self.crops, self.logits, self.decoded, self.iou = (copy.copy(s) for s in state[:5])
-        self.checked = state[5]
+        self.prompts, self.crops, self.logits, self.decoded, self.iou, self.candidate = (copy.copy(s) for s in state[:6])
+        self.checked = state[6]
 
 
 class Session:
@@ -451,6 +452,9 @@ class Session:
         embedding = self._embedding(crop)
         start = time.perf_counter()
         previous = state.logits.get(crop)
+        labels_tensor = torch.from_numpy(labels)[None]
+        # Only the object's very first prompt: a crop opened later by another click keeps the scale the user set.
+        multimask = self.model.uses_multimask(labels_tensor, first=previous is None and len(used) == len(state.prompts))
         if previous is None:
             previous = torch.zeros((1, 1, *self.model.low_res_size), device=self.device)
         decode = fast_path(self.model, self.precision).decode if self._fast else self.model.decode
@@ -458,11 +462,15 @@ class Session:
             logits, iou = decode(
                 embedding,
                 torch.from_numpy(coords)[None].to(self.device),
-                torch.from_numpy(labels)[None].to(self.device),
+                labels_tensor.to(self.device),
                 previous.to(self.device),
+                multimask_output=multimask,
             )
+            if multimask:
+                logits, iou = select_by_iou(logits, iou)
         state.logits[crop] = logits.float()
         state.iou[crop] = float(iou.reshape(-1)[0])
+        state.candidate[crop] = multimask
         state.decoded[crop] = len(state.prompts)
         self.last_timings["decode_s"] = self.last_timings.get("decode_s", 0.0) + time.perf_counter() - start
 
@@ -732,6 +740,9 @@ class Session:
         previous = state.logits[crop]
         batch_coords = torch.from_numpy(coords)[None].repeat(n, 1, 1)
         batch_labels = torch.from_numpy(labels)[None].repeat(n, 1)
+        # A lone click's mask is its best candidate: the stochastic decodes redo that choice, each its own.
+        candidates = state.candidate.get(crop, False) and method == "mc-dropout"
+        fed_back = torch.zeros_like(previous) if candidates else previous
         if method == "click-jitter":
             cells = torch.nonzero(previous[0, 0] > 0)
             if len(cells) == 0:
@@ -754,12 +765,15 @@ class Session:
                     for module in dropouts:
                         module.p = rate
                         module.train()
-                logits, _ = self.model.decode(
+                logits, iou = self.model.decode(
                     embedding,
                     batch_coords.to(self.device),
                     batch_labels.to(self.device),
-                    previous.repeat(n, 1, 1, 1, 1).to(self.device),
+                    fed_back.repeat(n, 1, 1, 1, 1).to(self.device),
+                    multimask_output=candidates,
                 )
+                if candidates:
+                    logits, _ = select_by_iou(logits, iou)
             finally:
                 for module, p, training in saved:
                     module.p = p

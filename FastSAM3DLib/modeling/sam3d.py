@@ -72,3 +72,33 @@ class Sam3D(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
+
+    def uses_multimask(self, labels: torch.Tensor, first: bool) -> bool:
+        """SAM's ambiguity rule: whether this decode should pick among the multimask outputs.
+
+        A lone positive click does not say which of the nested structures around it is meant
+        (putamen or striatum, a lobe or the brain), and a single-mask model answers with their
+        average. Models trained for it (``config["first_click_multimask"]``) predict three
+        candidates for a first decode from one positive click; :func:`select_by_iou` keeps one.
+
+        Arguments:
+          labels: B x N point labels of the decode.
+          first: no previous logits are fed back.
+        """
+        single_positive = labels.shape[-1] == 1 and bool((labels == 1).all())
+        return bool(self.config.get("first_click_multimask")) and first and single_positive
+
+
+def select_by_iou(logits: torch.Tensor, iou: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's candidate with the highest predicted IoU.
+
+    Arguments:
+      logits: B x M x 32 x 32 x 32 candidate mask logits.
+      iou: B x M predicted IoU.
+
+    Returns:
+      logits B x 1 x 32 x 32 x 32 and predicted IoU B x 1.
+    """
+    best = iou.argmax(dim=1)
+    rows = torch.arange(iou.shape[0], device=iou.device)
+    return logits[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)

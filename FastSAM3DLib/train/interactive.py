@@ -10,8 +10,18 @@ One training step, per crop of the batch:
    first click badly); add DiceCE (+ an IoU-head MSE) against
    the target at the loss grid; simulate the next click in the error region of this prediction.
 
-The loss is averaged over the iterations that carry gradients: all of them by default, or the
-first plus ``grad_iters - 1`` random ones (the others run without autograd, which on a CPU saves
+With ``multimask`` the first decode trains SAM's three candidate masks for a lone click, which
+does not say which of the nested structures around it is meant (a nucleus or the brain around
+it). SAM back-propagates the lowest-loss candidate; here each target trains the candidate of its
+size class instead (``multimask_bins``, fractions of the crop: small, medium, large), because
+candidates started as copies of one trained output did not split under the min-loss rule in a
+tiny-model probe (150 steps, two nested targets behind the same click) and a CPU campaign has
+a few thousand steps. The single-mask output keeps its own loss, the IoU head learns the IoU of
+all four outputs, and the candidate with the highest predicted IoU is fed back, as the Session
+picks it (:meth:`Sam3D.uses_multimask`).
+
+The loss is averaged over the iterations that carry gradients (the first one's two terms counted
+as two with ``multimask``): all of them by default, or the first plus ``grad_iters - 1`` random ones (the others run without autograd, which on a CPU saves
 about two thirds of their cost while the model still learns from the states they lead to).
 
 By default the loss and the simulated clicks live on the decoder's 32^3 grid (the target is the
@@ -45,7 +55,7 @@ from tqdm import tqdm
 
 from ..build import build_model, count_parameters
 from ..clicks import next_click_lowres
-from ..modeling import Sam3D
+from ..modeling import Sam3D, select_by_iou
 from . import ddp
 from .losses import segmentation_loss
 from .pool import DEFAULT_CACHE, DEFAULT_POOL, PoolSpec, build_pool, load_entry, read_index
@@ -75,6 +85,14 @@ class InteractiveConfig:
       loss_grid: "low" (the decoder's 32^3) or "full" (logits upsampled to 128^3).
       iou_weight: weight of the IoU-head MSE (default 0: from scratch, even 0.1 drove the one-sample
         overfit into the empty-mask collapse; train the IoU head once masks are learned).
+      multimask: train the three candidate masks on the first click (see the module docstring); a
+        model without them starts them as copies of the single-mask output
+        (:func:`seed_multimask_tokens`) and is marked ``config["first_click_multimask"]``.
+      multimask_bins: target size (fraction of the crop's voxels) separating the small, medium and
+        large candidates. The defaults, read from pool ``train-s0``: Colin27's nuclei (0.02-0.24 %)
+        and the smaller half of the phantoms are small; the larger phantoms (up to 5.7 %) and the
+        cerebellum (1.8-4.1 %) medium; the brain (15-37 %) large. Needs ``iou_weight`` > 0: the
+        IoU head picks the candidate.
       pos_weight: foreground weight in the cross-entropy (1: MONAI's DiceCELoss).
       loss: "dicebalanced" (default: Dice + class-balanced CE; plain DiceCE and DiceFocal collapsed to
         empty masks on small targets from scratch), "dicece" (MONAI DiceCELoss) or "dicefocal".
@@ -102,6 +120,8 @@ class InteractiveConfig:
     p_interior: float = 0.5
     loss_grid: str = "low"
     iou_weight: float = 0.0
+    multimask: bool = False
+    multimask_bins: Tuple[float, float] = (0.003, 0.08)
     pos_weight: float = 1.0
     loss: str = "dicebalanced"
     balance_cap: float = 0.0
@@ -137,6 +157,38 @@ class InteractiveConfig:
             raise ValueError("click_iters and batch_size must be at least 1, steps at least 0")
         if self.grad_iters is not None and not 1 <= self.grad_iters <= self.click_iters:
             raise ValueError(f"grad_iters must be in 1..click_iters ({self.click_iters}), got {self.grad_iters}")
+        low, high = self.multimask_bins
+        if not 0 < low < high < 1:
+            raise ValueError(f"multimask_bins must be two increasing fractions in (0, 1), got {self.multimask_bins}")
+        if self.multimask and self.iou_weight <= 0:
+            raise ValueError("multimask training needs iou_weight > 0: the IoU head picks among the candidates")
+
+
+def seed_multimask_tokens(model: Sam3D) -> None:
+    """Start the multimask outputs as copies of the trained single-mask output.
+
+    A model trained without them has untrained multimask tokens, hypernetworks and IoU outputs;
+    copies of output 0 (and of its IoU estimate) give each size class a working mask to
+    specialise from, and leave the model's answers as they were. Marks the model
+    ``config["first_click_multimask"]``.
+    """
+    decoder = model.mask_decoder
+    iou_out = decoder.iou_prediction_head.layers[-1]
+    sources = [decoder.mask_tokens.weight[0], *decoder.output_hypernetworks_mlps[0].parameters(), iou_out.weight[0], iou_out.bias[0]]
+    with torch.no_grad():
+        for k in range(1, decoder.num_mask_tokens):
+            targets = [decoder.mask_tokens.weight[k], *decoder.output_hypernetworks_mlps[k].parameters(), iou_out.weight[k], iou_out.bias[k]]
+            for source, target in zip(sources, targets):
+                target.copy_(source)
+    model.config["first_click_multimask"] = True
+
+
+def _hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of ``logits > 0`` (B x M x ...) with a binary target (B x 1 x ...): B x M."""
+    hard = (logits > 0).float()
+    inter = (hard * target).flatten(2).sum(2)
+    union = ((hard + target) > 0).float().flatten(2).sum(2)
+    return inter / union.clamp_min(1.0)
 
 
 def autocast_dtype(setting: str, device: torch.device) -> Optional[torch.dtype]:
@@ -191,6 +243,45 @@ class InteractiveStep(nn.Module):
     def _mode(self, rng: np.random.Generator) -> str:
         return "interior" if rng.random() < self.cfg.p_interior else "random"
 
+    def size_class(self, targets: torch.Tensor) -> torch.Tensor:
+        """The candidate (1 small, 2 medium, 3 large) each target of B x 1 x S^3 trains: B indices."""
+        fraction = targets.flatten(1).mean(1)
+        bins = torch.tensor(self.cfg.multimask_bins, dtype=fraction.dtype, device=fraction.device)
+        return 1 + torch.bucketize(fraction, bins)
+
+    def _first_multimask(
+        self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor,
+        loss_target: torch.Tensor, binary_low: torch.Tensor, classes: torch.Tensor, dtype: Optional[torch.dtype],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The first decode with the candidate masks trained (see the module docstring).
+
+        Arguments:
+          classes: B candidate indices, from :meth:`size_class`.
+
+        Returns:
+          the loss (single-mask loss + each sample's size-class candidate loss + the IoU head's
+          MSE over all 4 outputs, weighted) and the fed-back logits B x 1 x 32^3: the candidate
+          with the highest predicted IoU, as the Session picks it.
+        """
+        model, cfg = self.model, self.cfg
+        with torch.autocast(embedding.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=previous)
+            low, iou = model.mask_decoder.predict_masks(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense)
+        low, iou = low.float(), iou.float()
+        rows = torch.arange(low.shape[0], device=low.device)
+        trained = torch.stack([low[:, 0], low[rows, classes]], dim=1)  # mask 0 and the size-class candidate
+        if cfg.loss_grid == "full":
+            trained = F.interpolate(trained, size=loss_target.shape[-3:], mode="trilinear", align_corners=False)
+        with torch.no_grad():
+            actual_iou = _hard_iou(low, binary_low)
+        loss = (
+            self.loss_fn(trained[:, :1], loss_target)
+            + self.loss_fn(trained[:, 1:], loss_target)
+            + cfg.iou_weight * F.mse_loss(iou, actual_iou)
+        )
+        chosen, _ = select_by_iou(low[:, 1:], iou[:, 1:])
+        return loss, chosen
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         cfg, model = self.cfg, self.model
         dtype = autocast_dtype(cfg.autocast, images.device)
@@ -218,7 +309,8 @@ class InteractiveStep(nn.Module):
             grad_set = {0, *map(int, others)}
 
         total = images.new_zeros(())
-        counted = 0
+        terms = 0
+        grad_iterations = 0
         previous = images.new_zeros((batch, 1, *model.low_res_size))
         dices: List[float] = []
         for it in range(cfg.click_iters):
@@ -226,21 +318,29 @@ class InteractiveStep(nn.Module):
             coords = torch.tensor([[list(c[0]) for c in row] for row in chosen], dtype=torch.float32, device=images.device)
             labels = torch.tensor([[float(c[1]) for c in row] for row in chosen], dtype=torch.float32, device=images.device)
             with_grad = it in grad_set and torch.is_grad_enabled()
-            with torch.set_grad_enabled(with_grad), torch.autocast(
-                images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
-            ):
-                low, iou = model.decode(embedding, coords, labels, previous)
-            low = low.float()
-            if with_grad:
-                logits = low if cfg.loss_grid == "low" else F.interpolate(low, size=targets.shape[-3:], mode="trilinear", align_corners=False)
-                with torch.no_grad():
-                    hard = (low > 0).float()
-                    inter = (hard * binary_low).flatten(1).sum(1)
-                    union = ((hard + binary_low) > 0).float().flatten(1).sum(1)
-                    actual_iou = inter / union.clamp_min(1.0)
-                total = total + self.loss_fn(logits, loss_target) + cfg.iou_weight * F.mse_loss(iou[:, 0].float(), actual_iou)
-                counted += 1
-            previous = low.detach()
+            if it == 0 and cfg.multimask:
+                classes = self.size_class(targets)
+                with torch.set_grad_enabled(with_grad):
+                    loss, low = self._first_multimask(embedding, coords, labels, previous, loss_target, binary_low, classes, dtype)
+                if with_grad:
+                    total = total + loss
+                    terms += 2  # mask 0 and the candidate
+                    grad_iterations += 1
+                previous = low.detach()
+            else:
+                with torch.set_grad_enabled(with_grad), torch.autocast(
+                    images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+                ):
+                    low, iou = model.decode(embedding, coords, labels, previous)
+                low = low.float()
+                if with_grad:
+                    logits = low if cfg.loss_grid == "low" else F.interpolate(low, size=targets.shape[-3:], mode="trilinear", align_corners=False)
+                    with torch.no_grad():
+                        actual_iou = _hard_iou(low, binary_low)[:, 0]
+                    total = total + self.loss_fn(logits, loss_target) + cfg.iou_weight * F.mse_loss(iou[:, 0].float(), actual_iou)
+                    terms += 1
+                    grad_iterations += 1
+                previous = low.detach()
             pred_np = (previous[:, 0] > 0).cpu().numpy()
             inter_np = (pred_np & low_np).reshape(batch, -1).sum(1)
             denominator = pred_np.reshape(batch, -1).sum(1) + low_np.reshape(batch, -1).sum(1)
@@ -254,8 +354,8 @@ class InteractiveStep(nn.Module):
                     index = np.unravel_index(int(inside[rng.integers(inside.size)]), full_np[b].shape)
                     click = (tuple(int(i) for i in index), True)
                 clicks[b].append(tuple(click))
-        loss = total / max(counted, 1)
-        return loss, {"dice_first": dices[0], "dice_last": dices[-1], "grad_iters": float(counted)}
+        loss = total / max(terms, 1)
+        return loss, {"dice_first": dices[0], "dice_last": dices[-1], "grad_iters": float(grad_iterations)}
 
 
 def sample_batch(
@@ -400,6 +500,16 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
     else:
         model = _initial_model(cfg)
         start_step, elapsed_before = 0, 0.0
+    if cfg.multimask and model.mask_decoder.num_mask_tokens != 4:
+        raise ValueError(f"multimask training needs 3 multimask outputs; this decoder has {model.mask_decoder.num_mask_tokens - 1}")
+    if not cfg.multimask and model.config.get("first_click_multimask"):
+        raise ValueError(
+            "this model answers a first click with its candidate masks (config first_click_multimask); "
+            "train it with --multimask (and --iou-weight > 0), or the candidates go stale while the decoder moves"
+        )
+    if cfg.multimask and not model.config.get("first_click_multimask"):
+        seed_multimask_tokens(model)
+        logger.info("multimask outputs started from copies of the single-mask output")
     model = model.to(info.device).train()
     if cfg.freeze_encoder:
         model.image_encoder.requires_grad_(False)

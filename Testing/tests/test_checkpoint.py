@@ -76,6 +76,13 @@ def test_encoder_only_student_checkpoint(tmp_path, tiny_model):
     assert _same_weights(loaded, tiny_model)
     encoder = load_image_encoder(encoder_path, device="cpu")
     assert _same_weights(encoder, tiny_model.image_encoder)
+    assert not loaded.config["first_click_multimask"]
+    # A decoder trained with candidate masks for a first click keeps answering that way.
+    with_candidates = build_model("tiny")
+    with_candidates.load_state_dict(tiny_model.state_dict())
+    with_candidates.config["first_click_multimask"] = True
+    save_model(with_candidates, tmp_path / "candidates.safetensors")
+    assert load_model(encoder_path, device="cpu", decoder_path=tmp_path / "candidates.safetensors").config["first_click_multimask"]
 
 
 def test_missing_unexpected_and_wrong_shape_keys_are_listed(tmp_path, tiny_model):

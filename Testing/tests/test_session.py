@@ -15,6 +15,7 @@ import torch
 
 from FastSAM3DLib import ImageError, PromptError, Session, build_model
 from FastSAM3DLib.preprocess import index_to_physical
+from FastSAM3DLib.quantize import fast_path
 from oracles import sphere_oracle_model
 
 
@@ -314,3 +315,84 @@ def test_predict_changes_touches_only_what_changed():
     step()  # the old mask is cleared
     assert not view.any()
     session.close()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_lone_first_click_takes_the_candidate_with_the_highest_predicted_iou(precision):
+    """A model trained with candidate masks answers a lone positive first click with the candidate
+    its IoU head rates best (SAM's ambiguity rule); later clicks, and models without candidates,
+    get the single-mask output."""
+    torch.manual_seed(1)
+    model = build_model("tiny")
+    image = _image(size=(50, 50, 50))
+    first, second = index_to_physical(image, (25, 25, 25)), index_to_physical(image, (28, 24, 25))
+
+    def run(trained: bool):
+        model.config["first_click_multimask"] = trained
+        session = Session(model, prefetch=False, precision=precision)
+        session.set_image(image)
+        session.add_point(first)
+        session.predict()
+        state = session._objects[0]
+        crop = state.crops[0]
+        after_first, iou_first = state.logits[crop].clone(), session.predicted_iou()
+        session.add_point(second)
+        session.predict()
+        return session, crop, after_first, iou_first, state.logits[crop]
+
+    session, crop, after_first, iou_first, after_second = run(trained=True)
+    embedding = session._embedding(crop)
+    coords, labels, _ = session._crop_prompts(session._objects[0], crop)
+    coords, labels = torch.from_numpy(coords)[None], torch.from_numpy(labels)[None]
+    # The session's decoder: the model's own (fp32) or the int8 fast path.
+    decode = fast_path(model, session.precision).decode if session._fast else model.decode
+    zeros = torch.zeros((1, 1, *model.low_res_size))
+    with torch.inference_mode():
+        candidates, iou = decode(embedding, coords[:, :1], labels[:, :1], zeros, multimask_output=True)
+        single = decode(embedding, coords[:, :1], labels[:, :1], zeros)[0].float()
+        refined = decode(embedding, coords, labels, after_first)[0].float()
+    best = int(iou[0].argmax())
+    torch.testing.assert_close(after_first, candidates[:, best : best + 1])
+    assert iou_first == pytest.approx(float(iou.max()))
+    assert not torch.allclose(after_first, single), "the candidates of a random model differ from mask 0"
+    torch.testing.assert_close(after_second, refined)  # the second click refines the chosen candidate with mask 0
+
+    _, _, untrained_first, _, _ = run(trained=False)
+    torch.testing.assert_close(untrained_first, single)
+
+
+def test_uncertainty_of_a_lone_first_click_describes_the_chosen_candidate():
+    """With dropout off, the mean of the stochastic decodes is exactly the mask shown: the decodes
+    redo the candidate choice instead of refining the candidate with mask 0."""
+    torch.manual_seed(1)
+    model = build_model("tiny")
+    model.config.update(first_click_multimask=True, decoder_dropout=0.0)
+    image = _image(size=(50, 50, 50))
+    session = Session(model, prefetch=False, precision="fp32")
+    session.mc_dropout_rate = 0.0
+    session.set_image(image)
+    session.add_point(index_to_physical(image, (25, 25, 25)))
+    mask = sitk.GetArrayFromImage(session.predict()).astype(bool)
+    mean, _ = session.uncertainty(n=2, method="mc-dropout")
+    agree = (sitk.GetArrayFromImage(mean) > 0.5) == mask
+    # Probabilities and logits are interpolated separately onto the grid: a few boundary voxels may part.
+    assert agree.mean() > 0.999, f"{(~agree).sum()} voxels differ"
+
+
+def test_a_crop_opened_by_a_later_click_keeps_the_single_mask_output():
+    """Candidates answer only the object's very first click: a later click far away opens a new
+    crop, decoded with the single-mask output like any later click."""
+    torch.manual_seed(1)
+    model = build_model("tiny")
+    model.config["first_click_multimask"] = True
+    big = _image(size=(300, 60, 60), spacing=(1.5, 1.0, 1.0))
+    session = Session(model, prefetch=False, precision="fp32")
+    session.set_image(big)
+    session.add_point(index_to_physical(big, (5, 30, 30)))
+    session.predict()
+    session.add_point(index_to_physical(big, (290, 30, 30)))
+    session.predict()
+    state = session._objects[0]
+    assert len(state.crops) == 2
+    assert [state.candidate[crop] for crop in state.crops] == [True, False]
+

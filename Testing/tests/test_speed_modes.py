@@ -114,11 +114,13 @@ def test_fast_decoder_equals_the_model_decoder(tiny):
     for batch in (1, 3):
         coords, labels = _prompts(batch)
         for mask in (None, torch.randn(batch, 1, 32, 32, 32)):
-            with torch.inference_mode():
-                expected, expected_iou = tiny.decode(embedding, coords, labels, mask)
-                logits, iou = decoder(embedding, coords, labels, mask)
-            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
+            for multimask in (False, True):
+                with torch.inference_mode():
+                    expected, expected_iou = tiny.decode(embedding, coords, labels, mask, multimask)
+                    logits, iou = decoder(embedding, coords, labels, mask, multimask)
+                assert logits.shape == (batch, 3 if multimask else 1, 32, 32, 32)
+                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
 
 
 def test_fast_fp32_encoder_equals_the_model_encoder(tiny):

@@ -21,7 +21,8 @@ from scipy import ndimage
 
 from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
 from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
-from FastSAM3DLib.train.interactive import InteractiveConfig, load_checkpoint, train_interactive
+from FastSAM3DLib.build import build_model
+from FastSAM3DLib.train.interactive import InteractiveConfig, InteractiveStep, load_checkpoint, seed_multimask_tokens, train_interactive
 from FastSAM3DLib.train.pool import INDEX_NAME, _write_entry, read_index
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +139,41 @@ def test_resume_continues_exactly(tmp_path: Path, one_crop_pool: Path) -> None:
     assert resumed["step"] == straight["step"] == 4
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+@pytest.mark.parametrize("radius, candidate", [(6, 1), (20, 2), (50, 3)])
+def test_first_click_trains_the_candidate_of_the_target_size(radius: int, candidate: int) -> None:
+    """Multimask training: besides mask 0, only the candidate of the target's size class
+    (small / medium / large) learns from a target; the candidates start as copies of mask 0."""
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    seed_multimask_tokens(model)
+    assert model.config["first_click_multimask"]
+    grid = np.indices((128, 128, 128)).astype(np.float32)
+    label = (((grid - 64.0) ** 2).sum(0) <= radius**2).astype(np.float32)
+    image = torch.from_numpy(label + np.random.default_rng(0).normal(0.0, 0.3, label.shape).astype(np.float32))[None, None]
+    target = torch.from_numpy(label)[None, None]
+    with torch.no_grad():
+        embedding = model.image_encoder(image)
+        sparse, dense = model.prompt_encoder(points=(torch.tensor([[[64.0, 64.0, 64.0]]]), torch.ones(1, 1)), boxes=None, masks=None)
+        masks, iou = model.mask_decoder.predict_masks(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense)
+    for k in range(1, 4):
+        torch.testing.assert_close(masks[:, k], masks[:, 0])
+        torch.testing.assert_close(iou[:, k], iou[:, 0])
+
+    model.train()
+    cfg = InteractiveConfig(model="tiny", multimask=True, iou_weight=1.0, click_iters=2)
+    step = InteractiveStep(model, cfg)
+    assert int(step.size_class(target)) == candidate
+    loss, stats = step(image, target, np.random.default_rng(0))
+    loss.backward()
+    touched = [
+        k for k, mlp in enumerate(model.mask_decoder.output_hypernetworks_mlps)
+        if any(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
+    ]
+    assert touched == [0, candidate]
+    assert model.mask_decoder.iou_prediction_head.layers[-1].weight.grad.abs().sum() > 0
+    assert stats["grad_iters"] == 2.0
 
 
 def _free_port() -> int:
