@@ -7,7 +7,7 @@
 #
 # What it does:
 #   1. builds (or extends) the crop pool: Colin27 structures (every allowed one) and procedural phantoms;
-#   2. trains, starting from the last checkpoint in RUN_DIR, else from INIT (default: the bundled
+#   2. trains (a first click also trains the three candidate masks, --multimask), starting from the last checkpoint in RUN_DIR, else from INIT (default: the bundled
 #      weights, else the committed campaign state Resources/Training/fastsam3d-campaign.safetensors,
 #      so a fresh machine continues the campaign), else from scratch (then start with BALANCE_CAP=0:
 #      with a cap the first steps collapse to empty masks);
@@ -52,7 +52,7 @@ log "training: $RANKS rank(s) x 1 thread, $MINUTES min, lr $LR ($SCHEDULE), bala
 torchrun --standalone --nproc_per_node "$RANKS" -m FastSAM3DLib.train.cli interactive \
   --run-dir "$RUN_DIR" --pool "$POOL" --model fastsam3d-384 --device cpu --threads 1 --batch-size 1 \
   --steps "$STEPS" --max-minutes "$MINUTES" --lr "$LR" --schedule "$SCHEDULE" --warmup-steps 100 \
-  --click-iters 11 --grad-iters 4 --loss dicebalanced --balance-cap "$BALANCE_CAP" --include-heldout \
+  --click-iters 11 --grad-iters 4 --loss dicebalanced --balance-cap "$BALANCE_CAP" --multimask --iou-weight 1 --include-heldout \
   --checkpoint-minutes 4 --eval-every 0 --log-every 20 "${INIT_ARGS[@]}" 2>&1 | tee -a "$RUN_DIR/cpu.log"
 
 python -m FastSAM3DLib.train.cli eval "$RUN_DIR/checkpoints/last.pt" > "$RUN_DIR/eval_last.json"

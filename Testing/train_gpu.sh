@@ -54,7 +54,7 @@ log "training on $NGPU GPU(s), batch $BATCH per GPU, $MINUTES min, lr $LR ${INIT
 torchrun --standalone --nproc_per_node "$NGPU" -m FastSAM3DLib.train.cli interactive \
   --run-dir "$RUN_DIR" --pool "$POOL" --device cuda --batch-size "$BATCH" --steps "$STEPS" \
   --max-minutes "$MINUTES" --lr "$LR" --warmup-steps 100 --grad-iters 11 --autocast auto \
-  --checkpoint-minutes 2 --eval-every 0 --log-every 10 "$HELDOUT" "${INIT_ARGS[@]}" 2>&1 | tee -a "$RUN_DIR/gpu.log"
+  --multimask --iou-weight 1 --checkpoint-minutes 2 --eval-every 0 --log-every 10 "$HELDOUT" "${INIT_ARGS[@]}" 2>&1 | tee -a "$RUN_DIR/gpu.log"
 
 if python -c "from FastSAM3DLib.data.colin27 import find_mricron_templates as f; f()" 2>/dev/null; then
   python -m FastSAM3DLib.train.cli eval "$RUN_DIR/checkpoints/last.pt" > "$RUN_DIR/eval_last.json"
