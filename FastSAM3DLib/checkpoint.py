@@ -168,7 +168,10 @@ def read_state_dict(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], D
     if path.suffix == ".safetensors" or looks_safetensors:
         state, metadata = _read_safetensors(path)
         return _extract_state_dict(state, path), metadata
-    return _extract_state_dict(_read_torch(path), path), {}
+    payload = _read_torch(path)
+    # Our training checkpoints (FastSAM3DLib.train) carry the architecture as a JSON string.
+    config = payload.get("model_config") if isinstance(payload, Mapping) else None
+    return _extract_state_dict(payload, path), {"config": config} if isinstance(config, str) else {}
 
 
 def _is_encoder_only(state: Mapping[str, torch.Tensor]) -> bool:

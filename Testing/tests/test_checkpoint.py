@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 from pathlib import Path
@@ -83,6 +84,18 @@ def test_encoder_only_student_checkpoint(tmp_path, tiny_model):
     with_candidates.config["first_click_multimask"] = True
     save_model(with_candidates, tmp_path / "candidates.safetensors")
     assert load_model(encoder_path, device="cpu", decoder_path=tmp_path / "candidates.safetensors").config["first_click_multimask"]
+
+
+
+def test_training_checkpoint_keeps_its_architecture_settings(tmp_path, tiny_model):
+    """A checkpoint of `fastsam3d train` records settings the weights cannot show (first-click candidates, dropout)."""
+    config = {k: v for k, v in tiny_model.config.items() if k not in ("source", "sha256")}
+    config.update(first_click_multimask=True, decoder_dropout=0.25)
+    path = tmp_path / "last.pt"
+    torch.save({"model": tiny_model.state_dict(), "step": 7, "model_config": json.dumps(config)}, path)
+    loaded = load_model(path, device="cpu")
+    assert loaded.config["first_click_multimask"] and loaded.config["decoder_dropout"] == 0.25
+    assert _same_weights(loaded, tiny_model)
 
 
 def test_missing_unexpected_and_wrong_shape_keys_are_listed(tmp_path, tiny_model):
