@@ -42,6 +42,7 @@ def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument("--pos-weight", type=float, default=defaults.pos_weight, help="foreground weight of the cross-entropy")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default: %(default)s; >=2e-4 collapsed in probes)")
     parser.add_argument("--decoder-lr-mult", type=float, default=defaults.decoder_lr_mult, help="lr multiplier of prompt encoder + decoder")
+    parser.add_argument("--iou-head-lr-mult", type=float, default=defaults.iou_head_lr_mult, help="lr multiplier of the IoU head (on top of --decoder-lr-mult)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--schedule", choices=("constant", "cosine"), default=defaults.schedule)

@@ -99,6 +99,8 @@ class InteractiveConfig:
       balance_cap: for "dicebalanced": one foreground voxel weighs at most this many background
         voxels (0: fully balanced).
       decoder_lr_mult: learning-rate multiplier of the prompt encoder and mask decoder.
+      iou_head_lr_mult: learning-rate multiplier of the IoU head (on top of ``decoder_lr_mult``):
+        Adam's steps do not grow with ``iou_weight``, so a head that is slow to learn needs this.
       lr, weight_decay, warmup_steps, schedule ("constant" or "cosine"), min_lr_ratio, grad_clip: AdamW.
       autocast: "auto" (bf16 on CUDA with bf16 support, off on CPU), "bf16" or "off".
       freeze_encoder: train only the prompt encoder and decoder (the distillation fine-tune).
@@ -127,6 +129,7 @@ class InteractiveConfig:
     balance_cap: float = 0.0
     lr: float = 1e-4
     decoder_lr_mult: float = 1.0
+    iou_head_lr_mult: float = 1.0
     weight_decay: float = 0.1
     warmup_steps: int = 100
     schedule: str = "constant"
@@ -418,6 +421,33 @@ def model_from_checkpoint(payload: Dict[str, Any]) -> Sam3D:
     return model
 
 
+def _parameter_groups(model: Sam3D, parameters: List[nn.Parameter], cfg: InteractiveConfig) -> List[Dict[str, Any]]:
+    """AdamW groups: the image encoder, the prompt encoder and decoder, the IoU head (last, in parameter order)."""
+    encoder_ids = {id(p) for p in model.image_encoder.parameters()}
+    iou_ids = {id(p) for p in model.mask_decoder.iou_prediction_head.parameters()}
+    groups = [
+        {"params": [p for p in parameters if id(p) in encoder_ids], "lr_mult": 1.0},
+        {"params": [p for p in parameters if id(p) not in encoder_ids | iou_ids], "lr_mult": cfg.decoder_lr_mult},
+        {"params": [p for p in parameters if id(p) in iou_ids], "lr_mult": cfg.decoder_lr_mult * cfg.iou_head_lr_mult},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _regroup(saved: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """An optimizer state saved with the IoU head inside the decoder group, split like ``optimizer``'s groups.
+
+    The IoU head's parameters come last in the model's order, so the saved decoder group ends with
+    them; per-parameter state is keyed by position and stays as it is.
+    """
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups) - 1:
+        return saved
+    *kept, decoder = saved["param_groups"]
+    head = len(groups[-1]["params"])
+    split = [{**decoder, "params": decoder["params"][:-head]}, {**decoder, "params": decoder["params"][-head:]}]
+    return {"state": saved["state"], "param_groups": [*kept, *split]}
+
+
 def _initial_model(cfg: InteractiveConfig) -> Sam3D:
     if cfg.init:
         from ..checkpoint import load_model
@@ -514,14 +544,12 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
     if cfg.freeze_encoder:
         model.image_encoder.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    encoder_ids = {id(p) for p in model.image_encoder.parameters()}
-    groups = [
-        {"params": [p for p in parameters if id(p) in encoder_ids], "lr_mult": 1.0},
-        {"params": [p for p in parameters if id(p) not in encoder_ids], "lr_mult": cfg.decoder_lr_mult},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, parameters, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
+        multipliers = [g["lr_mult"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(_regroup(payload["optimizer"], optimizer))
+        for group, multiplier in zip(optimizer.param_groups, multipliers):  # this run's settings, not the saved ones
+            group["lr_mult"] = multiplier
     step_module: nn.Module = InteractiveStep(model, cfg)
     if info.distributed:
         step_module = nn.parallel.DistributedDataParallel(

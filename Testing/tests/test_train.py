@@ -176,6 +176,22 @@ def test_first_click_trains_the_candidate_of_the_target_size(radius: int, candid
     assert stats["grad_iters"] == 2.0
 
 
+@pytest.mark.slow
+def test_resume_splits_an_older_optimizer_state_and_applies_the_iou_head_rate(tmp_path: Path, one_crop_pool: Path) -> None:
+    """A checkpoint whose optimizer kept the IoU head in the decoder group resumes with the head's own rate."""
+    train_interactive(_tiny_config(tmp_path / "run", one_crop_pool, steps=2))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    encoder, decoder, head = payload["optimizer"]["param_groups"]
+    payload["optimizer"]["param_groups"] = [encoder, {**decoder, "params": decoder["params"] + head["params"]}]
+    torch.save(payload, last)
+    result = train_interactive(_tiny_config(tmp_path / "run", one_crop_pool, steps=3, iou_head_lr_mult=10.0))
+    assert result["step"] == 3
+    groups = load_checkpoint(last)["optimizer"]["param_groups"]
+    assert [len(g["params"]) for g in groups] == [len(encoder["params"]), len(decoder["params"]), len(head["params"])]
+    assert groups[2]["lr"] == pytest.approx(10.0 * groups[1]["lr"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
