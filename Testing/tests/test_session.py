@@ -395,4 +395,3 @@ def test_a_crop_opened_by_a_later_click_keeps_the_single_mask_output():
     state = session._objects[0]
     assert len(state.crops) == 2
     assert [state.candidate[crop] for crop in state.crops] == [True, False]
-

@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+from FastSAM3DLib.build import build_model
 from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
 from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
-from FastSAM3DLib.build import build_model
 from FastSAM3DLib.train.interactive import InteractiveConfig, InteractiveStep, load_checkpoint, seed_multimask_tokens, train_interactive
 from FastSAM3DLib.train.pool import INDEX_NAME, _write_entry, read_index
 
