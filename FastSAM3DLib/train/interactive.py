@@ -13,10 +13,10 @@ One training step, per crop of the batch:
 With ``multimask`` the first decode trains SAM's three candidate masks for a lone click, which
 does not say which of the nested structures around it is meant (a nucleus or the brain around
 it). SAM back-propagates the lowest-loss candidate; here each target trains the candidate of its
-size class instead (``multimask_bins``, fractions of the crop: small, medium, large), because
-candidates started as copies of one trained output did not split under the min-loss rule in a
-tiny-model probe (150 steps, two nested targets behind the same click) and a CPU campaign has
-a few thousand steps. The single-mask output keeps its own loss, the IoU head learns the IoU of
+size class instead (``multimask_bins``, fractions of the crop: small, medium, large), so that every
+target trains a known candidate from the first step: a CPU campaign has a few thousand steps, and in
+a tiny-model probe (two nested targets behind the same click) candidates started as copies of one
+trained output had not split under the min-loss rule after 150 steps. The single-mask output keeps its own loss, the IoU head learns the IoU of
 all four outputs, and the candidate with the highest predicted IoU is fed back, as the Session
 picks it (:meth:`Sam3D.uses_multimask`).
 
