@@ -321,14 +321,13 @@ def load_model(
         decoder_state, decoder_metadata = read_state_dict(decoder_path)
         state = {f"image_encoder.{k}": v for k, v in state.items()}
         state.update({k: v for k, v in decoder_state.items() if not k.startswith("image_encoder.")})
-        # How the decoder answers a first click is a property of the decoder's file.
         decoder_config = _config_from_metadata(decoder_metadata, Path(decoder_path)) or {}
-        metadata_overrides = {k: decoder_config[k] for k in ("first_click_multimask",) if k in decoder_config}
     else:
-        metadata_overrides = {}
+        decoder_config = {}
 
     overrides = dict(_config_from_metadata(metadata, path) or {})
-    overrides.update(metadata_overrides)
+    if "first_click_multimask" in decoder_config:  # how the decoder answers a first click: the decoder file's setting
+        overrides["first_click_multimask"] = decoder_config["first_click_multimask"]
     overrides.update(config or {})
     try:
         cfg = infer_config(state, overrides)

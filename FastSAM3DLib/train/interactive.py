@@ -13,16 +13,18 @@ One training step, per crop of the batch:
 With ``multimask`` the first decode trains SAM's three candidate masks for a lone click, which
 does not say which of the nested structures around it is meant (a nucleus or the brain around
 it). SAM back-propagates the lowest-loss candidate; here each target trains the candidate of its
-size class instead (``multimask_bins``, fractions of the crop: small, medium, large), so that every
-target trains a known candidate from the first step: a CPU campaign has a few thousand steps, and in
-a tiny-model probe (two nested targets behind the same click) candidates started as copies of one
-trained output had not split under the min-loss rule after 150 steps. The single-mask output keeps its own loss, the IoU head learns the IoU of
-all four outputs, and the candidate with the highest predicted IoU is fed back, as the Session
-picks it (:meth:`Sam3D.uses_multimask`).
+size class instead (``multimask_bins``, fractions of the crop: small, medium, large), so that
+every target trains a known candidate from the first step: a CPU campaign has a few thousand
+steps, and in a tiny-model probe (two nested targets behind the same click) candidates started as
+copies of one trained output had not split under the min-loss rule after 150 steps. The
+single-mask output keeps its own loss, the IoU head learns the IoU of all four outputs, and the
+candidate with the highest predicted IoU is fed back, as the Session picks it
+(:meth:`Sam3D.uses_multimask`).
 
 The loss is averaged over the iterations that carry gradients (the first one's two terms counted
-as two with ``multimask``): all of them by default, or the first plus ``grad_iters - 1`` random ones (the others run without autograd, which on a CPU saves
-about two thirds of their cost while the model still learns from the states they lead to).
+as two with ``multimask``): all of them by default, or the first plus ``grad_iters - 1`` random
+ones (the others run without autograd, which on a CPU saves about two thirds of their cost while
+the model still learns from the states they lead to).
 
 By default the loss and the simulated clicks live on the decoder's 32^3 grid (the target is the
 4^3-average of the 128^3 label): that is what the decoder predicts, and it spares a 128^3
@@ -246,6 +248,12 @@ class InteractiveStep(nn.Module):
     def _mode(self, rng: np.random.Generator) -> str:
         return "interior" if rng.random() < self.cfg.p_interior else "random"
 
+    def _mask_loss(self, low: torch.Tensor, loss_target: torch.Tensor) -> torch.Tensor:
+        """The segmentation loss of B x 1 x 32^3 logits on the loss grid (upsampled to it for "full")."""
+        if self.cfg.loss_grid == "full":
+            low = F.interpolate(low, size=loss_target.shape[-3:], mode="trilinear", align_corners=False)
+        return self.loss_fn(low, loss_target)
+
     def size_class(self, targets: torch.Tensor) -> torch.Tensor:
         """The candidate (1 small, 2 medium, 3 large) each target of B x 1 x S^3 trains: B indices."""
         fraction = targets.flatten(1).mean(1)
@@ -271,15 +279,12 @@ class InteractiveStep(nn.Module):
             sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=previous)
             low, iou = model.mask_decoder.predict_masks(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense)
         low, iou = low.float(), iou.float()
-        rows = torch.arange(low.shape[0], device=low.device)
-        trained = torch.stack([low[:, 0], low[rows, classes]], dim=1)  # mask 0 and the size-class candidate
-        if cfg.loss_grid == "full":
-            trained = F.interpolate(trained, size=loss_target.shape[-3:], mode="trilinear", align_corners=False)
+        candidate = low[torch.arange(low.shape[0], device=low.device), classes].unsqueeze(1)
         with torch.no_grad():
             actual_iou = _hard_iou(low, binary_low)
         loss = (
-            self.loss_fn(trained[:, :1], loss_target)
-            + self.loss_fn(trained[:, 1:], loss_target)
+            self._mask_loss(low[:, :1], loss_target)
+            + self._mask_loss(candidate, loss_target)
             + cfg.iou_weight * F.mse_loss(iou, actual_iou)
         )
         chosen, _ = select_by_iou(low[:, 1:], iou[:, 1:])
@@ -337,10 +342,9 @@ class InteractiveStep(nn.Module):
                     low, iou = model.decode(embedding, coords, labels, previous)
                 low = low.float()
                 if with_grad:
-                    logits = low if cfg.loss_grid == "low" else F.interpolate(low, size=targets.shape[-3:], mode="trilinear", align_corners=False)
                     with torch.no_grad():
                         actual_iou = _hard_iou(low, binary_low)[:, 0]
-                    total = total + self.loss_fn(logits, loss_target) + cfg.iou_weight * F.mse_loss(iou[:, 0].float(), actual_iou)
+                    total = total + self._mask_loss(low, loss_target) + cfg.iou_weight * F.mse_loss(iou[:, 0].float(), actual_iou)
                     terms += 1
                     grad_iterations += 1
                 previous = low.detach()
