@@ -29,7 +29,7 @@ import torch
 from .checkpoint import resolve_device
 from .errors import PromptError
 from .io import ImageLike, load_image
-from .modeling import Sam3D, select_by_iou
+from .modeling import Sam3D, decode_best
 from .paste import CropPaster
 from .quantize import check_mode, fast_path, resolve_precision, runs_fast_path
 from .preprocess import (
@@ -459,15 +459,14 @@ class Session:
             previous = torch.zeros((1, 1, *self.model.low_res_size), device=self.device)
         decode = fast_path(self.model, self.precision).decode if self._fast else self.model.decode
         with _model_lock(self.model), torch.inference_mode():
-            logits, iou = decode(
+            logits, iou = decode_best(
+                decode,
+                multimask,
                 embedding,
                 torch.from_numpy(coords)[None].to(self.device),
                 labels_tensor.to(self.device),
                 previous.to(self.device),
-                multimask_output=multimask,
             )
-            if multimask:
-                logits, iou = select_by_iou(logits, iou)
         state.logits[crop] = logits.float()
         state.iou[crop] = float(iou.reshape(-1)[0])
         state.candidate[crop] = multimask
@@ -765,15 +764,14 @@ class Session:
                     for module in dropouts:
                         module.p = rate
                         module.train()
-                logits, iou = self.model.decode(
+                logits, _ = decode_best(
+                    self.model.decode,
+                    candidates,
                     embedding,
                     batch_coords.to(self.device),
                     batch_labels.to(self.device),
                     fed_back.repeat(n, 1, 1, 1, 1).to(self.device),
-                    multimask_output=candidates,
                 )
-                if candidates:
-                    logits, _ = select_by_iou(logits, iou)
             finally:
                 for module, p, training in saved:
                     module.p = p
