@@ -58,7 +58,6 @@ from tqdm import tqdm
 from ..build import build_model, count_parameters
 from ..clicks import next_click_lowres
 from ..modeling import Sam3D, select_by_iou
-from ..preprocess import CROP_SIZE
 from . import ddp
 from .losses import segmentation_loss
 from .pool import DEFAULT_CACHE, DEFAULT_POOL, PoolSpec, build_pool, load_entry, read_index
@@ -96,10 +95,6 @@ class InteractiveConfig:
         and the smaller half of the phantoms are small; the larger phantoms (up to 5.7 %) and the
         cerebellum (1.8-4.1 %) medium; the brain (15-37 %) large. Needs ``iou_weight`` > 0: the
         IoU head picks the candidate.
-      size_balance: draw pool crops so that the three size classes of ``multimask_bins`` come up
-        equally often (from each entry's voxel count). Pool ``train-s0`` is 69 % small, 27 % medium
-        and 4 % large (the brain), so otherwise the large candidate, and the IoU head's view of
-        large objects, get one step in 25.
       pos_weight: foreground weight in the cross-entropy (1: MONAI's DiceCELoss).
       loss: "dicebalanced" (default: Dice + class-balanced CE; plain DiceCE and DiceFocal collapsed to
         empty masks on small targets from scratch), "dicece" (MONAI DiceCELoss) or "dicefocal".
@@ -131,7 +126,6 @@ class InteractiveConfig:
     iou_weight: float = 0.0
     multimask: bool = False
     multimask_bins: Tuple[float, float] = (0.003, 0.08)
-    size_balance: bool = False
     pos_weight: float = 1.0
     loss: str = "dicebalanced"
     balance_cap: float = 0.0
@@ -262,7 +256,9 @@ class InteractiveStep(nn.Module):
 
     def size_class(self, targets: torch.Tensor) -> torch.Tensor:
         """The candidate (1 small, 2 medium, 3 large) each target of B x 1 x S^3 trains: B indices."""
-        return size_classes(targets.flatten(1).mean(1), self.cfg.multimask_bins)
+        fraction = targets.flatten(1).mean(1)
+        bins = torch.tensor(self.cfg.multimask_bins, dtype=fraction.dtype, device=fraction.device)
+        return 1 + torch.bucketize(fraction, bins)
 
     def _first_multimask(
         self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor,
@@ -369,36 +365,13 @@ class InteractiveStep(nn.Module):
         return loss, {"dice_first": dices[0], "dice_last": dices[-1], "grad_iters": float(grad_iterations)}
 
 
-def size_classes(fraction: torch.Tensor, bins: Tuple[float, float]) -> torch.Tensor:
-    """The candidate (1 small, 2 medium, 3 large) trained for targets filling ``fraction`` of the crop."""
-    return 1 + torch.bucketize(fraction, torch.tensor(bins, dtype=fraction.dtype, device=fraction.device))
-
-
-def size_balanced_weights(entries: Sequence[Dict], bins: Tuple[float, float]) -> np.ndarray:
-    """Sampling probabilities (one per entry) giving each size class of ``bins`` the same share.
-
-    An entry's class is :func:`size_classes` of its label's fraction of the crop
-    (``entry["voxels"]`` / S^3); classes without entries get no share.
-    """
-    fractions = torch.tensor([float(e["voxels"]) for e in entries], dtype=torch.float64) / CROP_SIZE**3
-    classes = size_classes(fractions, bins).numpy() - 1
-    counts = np.bincount(classes, minlength=3).astype(np.float64)
-    weights = 1.0 / counts[classes]
-    return weights / weights.sum()
-
-
 def sample_batch(
-    pool_dir: Path, entries: Sequence[Dict], batch_size: int, rng: np.random.Generator, flip: bool = True,
-    weights: Optional[np.ndarray] = None,
+    pool_dir: Path, entries: Sequence[Dict], batch_size: int, rng: np.random.Generator, flip: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """``batch_size`` random pool crops (random flips), as tensors B x 1 x S^3 (image float32, target 0/1 float32).
-
-    ``weights``: a probability per entry (uniform if None).
-    """
+    """``batch_size`` random pool crops (random flips), as tensors B x 1 x S^3 (image float32, target 0/1 float32)."""
     images, targets, names = [], [], []
     for _ in range(batch_size):
-        index = int(rng.choice(len(entries), p=weights)) if weights is not None else int(rng.integers(len(entries)))
-        entry = entries[index]
+        entry = entries[int(rng.integers(len(entries)))]
         image, label = load_entry(pool_dir, entry)
         axes = tuple(a for a in range(3) if flip and rng.random() < 0.5)
         image = np.flip(image, axes) if axes else image
@@ -551,7 +524,6 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
     entries = usable_entries(pool_dir, cfg.heldout)
     if not entries:
         raise ValueError(f"{pool_dir}: the training pool is empty; build it with `fastsam3d train pool --out {pool_dir}`")
-    weights = size_balanced_weights(entries, cfg.multimask_bins) if cfg.size_balance else None
 
     last = run_dir / "checkpoints" / "last.pt"
     payload = load_checkpoint(last) if last.exists() else None
@@ -629,7 +601,7 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
             t0 = time.time()
             rng = np.random.default_rng((cfg.seed, info.rank, step))
             torch.manual_seed((cfg.seed * 1_000_003 + info.rank * 7_919 + step) % (2**63))
-            images, targets, _ = sample_batch(pool_dir, entries, cfg.batch_size, rng, weights=weights)
+            images, targets, _ = sample_batch(pool_dir, entries, cfg.batch_size, rng)
             images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group.get("lr_mult", 1.0) * lr_factor(step, cfg)

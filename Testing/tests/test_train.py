@@ -22,9 +22,7 @@ from scipy import ndimage
 from FastSAM3DLib.build import build_model
 from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
 from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
-from FastSAM3DLib.train.interactive import (
-    InteractiveConfig, InteractiveStep, load_checkpoint, sample_batch, seed_multimask_tokens, size_balanced_weights, train_interactive,
-)
+from FastSAM3DLib.train.interactive import InteractiveConfig, InteractiveStep, load_checkpoint, seed_multimask_tokens, train_interactive
 from FastSAM3DLib.train.pool import INDEX_NAME, _write_entry, read_index
 
 # ----------------------------------------------------------------------------------------------
@@ -176,30 +174,6 @@ def test_first_click_trains_the_candidate_of_the_target_size(radius: int, candid
     assert touched == [0, candidate]
     assert model.mask_decoder.iou_prediction_head.layers[-1].weight.grad.abs().sum() > 0
     assert stats["grad_iters"] == 2.0
-
-
-def test_size_balance_gives_each_size_class_a_third_of_the_draws(tmp_path: Path) -> None:
-    """Entries are classed as the training step classes their targets, each class drawn a third of
-    the time however unevenly the pool holds them (here 6 small, 3 medium, 1 large)."""
-    cfg = InteractiveConfig(model="tiny", multimask=True, iou_weight=1.0)
-    step = InteractiveStep(build_model("tiny"), cfg)
-    voxels = [2000] * 6 + [60000] * 3 + [400000]
-    entries = []
-    for i, count in enumerate(voxels):
-        label = np.zeros(128**3, dtype=np.uint8)
-        label[:count] = 1
-        label = label.reshape(128, 128, 128)
-        _write_entry(tmp_path, f"000_{i:06d}", np.zeros((128, 128, 128), np.float32), label)
-        entries.append({"id": f"000_{i:06d}", "index": i, "source": "test", "structure": f"e{i}", "voxels": count})
-    weights = size_balanced_weights(entries, cfg.multimask_bins)
-    rng = np.random.default_rng(0)
-    drawn = {1: 0, 2: 0, 3: 0}
-    for _ in range(600):
-        _, target, _ = sample_batch(tmp_path, entries, 1, rng, flip=False, weights=weights)
-        drawn[int(step.size_class(target))] += 1
-    assert all(abs(n / 600 - 1 / 3) < 0.06 for n in drawn.values()), drawn
-    np.testing.assert_allclose(weights[:6], 1 / 18)
-    np.testing.assert_allclose(weights[-1], 1 / 3)
 
 
 @pytest.mark.slow
