@@ -104,6 +104,33 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, st
     return state, metadata
 
 
+def read_model_card(path: str | os.PathLike) -> Dict[str, Any]:
+    """The model card our exports carry in their safetensors metadata ({} for other files).
+
+    Reads only the file's header. Raises CheckpointError for a safetensors file whose header or
+    card cannot be read.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            text = (handle.metadata() or {}).get("model_card")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+    if text is None:
+        return {}
+    try:
+        card = json.loads(text)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: metadata field 'model_card' is not JSON: {error}") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{path}: metadata field 'model_card' is not a JSON object")
+    return card
+
+
 def _read_torch(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)

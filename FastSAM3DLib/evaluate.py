@@ -14,8 +14,9 @@ the classical marker-watershed baseline — with its speed mode, click mode and 
 
 Reported per case and overall: Dice after 1, 3, 5 and 10 interactions, and NoC@80 / NoC@90 (the
 number of interactions to reach Dice 0.8 / 0.9; a case that never does counts as the click budget
-and is also counted as a failure). Colin27 structures are marked "seen" (in the training set of
-the bundled model) or "held-out" (never trained on); other data "unknown".
+and is also counted as a failure). Colin27 structures are marked "seen" or "held-out" from the
+training recipe in the model's card (our exports carry one: were the held-out structures left out?);
+without a card, and on other data, "unknown".
 
 The simulated user's random choices come from a generator seeded by ``seed`` and the case's
 name, so a run is reproducible and adding a case does not change the others' clicks.
@@ -75,22 +76,27 @@ class Case:
     group: str = "unknown"
 
 
-def colin27_cases(structures: Optional[Sequence[str]] = None) -> List[Case]:
-    """Colin27 structures (default: all of ``STRUCTURES``) as cases, marked seen / held-out.
+def colin27_cases(structures: Optional[Sequence[str]] = None, trained: Optional[Sequence[str]] = None) -> List[Case]:
+    """Colin27 structures (default: all of ``STRUCTURES``) as cases.
+
+    ``trained``: the structures the model was trained on (:func:`trained_structures`); the cases
+    are then marked "seen" or "held-out", else "unknown".
 
     Raises:
       FastSAM3DInputError: an unknown structure name.
       FileNotFoundError: mricron-data is not installed.
     """
-    from .data import HELDOUT_STRUCTURES, STRUCTURES, TRAIN_STRUCTURES, load_colin27
+    from .data import STRUCTURES, load_colin27
 
     names = list(structures) if structures else list(STRUCTURES)
     unknown = [n for n in names if n not in STRUCTURES]
     if unknown:
         raise FastSAM3DInputError(f"--structures: unknown Colin27 structure(s) {', '.join(unknown)}; expected some of {', '.join(STRUCTURES)}")
     colin = load_colin27()
-    group = {**{n: "seen" for n in TRAIN_STRUCTURES}, **{n: "held-out" for n in HELDOUT_STRUCTURES}}
-    return [Case(n, colin.image, colin.labels[n], group.get(n, "unknown")) for n in names]
+    def group(name: str) -> str:
+        return "unknown" if trained is None else "seen" if name in trained else "held-out"
+
+    return [Case(n, colin.image, colin.labels[n], group(n)) for n in names]
 
 
 def folder_cases(root: str | Path, labels: Optional[Sequence[str]] = None) -> List[Case]:
@@ -640,6 +646,24 @@ def _variants(args: argparse.Namespace) -> List[Variant]:
     return variants
 
 
+def trained_structures(model_path: Optional[str | Path]) -> Optional[Tuple[str, ...]]:
+    """The Colin27 structures a model was trained on, from its card's recipe (None: no card says).
+
+    ``model_path`` None means the bundled model. The recipe is the last training run's; a run
+    started from other weights also inherits what those saw.
+    """
+    from .checkpoint import bundled_model_path, read_model_card
+    from .data import STRUCTURES, TRAIN_STRUCTURES
+
+    path = model_path or bundled_model_path()
+    if path is None or not Path(path).exists():
+        return None
+    recipe = read_model_card(path).get("recipe")
+    if not isinstance(recipe, dict) or "heldout" not in recipe:
+        return None
+    return TRAIN_STRUCTURES if recipe["heldout"] else STRUCTURES
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -655,7 +679,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise FastSAM3DInputError(f"--out {out_dir}: exists and is not a folder")
     if args.data == "colin27":
-        cases = colin27_cases(args.structures)
+        cases = colin27_cases(args.structures, trained_structures(args.model) if any(v.method == "model" for v in variants) else None)
     else:
         root = Path(args.data)
         if not root.is_dir():

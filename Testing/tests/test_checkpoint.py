@@ -14,7 +14,7 @@ import torch
 
 from FastSAM3DLib import CheckpointError, build_model, convert_checkpoint, infer_config, load_model, save_model
 from FastSAM3DLib.build import CONFIGS, model_config
-from FastSAM3DLib.checkpoint import load_image_encoder, sha256_file
+from FastSAM3DLib.checkpoint import load_image_encoder, read_model_card, sha256_file
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -239,3 +239,16 @@ def test_random_bytes_always_give_a_checkpoint_error(tmp_path):
         path.write_bytes(np.random.default_rng(seed).bytes(4096))
         with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
             load_model(path, device="cpu")
+
+
+def test_model_card_is_read_from_the_header_and_checked(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "card.safetensors", {"model_card": {"steps": 3}})
+    assert read_model_card(tmp_path / "card.safetensors") == {"steps": 3}
+    save_model(tiny_model, tmp_path / "plain.safetensors")
+    assert read_model_card(tmp_path / "plain.safetensors") == {}
+    save_model(tiny_model, tmp_path / "bad.safetensors", {"model_card": "{not json"})
+    with pytest.raises(CheckpointError, match="bad.safetensors: metadata field 'model_card' is not JSON"):
+        read_model_card(tmp_path / "bad.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "card.safetensors").read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="cut.safetensors: not a readable safetensors file"):
+        read_model_card(tmp_path / "cut.safetensors")

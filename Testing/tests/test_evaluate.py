@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from FastSAM3DLib import build_model
+from FastSAM3DLib import build_model, save_model
 from FastSAM3DLib.benchmark import Measurement, _targets, add_fp32_reference, encoder_flops, format_report, paired_ratios
 from FastSAM3DLib.cli import main
 from FastSAM3DLib.evaluate import (
@@ -34,8 +34,12 @@ from FastSAM3DLib.evaluate import (
     run_case,
     summaries_by_variant,
     summarize,
+    trained_structures,
     write_outputs,
 )
+from FastSAM3DLib.data import STRUCTURES, TRAIN_STRUCTURES
+from FastSAM3DLib.data.colin27 import MRICRON_TEMPLATE_DIRS
+from FastSAM3DLib.train.export import export_model
 from oracles import sphere_oracle_model
 
 
@@ -245,3 +249,26 @@ def test_fp32_reference_is_the_faster_shape_per_round():
     paired_ratios([reference, click], reference)
     assert click.extra["paired_ratio"] == pytest.approx(0.5)  # median of 0.5, 0.8, 0.45
     assert reference.summary()["median_s"] == pytest.approx(1.5)
+
+
+def test_seen_and_held_out_come_from_the_model_card(tmp_path):
+    """Which Colin27 structures count as seen is what the model's card says it trained on: a run
+    with the held-out structures left out, a run on everything, a file without a card (unknown)."""
+    model = build_model("tiny")
+    for heldout, expected in ((True, TRAIN_STRUCTURES), (False, STRUCTURES)):
+        export_model(model, tmp_path / f"heldout_{heldout}.safetensors", card={"recipe": {"heldout": heldout}})
+        assert trained_structures(tmp_path / f"heldout_{heldout}.safetensors") == expected
+    save_model(model, tmp_path / "bare.safetensors")
+    assert trained_structures(tmp_path / "bare.safetensors") is None
+    torch.save(model.state_dict(), tmp_path / "public.pth")
+    assert trained_structures(tmp_path / "public.pth") is None
+
+
+@pytest.mark.skipif(not (MRICRON_TEMPLATE_DIRS[0] / "ch2.nii.gz").exists(), reason="Debian mricron-data (Colin27) is not installed")
+def test_cli_groups_colin27_by_the_model_card(tmp_path):
+    export_model(build_model("tiny"), tmp_path / "m.safetensors", card={"recipe": {"heldout": True}})
+    status = main(["evaluate", "--structures", "putamen_l", "hippocampus_l", "--clicks", "1", "--model", str(tmp_path / "m.safetensors"),
+                   "--precision", "fp32", "--out", str(tmp_path / "eval"), "--no-progress"])
+    assert status == 0
+    groups = {c["case"]: c["group"] for c in json.loads((tmp_path / "eval" / "results.json").read_text())["cases"]}
+    assert groups == {"putamen_l": "seen", "hippocampus_l": "held-out"}
