@@ -132,7 +132,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
         self._observedPromptNodes = []
-        self._lastAddedPoints = []  # (node, control point id) in the order they were placed
+        self._undoActions = []  # per update, in order: (node, control point id) placed, or ("candidate", previous choice)
+        self._candidates = []  # predicted IoUs of the candidate masks of the last result (a lone click)
         self._blockPromptEvents = False
         self._lastPrompts = None
         self.queue = None
@@ -186,6 +187,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Actions
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.candidateButton.connect("clicked(bool)", self.onCandidateButton)
         self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.resetButton.connect("clicked(bool)", self.onReset)
@@ -287,6 +289,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for button in (self.ui.segmentButton, self.ui.acceptButton, self.ui.resetButton):
                 button.enabled = ready
             self.ui.undoButton.enabled = ready and self.logic.canUndo(self._reference("Segmentation"), get("SegmentID"))
+            self.ui.candidateButton.enabled = ready and len(self._candidates) > 1
             self._observePromptNodes([self._reference("PositivePoints"), self._reference("NegativePoints"), self._reference("ROI")])
         finally:
             self._updatingGUIFromParameterNode = False
@@ -335,7 +338,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._blockPromptEvents:
             return
         if caller.GetNumberOfControlPoints():
-            self._lastAddedPoints.append((caller, caller.GetNthControlPointID(caller.GetNumberOfControlPoints() - 1)))
+            self._undoActions.append((caller, caller.GetNthControlPointID(caller.GetNumberOfControlPoints() - 1)))
         self.onPromptsModified(caller, event)
 
     def onPromptsModified(self, caller, event):
@@ -356,10 +359,25 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         roi = self._reference("ROI")
         box = FastSAM3DLogic.roiCornersRAS(roi) if roi is not None and roi.GetNumberOfControlPoints() else None
         key = (volume.GetID() if volume else None, segmentation.GetID() if segmentation else None, segmentId,
-               np.round(points, 6).tobytes(), tuple(labels), None if box is None else np.round(np.ravel(box), 6).tobytes())
+               np.round(points, 6).tobytes(), tuple(labels), None if box is None else np.round(np.ravel(box), 6).tobytes(),
+               self.logic.getParameter(self._parameterNode, "Candidate"))
         return points, labels, box, key
 
+    def _setCandidate(self, candidate):
+        if self._parameterNode is not None:
+            self.logic.setParameter(self._parameterNode, "Candidate", -1 if candidate is None else candidate)
+
     def onSegmentButton(self):
+        self.requestSegmentation(force=True)
+
+    def onCandidateButton(self):
+        """Show the next candidate mask of the lone click (undoable like a click)."""
+        if len(self._candidates) < 2:
+            return
+        shown = self.logic.getParameter(self._parameterNode, "Candidate")
+        current = shown if shown >= 0 else int(np.argmax(self._candidates))
+        self._undoActions.append(("candidate", shown))
+        self._setCandidate((current + 1) % len(self._candidates))
         self.requestSegmentation(force=True)
 
     def requestSegmentation(self, force=False):
@@ -376,6 +394,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._lastPrompts = key
         if len(points) == 0 and box is None:
+            self._setCandidate(None)
+            self._candidates = []
             if self.logic.canUndo(segmentation, segmentId):
                 self.logic.reset(segmentation, segmentId)
                 self.showStatus(_("No points left: the segment is as it was before the first click."))
@@ -384,7 +404,9 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._lastPrompts = None  # try again on the next event, once weights are chosen
             return
         try:
-            request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels, box)
+            candidate = self.logic.getParameter(self._parameterNode, "Candidate")
+            request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels, box,
+                                                     candidate=candidate if candidate >= 0 else None)
         except ValueError as error:  # FastSAM3DInputError: the user's input, explained
             self.showStatus(str(error))
             return
@@ -410,8 +432,14 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 if request.kind == "segment":
                     outcome = self.logic.applyPrediction(request, result)
-                    self.showStatus(_("{voxels} voxels ({ml:.1f} ml) in {seconds:.2f} s").format(
-                        voxels=outcome.voxels, ml=outcome.volumeMl, seconds=outcome.timings.get("total_s", 0.0)))
+                    self._candidates = outcome.candidates
+                    status = _("{voxels} voxels ({ml:.1f} ml) in {seconds:.2f} s").format(
+                        voxels=outcome.voxels, ml=outcome.volumeMl, seconds=outcome.timings.get("total_s", 0.0))
+                    if outcome.candidates:
+                        shown = outcome.candidate if outcome.candidate is not None else int(np.argmax(outcome.candidates))
+                        status += " " + _("(candidate {n} of {count}: 'Other candidate' shows the next)").format(
+                            n=shown + 1, count=len(outcome.candidates))
+                    self.showStatus(status)
                     if self.logic.getParameter(self._parameterNode, "ShowUncertainty"):
                         self._queueUncertainty()
                 else:
@@ -462,7 +490,9 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     node.RemoveAllControlPoints()
         finally:
             self._blockPromptEvents = False
-        self._lastAddedPoints = []
+        self._undoActions = []
+        self._candidates = []
+        self._setCandidate(None)
         self._lastPrompts = None
 
     def onAccept(self):
@@ -473,18 +503,22 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def onUndo(self):
-        """Restore the previous result exactly (the logic's undo) and remove the point that made it."""
+        """Restore the previous result exactly (the logic's undo) and take back what made it: the
+        point placed, or the candidate chosen."""
         _volume, segmentation, segmentId = self._segmentTarget()
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
-            if self.logic.undo(segmentation, segmentId) and self._lastAddedPoints:
-                node, pointId = self._lastAddedPoints.pop()
-                self._blockPromptEvents = True
-                try:
-                    index = node.GetNthControlPointIndexByID(pointId)
-                    if index >= 0:
-                        node.RemoveNthControlPoint(index)
-                finally:
-                    self._blockPromptEvents = False
+            if self.logic.undo(segmentation, segmentId) and self._undoActions:
+                node, detail = self._undoActions.pop()
+                if node == "candidate":
+                    self._setCandidate(detail if detail >= 0 else None)
+                else:
+                    self._blockPromptEvents = True
+                    try:
+                        index = node.GetNthControlPointIndexByID(detail)
+                        if index >= 0:
+                            node.RemoveNthControlPoint(index)
+                    finally:
+                        self._blockPromptEvents = False
             self._lastPrompts = self._currentPrompts()[3]  # the restored result matches the remaining points
         self.updateGUIFromParameterNode()
 

@@ -323,10 +323,12 @@ Prompt = Tuple  # ("point", lps(3), positive) or ("box", lps(3), lps(3))
 
 @dataclass
 class _ObjectTrack:
-    """The session object of one segment and the prompts it was last given (in order)."""
+    """The session object of one segment, the prompts it was last given (in order) and the
+    candidate mask it shows for a lone click (None: the model's pick)."""
 
     handle: int
     given: List[Prompt] = field(default_factory=list)
+    candidate: Optional[int] = None
 
 
 @dataclass
@@ -377,6 +379,8 @@ class SegmentationResult:
     voxels: int
     volumeMl: float
     timings: Dict[str, float]
+    candidates: List[float] = field(default_factory=list)  # predicted IoUs of a lone click's candidate masks
+    candidate: Optional[int] = None  # the one shown (None: the model's pick)
 
 
 def _samePrompt(a: Prompt, b: Prompt, tolerance: float = 1e-6) -> bool:
@@ -396,12 +400,15 @@ class PredictionRequest:
 
     kind = "segment"
 
-    def __init__(self, scene, state: _VolumeState, key: Tuple[str, str], prompts: List[Prompt], volumeNodeID: str):
+    def __init__(self, scene, state: _VolumeState, key: Tuple[str, str], prompts: List[Prompt], volumeNodeID: str,
+                 candidate: Optional[int] = None):
         self.scene = scene
         self.state = state
         self.key = key
         self.prompts = prompts
         self.volumeNodeID = volumeNodeID
+        self.candidate = candidate
+        self.candidates: Tuple[List[float], Optional[int]] = ([], None)  # after run(): the session's candidates()
         self.segmentationNodeID, self.segmentID = key
 
     def _syncPrompts(self) -> _ObjectTrack:
@@ -412,29 +419,43 @@ class PredictionRequest:
             track = _ObjectTrack(handle=session.new_object())
             self.state.objects[self.key] = track
         given = track.given
-        if len(given) <= len(self.prompts) and all(_samePrompt(a, b) for a, b in zip(given, self.prompts)):
+        # Another candidate for the first click changes what the later clicks refined: replay them.
+        sameCandidate = self.candidate == track.candidate or len(given) <= 1
+        if sameCandidate and len(given) <= len(self.prompts) and all(_samePrompt(a, b) for a, b in zip(given, self.prompts)):
             todo = self.prompts[len(given):]
-        else:  # a point moved or was removed: start the object over
+        else:  # a point moved or was removed (or another candidate was chosen): start the object over
             session.reset(object=track.handle)
             track.given = []
             todo = list(self.prompts)
         try:
+            self._showCandidate(track)
             for prompt in todo:
                 if prompt[0] == "point":
                     session.add_point(tuple(prompt[1]), positive=bool(prompt[2]), object=track.handle)
                 else:
                     session.add_box(tuple(prompt[1]), tuple(prompt[2]), object=track.handle)
                 track.given.append(prompt)
+                self._showCandidate(track)
         except Exception:
             session.reset(object=track.handle)
             track.given = []
             raise
         return track
 
+    def _showCandidate(self, track: _ObjectTrack) -> None:
+        """While the first prompt is the only one, show the requested candidate: the later prompts refine it."""
+        if len(track.given) != 1 or (self.candidate is None and track.candidate is None):
+            return  # nothing chosen, now or before: the session shows the model's pick
+        _, shown = self.state.session.candidates(object=track.handle)
+        if shown != self.candidate:
+            self.state.session.choose_candidate(self.candidate, object=track.handle)
+        track.candidate = self.candidate
+
     def run(self) -> RegionMask:
         with self.state.lock:
             self.state.ensureSession()
             track = self._syncPrompts()
+            self.candidates = self.state.session.candidates(object=track.handle)
             region, array = self.state.session.predict_region(object=track.handle)
             size = tuple(int(n) for n in self.state.session.image.GetSize())
             return RegionMask(tuple(int(a) for a in region.start), array, size)
@@ -445,8 +466,8 @@ class UncertaintyRequest(PredictionRequest):
 
     kind = "uncertainty"
 
-    def __init__(self, scene, state, key, prompts, volumeNodeID, samples: int, method: str):
-        super().__init__(scene, state, key, prompts, volumeNodeID)
+    def __init__(self, scene, state, key, prompts, volumeNodeID, samples: int, method: str, candidate: Optional[int] = None):
+        super().__init__(scene, state, key, prompts, volumeNodeID, candidate)
         self.samples = int(samples)
         self.method = method
 
@@ -554,6 +575,7 @@ PARAMETERS: Dict[str, Tuple[type, Any]] = {
     "LiveUpdate": (bool, True),
     "ShowUncertainty": (bool, False),
     "UncertaintySamples": (int, 16),
+    "Candidate": (int, -1),  # the candidate mask shown for a lone click; -1: the model's pick
 }
 MODEL_SOURCES = ("bundled", "checkpoint", "public")
 DEVICES = ("auto", "cpu", "cuda")
@@ -843,16 +865,20 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         pointsRAS=(),
         labels=(),
         boxRAS: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+        candidate: Optional[int] = None,
     ) -> PredictionRequest:
         """Validate the inputs and return a request whose ``run()`` predicts (see :class:`PredictionRequest`).
 
         Arguments are those of :meth:`segmentFromPoints`, plus ``boxRAS``: two opposite corners of a
-        box in world RAS. Raises FastSAM3DInputError subclasses before anything is computed.
+        box in world RAS. Raises FastSAM3DInputError subclasses before anything is computed (a
+        ``candidate`` the model does not offer fails in ``run()``).
         """
         errors = _errors()
         if volumeNode is None:
             raise errors.ImageError("no input volume chosen")
         self._checkSegment(segmentationNode, segmentId)
+        if candidate is not None and (isinstance(candidate, bool) or not isinstance(candidate, (int, np.integer)) or candidate < 0):
+            raise errors.PromptError(f"candidate must be None (the model's pick) or a candidate index 0, 1, 2..., got {candidate!r}")
         labels = list(labels)
         points = np.asarray(pointsRAS, dtype=np.float64).reshape(-1, 3) if len(pointsRAS) else np.zeros((0, 3))
         if len(labels) != len(points):
@@ -869,7 +895,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             prompts.append(("box", tuple(corners[0]), tuple(corners[1])))
         lps = self._toLocalLps(volumeNode, state, points, "point")
         prompts.extend(("point", tuple(p), bool(label)) for p, label in zip(lps, labels))
-        return PredictionRequest(volumeNode.GetScene(), state, (segmentationNode.GetID(), segmentId), prompts, volumeNode.GetID())
+        return PredictionRequest(volumeNode.GetScene(), state, (segmentationNode.GetID(), segmentId), prompts, volumeNode.GetID(),
+                                 None if candidate is None else int(candidate))
 
     @staticmethod
     def _checkMaskFits(mask: RegionMask, volumeNode) -> None:
@@ -895,9 +922,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         spacing = np.prod(volumeNode.GetSpacing())
         voxels = int(np.count_nonzero(mask.array))
         timings = dict(getattr(request.state.session, "last_timings", {}) or {})
-        return SegmentationResult(segmentationNode.GetID(), request.segmentID, voxels, float(voxels * spacing / 1000.0), timings)
+        ious, shown = request.candidates
+        return SegmentationResult(segmentationNode.GetID(), request.segmentID, voxels, float(voxels * spacing / 1000.0), timings,
+                                  list(ious), shown)
 
-    def segmentFromPoints(self, volumeNode, segmentationNode, segmentId: str, pointsRAS, labels) -> SegmentationResult:
+    def segmentFromPoints(self, volumeNode, segmentationNode, segmentId: str, pointsRAS, labels, candidate=None) -> SegmentationResult:
         """Segment ``segmentId`` from clicks and write it into the segmentation.
 
         Arguments:
@@ -908,15 +937,18 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             segment's complete prompt list: points that were given before and are still first in
             the list cost only a decode; a moved or removed point restarts the segment's prompts.
           labels: per point, 1 (include) or 0 (exclude).
+          candidate: for a lone positive click of a model with candidate masks (the result's
+            ``candidates``, small to large), which one to show; None: the one the model rates best.
+            Ignored once more prompts follow: they refine the mask shown.
 
         Returns:
-          :class:`SegmentationResult` (voxel count, volume, engine timings).
+          :class:`SegmentationResult` (voxel count, volume, engine timings, candidates).
 
         Raises:
           FastSAM3DInputError (ImageError, PromptError, CheckpointError): bad input, with a message
           naming what is wrong; the segmentation is unchanged.
         """
-        request = self.prepareSegmentation(volumeNode, segmentationNode, segmentId, pointsRAS, labels)
+        request = self.prepareSegmentation(volumeNode, segmentationNode, segmentId, pointsRAS, labels, candidate=candidate)
         return self.applyPrediction(request, request.run())
 
     def segmentFromBox(self, volumeNode, segmentationNode, segmentId: str, cornerRAS, oppositeRAS, pointsRAS=(), labels=()):
@@ -1109,7 +1141,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             raise errors.PromptError(
                 f"segment {segmentId!r} has no FastSAM3D prompts on volume {volumeNode.GetName()!r}: click in it first"
             )
-        return UncertaintyRequest(volumeNode.GetScene(), state, key, list(track.given), volumeNode.GetID(), samples, method)
+        return UncertaintyRequest(volumeNode.GetScene(), state, key, list(track.given), volumeNode.GetID(), samples, method,
+                                  track.candidate)
 
     def applyUncertainty(self, request: UncertaintyRequest, result, outputVolumeNode=None):
         """Write the uncertainty image into a colour-mapped scalar volume on the input volume's grid."""

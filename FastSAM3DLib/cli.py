@@ -173,6 +173,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         read_s = time.perf_counter() - started
         start = time.perf_counter()
         prompts = _add_prompts(session, image, args)
+        if args.candidate is not None:
+            session.choose_candidate(args.candidate)
         mask = session.predict()
         segment_s = time.perf_counter() - start
         timings = {"model_load_s": model_s, "read_s": read_s, "segment_s": segment_s, **session.last_timings}
@@ -199,6 +201,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 "volume_ml": voxels * float(np.prod(image.GetSpacing())) / 1000.0,
                 "bounding_box_voxels": _bounding_box(array),
                 "predicted_iou": session.predicted_iou(),
+                "candidates": dict(zip(("predicted_iou", "shown"), session.candidates())),
                 "prompts": prompts,
                 "click_consistency": {"clicks": session.clicks_checked, "raw_model_violations": session.click_violations},
                 "timings_s": timings,
@@ -340,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--point", action=_OrderedPrompts, metavar="X,Y,Z", help="positive click (repeatable)")
     segment.add_argument("--negative", action=_OrderedPrompts, metavar="X,Y,Z", help="negative click (repeatable)")
     segment.add_argument("--box", action=_OrderedPrompts, metavar="X1,Y1,Z1,X2,Y2,Z2", help="two opposite box corners")
+    segment.add_argument("--candidate", type=int, metavar="K",
+                         help="one --point only: show candidate mask K (0, 1, 2: small to large) instead of the model's pick")
     segment.add_argument("--voxel", action="store_true", help="coordinates are voxel indices (x, y, z) instead of LPS mm")
     segment.add_argument("--ras", action="store_true", help="coordinates are RAS mm (as Slicer shows them) instead of LPS mm")
     segment.add_argument("--out", required=True, help="output mask (.nii.gz, .nrrd, .mha)")

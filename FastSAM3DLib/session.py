@@ -29,7 +29,7 @@ import torch
 from .checkpoint import resolve_device
 from .errors import PromptError
 from .io import ImageLike, load_image
-from .modeling import Sam3D, decode_best
+from .modeling import Sam3D, select_by_iou
 from .paste import CropPaster
 from .quantize import check_mode, fast_path, resolve_precision, runs_fast_path
 from .preprocess import (
@@ -124,16 +124,19 @@ class _ObjectState:
     logits: Dict[CropGrid, torch.Tensor] = field(default_factory=dict)
     decoded: Dict[CropGrid, int] = field(default_factory=dict)  # crop -> number of prompts decoded
     iou: Dict[CropGrid, float] = field(default_factory=dict)
-    candidate: Dict[CropGrid, bool] = field(default_factory=dict)  # logits are a lone click's chosen candidate
+    # A lone click's candidate masks (M x 32^3 logits, M predicted IoUs) and the one shown (None: the decoder's pick).
+    candidates: Dict[CropGrid, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    chosen: Dict[CropGrid, Optional[int]] = field(default_factory=dict)
     checked: int = 0  # prompts whose click consistency has been counted
     history: List[tuple] = field(default_factory=list)
 
     def snapshot(self) -> tuple:
-        return (list(self.prompts), list(self.crops), dict(self.logits), dict(self.decoded), dict(self.iou), dict(self.candidate), self.checked)
+        return (list(self.prompts), list(self.crops), dict(self.logits), dict(self.decoded), dict(self.iou),
+                dict(self.candidates), dict(self.chosen), self.checked)
 
     def restore(self, state: tuple) -> None:
-        self.prompts, self.crops, self.logits, self.decoded, self.iou, self.candidate = (copy.copy(s) for s in state[:6])
-        self.checked = state[6]
+        self.prompts, self.crops, self.logits, self.decoded, self.iou, self.candidates, self.chosen = (copy.copy(s) for s in state[:7])
+        self.checked = state[7]
 
 
 class Session:
@@ -405,8 +408,59 @@ class Session:
             raise PromptError(f"box {_fmt(a)} - {_fmt(b)} is flat (extent {_fmt(extent)} mm): give two opposite corners of a 3D box")
         self._push(state, Prompt(a, True, b))
 
+    def _candidate_crop(self, state: _ObjectState) -> Optional[CropGrid]:
+        """The crop holding the object's candidates while its only prompt is the click that made them."""
+        self._update(state)
+        if len(state.prompts) != 1 or not state.crops or state.crops[0] not in state.candidates:
+            return None
+        return state.crops[0]
+
+    def candidates(self, object: int = 0) -> Tuple[List[float], Optional[int]]:
+        """The candidate masks of an object's lone first click: their predicted IoUs, and which is shown.
+
+        A single positive click does not say which of the nested structures around it is meant; a
+        model trained for it (``config["first_click_multimask"]``) offers candidates (small to large)
+        and the session shows the one with the highest predicted IoU.
+
+        Returns:
+          (predicted IoU per candidate, index of the shown one, or None for the decoder's pick);
+          ([], None) when the object has no candidates (another prompt followed, or the model has none).
+        """
+        state = self._object(object)
+        crop = self._candidate_crop(state)
+        if crop is None:
+            return [], None
+        return [float(v) for v in state.candidates[crop][1]], state.chosen.get(crop)
+
+    def choose_candidate(self, index: Optional[int], object: int = 0) -> None:
+        """Show candidate ``index`` of :meth:`candidates` instead (None: back to the decoder's pick).
+
+        The choice is undoable like a prompt, and the next click refines the shown mask.
+
+        Raises:
+          PromptError: the object has no candidates, or no candidate ``index``.
+        """
+        state = self._object(object)
+        crop = self._candidate_crop(state)
+        if crop is None:
+            raise PromptError(
+                "there are no candidate masks to choose from: they come with a lone first positive click, "
+                "from a model trained for them"
+            )
+        logits, iou = state.candidates[crop]
+        if index is not None and not 0 <= index < len(iou):
+            raise PromptError(f"candidate {index} does not exist: there are {len(iou)} (0 to {len(iou) - 1})")
+        if index == state.chosen.get(crop):
+            return
+        state.history.append(state.snapshot())
+        shown = int(iou.argmax()) if index is None else index
+        state.logits[crop] = logits[shown][None, None]
+        state.iou[crop] = float(iou[shown])
+        state.chosen[crop] = index
+
     def undo(self, object: int = 0) -> bool:
-        """Undo the last prompt of an object, restoring its previous mask exactly; False if nothing to undo."""
+        """Undo the last prompt (or candidate choice) of an object, restoring its previous mask exactly;
+        False if nothing to undo."""
         state = self._object(object)
         if not state.history:
             return False
@@ -459,17 +513,22 @@ class Session:
             previous = torch.zeros((1, 1, *self.model.low_res_size), device=self.device)
         decode = fast_path(self.model, self.precision).decode if self._fast else self.model.decode
         with _model_lock(self.model), torch.inference_mode():
-            logits, iou = decode_best(
-                decode,
-                multimask,
+            logits, iou = decode(
                 embedding,
                 torch.from_numpy(coords)[None].to(self.device),
                 labels_tensor.to(self.device),
                 previous.to(self.device),
+                multimask_output=multimask,
             )
+        if multimask:
+            state.candidates[crop] = (logits[0].float(), iou[0].float())
+            state.chosen[crop] = None
+            logits, iou = select_by_iou(logits, iou)
+        else:
+            state.candidates.pop(crop, None)
+            state.chosen.pop(crop, None)
         state.logits[crop] = logits.float()
         state.iou[crop] = float(iou.reshape(-1)[0])
-        state.candidate[crop] = multimask
         state.decoded[crop] = len(state.prompts)
         self.last_timings["decode_s"] = self.last_timings.get("decode_s", 0.0) + time.perf_counter() - start
 
@@ -739,8 +798,10 @@ class Session:
         previous = state.logits[crop]
         batch_coords = torch.from_numpy(coords)[None].repeat(n, 1, 1)
         batch_labels = torch.from_numpy(labels)[None].repeat(n, 1)
-        # A lone click's mask is its best candidate: the stochastic decodes redo that choice, each its own.
-        candidates = state.candidate.get(crop, False) and method == "mc-dropout"
+        # A lone click's mask is one of its candidates: the stochastic decodes redo that choice, each its own
+        # (the user's choice stays the user's).
+        candidates = crop in state.candidates and method == "mc-dropout"
+        chosen = state.chosen.get(crop)
         fed_back = torch.zeros_like(previous) if candidates else previous
         if method == "click-jitter":
             cells = torch.nonzero(previous[0, 0] > 0)
@@ -764,14 +825,15 @@ class Session:
                     for module in dropouts:
                         module.p = rate
                         module.train()
-                logits, _ = decode_best(
-                    self.model.decode,
-                    candidates,
+                logits, iou = self.model.decode(
                     embedding,
                     batch_coords.to(self.device),
                     batch_labels.to(self.device),
                     fed_back.repeat(n, 1, 1, 1, 1).to(self.device),
+                    multimask_output=candidates,
                 )
+                if candidates:
+                    logits = logits[:, chosen : chosen + 1] if chosen is not None else select_by_iou(logits, iou)[0]
             finally:
                 for module, p, training in saved:
                     module.p = p

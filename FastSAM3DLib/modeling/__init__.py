@@ -1,7 +1,7 @@
 from .image_encoder import BLOCK_KINDS, Block, ImageEncoderViT3D, PatchEmbed3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
-from .sam3d import Sam3D, decode_best, select_by_iou
+from .sam3d import Sam3D, select_by_iou
 from .transformer import TwoWayTransformer
 
 __all__ = [
@@ -13,6 +13,5 @@ __all__ = [
     "PromptEncoder3D",
     "Sam3D",
     "TwoWayTransformer",
-    "decode_best",
     "select_by_iou",
 ]

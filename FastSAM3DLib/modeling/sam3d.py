@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -102,20 +102,3 @@ def select_by_iou(logits: torch.Tensor, iou: torch.Tensor) -> Tuple[torch.Tensor
     best = iou.argmax(dim=1)
     rows = torch.arange(iou.shape[0], device=iou.device)
     return logits[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
-
-
-def decode_best(
-    decode: Callable[..., Tuple[torch.Tensor, torch.Tensor]], multimask: bool, *args: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``decode(*args, multimask_output=multimask)``, keeping each prompt's best candidate when there are several.
-
-    Arguments:
-      decode: :meth:`Sam3D.decode` or a fast path's decode (the same arguments).
-      multimask: ask for the candidate masks (:meth:`Sam3D.uses_multimask`).
-      args: the decode's embedding, point coordinates, point labels and previous logits.
-
-    Returns:
-      logits B x 1 x 32 x 32 x 32 and predicted IoU B x 1.
-    """
-    logits, iou = decode(*args, multimask_output=multimask)
-    return select_by_iou(logits, iou) if multimask else (logits, iou)

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from ..clicks import dice, next_click
-from ..modeling import Sam3D, decode_best
+from ..modeling import Sam3D, select_by_iou
 from ..preprocess import CropGrid, crop_tensor, resample_to_crop, upsample_logits
 from .pool import label_bbox_lps
 
@@ -60,7 +60,9 @@ def evaluate_structure(
         coords = torch.tensor([points], dtype=torch.float32, device=device)
         labels = torch.tensor([polarity], dtype=torch.float32, device=device)
         multimask = model.uses_multimask(labels, first=len(points) == 1)
-        low, _ = decode_best(model.decode, multimask, embedding, coords, labels, previous)
+        low, iou = model.decode(embedding, coords, labels, previous, multimask_output=multimask)
+        if multimask:
+            low, _ = select_by_iou(low, iou)
         previous = low.float()
         pred = (upsample_logits(previous)[0, 0] > 0).cpu().numpy()
         scores.append(dice(pred, gt))

@@ -148,3 +148,35 @@ def test_negative_coordinates_need_no_equals_sign(model_path, tmp_path):
     status = main(["segment", str(image_path), "--point", "-20,-20.5,-15", "--negative", "-25,-22,-18",
                    "--ct-window", "-100,200", "--model", str(model_path), "--out", str(out)])
     assert status == 0 and out.exists()
+
+
+def test_candidate_of_a_lone_click(tmp_path, capsys):
+    """--candidate shows another candidate mask of a single click; where there is none to choose,
+    the command exits 2 and writes nothing."""
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    model.config["first_click_multimask"] = True
+    model_path = tmp_path / "candidates.safetensors"
+    save_model(model, model_path)
+    image_path = _write(_volume(np.random.default_rng(0).normal(100, 10, (30, 30, 30))), tmp_path / "image.nrrd")
+
+    def segment(*extra):
+        status = main(["segment", str(image_path), "--model", str(model_path), "--json", *extra])
+        captured = capsys.readouterr()
+        return status, (json.loads(captured.out) if status == 0 else captured.err)
+
+    status, picked = segment("--point", "20,20,20", "--out", str(tmp_path / "picked.nii.gz"))
+    ious = picked["candidates"]["predicted_iou"]
+    assert status == 0 and len(ious) == 3 and picked["candidates"]["shown"] is None
+    assert picked["predicted_iou"] == pytest.approx(max(ious))
+    other = int(np.argmin(ious))
+    status, chosen = segment("--point", "20,20,20", "--candidate", str(other), "--out", str(tmp_path / "chosen.nii.gz"))
+    assert status == 0 and chosen["candidates"] == {"predicted_iou": ious, "shown": other}
+    assert chosen["predicted_iou"] == pytest.approx(ious[other])
+
+    out = tmp_path / "refused.nii.gz"
+    for extra, message in ((("--point", "20,20,20", "--candidate", "3"), "candidate 3 does not exist"),
+                           (("--point", "20,20,20", "--point", "22,20,20", "--candidate", "0"), "no candidate masks")):
+        status, error = segment(*extra, "--out", str(out))
+        assert status == 2 and message in error
+        assert not out.exists()

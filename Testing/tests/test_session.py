@@ -372,11 +372,63 @@ def test_uncertainty_of_a_lone_first_click_describes_the_chosen_candidate():
     session.mc_dropout_rate = 0.0
     session.set_image(image)
     session.add_point(index_to_physical(image, (25, 25, 25)))
-    mask = sitk.GetArrayFromImage(session.predict()).astype(bool)
-    mean, _ = session.uncertainty(n=2, method="mc-dropout")
-    agree = (sitk.GetArrayFromImage(mean) > 0.5) == mask
-    # Probabilities and logits are interpolated separately onto the grid: a few boundary voxels may part.
-    assert agree.mean() > 0.999, f"{(~agree).sum()} voxels differ"
+    ious, _ = session.candidates()
+    for choice in (None, int(np.argmin(ious))):  # the decoder's pick, then the user's choice
+        if choice is not None:
+            session.choose_candidate(choice)
+        mask = sitk.GetArrayFromImage(session.predict()).astype(bool)
+        mean, _ = session.uncertainty(n=2, method="mc-dropout")
+        agree = (sitk.GetArrayFromImage(mean) > 0.5) == mask
+        # Probabilities and logits are interpolated separately onto the grid: a few boundary voxels may part.
+        assert agree.mean() > 0.999, f"candidate {choice}: {(~agree).sum()} voxels differ"
+
+
+def test_choosing_another_candidate_shows_it_is_refined_by_the_next_click_and_undoes():
+    """The user may prefer another candidate of a lone click than the IoU head's pick: it is shown,
+    the next click refines it, and undo steps back through the click and the choice exactly."""
+    torch.manual_seed(1)
+    model = build_model("tiny")
+    model.config["first_click_multimask"] = True
+    image = _image(size=(50, 50, 50))
+    session = Session(model, prefetch=False, precision="fp32")
+    session.set_image(image)
+    session.add_point(index_to_physical(image, (25, 25, 25)))
+    picked = sitk.GetArrayFromImage(session.predict())
+    ious, shown = session.candidates()
+    assert len(ious) == 3 and shown is None
+    assert session.predicted_iou() == pytest.approx(max(ious))
+    other = int(np.argmin(ious))
+    state = session._objects[0]
+    crop = state.crops[0]
+
+    session.choose_candidate(other)
+    assert session.candidates() == (ious, other)
+    assert session.predicted_iou() == pytest.approx(ious[other])
+    chosen = state.logits[crop].clone()
+    torch.testing.assert_close(chosen, state.candidates[crop][0][other][None, None])
+    chosen_mask = sitk.GetArrayFromImage(session.predict())
+    assert not np.array_equal(chosen_mask, picked), "a random model's candidates differ"
+    session.choose_candidate(other)  # already shown: no new undo step
+    assert len(state.history) == 2
+
+    session.add_point(index_to_physical(image, (28, 24, 25)))
+    session.predict()
+    coords, labels, _ = session._crop_prompts(state, crop)
+    with torch.inference_mode():
+        refined = model.decode(session._embedding(crop), torch.from_numpy(coords)[None], torch.from_numpy(labels)[None], chosen)[0]
+    torch.testing.assert_close(state.logits[crop], refined.float())
+    assert session.candidates() == ([], None)
+    with pytest.raises(PromptError, match="no candidate masks"):
+        session.choose_candidate(0)
+
+    assert session.undo()  # the second click
+    assert session.candidates() == (ious, other)
+    assert np.array_equal(sitk.GetArrayFromImage(session.predict()), chosen_mask)
+    assert session.undo()  # the choice
+    assert session.candidates() == (ious, None)
+    assert np.array_equal(sitk.GetArrayFromImage(session.predict()), picked)
+    with pytest.raises(PromptError, match="candidate 3 does not exist: there are 3"):
+        session.choose_candidate(3)
 
 
 def test_a_crop_opened_by_a_later_click_keeps_the_single_mask_output():
@@ -394,4 +446,5 @@ def test_a_crop_opened_by_a_later_click_keeps_the_single_mask_output():
     session.predict()
     state = session._objects[0]
     assert len(state.crops) == 2
-    assert [state.candidate[crop] for crop in state.crops] == [True, False]
+    assert [crop in state.candidates for crop in state.crops] == [True, False]
+    assert session.candidates() == ([], None)  # two prompts: nothing left to choose

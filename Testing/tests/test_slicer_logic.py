@@ -117,6 +117,9 @@ class BallSession:
     def predict_region(self, object=0):
         return region_of(self.predict(object))
 
+    def candidates(self, object=0):
+        return [], None  # a model without candidate masks
+
     def uncertainty(self, n=16, method="mc-dropout", object=0):
         mask = sitk.Cast(self.predict(object), sitk.sitkFloat32)
         return mask, mask * 0.5
@@ -757,6 +760,59 @@ def test_real_session_bookkeeping_and_translation(ch2_node_data, putamen, tiny_l
     assert np.array_equal(tiny_logic.segmentArray(segmentation2, target2), plain)
     assert np.allclose(exported_world_voxels(segmentation2, target2).mean(0), worldPlain.mean(0) + offset, atol=1e-3)
     assert time.perf_counter() - start < 60
+
+
+@needs_colin
+def test_another_candidate_of_a_lone_click_is_shown_undone_and_refined(ch2_node_data, putamen):
+    """A lone click of a model with candidate masks: the result lists them; asking for another
+    writes that one (undoable), the uncertainty request keeps it, and the next click refines it."""
+    import torch
+
+    from FastSAM3DLib import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    model.config["first_click_multimask"] = True
+    logic = FL.FastSAM3DLogic(model=model, device="cpu", precision="fp32")
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    click = ras(putamen[1])
+    before = layer_bytes(segmentation, other)
+    picked = logic.segmentFromPoints(volume, segmentation, target, [click], [1])
+    assert len(picked.candidates) == 3 and picked.candidate is None
+    pickedArray = logic.segmentArray(segmentation, target)
+    other_choice = int(np.argmin(picked.candidates))
+    chosen = logic.segmentFromPoints(volume, segmentation, target, [click], [1], candidate=other_choice)
+    assert chosen.candidate == other_choice and chosen.candidates == picked.candidates
+    chosenArray = logic.segmentArray(segmentation, target)
+    assert not np.array_equal(chosenArray, pickedArray), "a random model's candidates differ"
+    # The uncertainty describes the candidate shown (the session test checks the decodes themselves).
+    assert logic.prepareUncertainty(volume, segmentation, target, samples=2).candidate == other_choice
+    assert layer_bytes(segmentation, other) == before
+
+    with pytest.raises(PromptError, match="candidate 7 does not exist"):
+        logic.segmentFromPoints(volume, segmentation, target, [click], [1], candidate=7)
+    assert np.array_equal(logic.segmentArray(segmentation, target), chosenArray)
+    with pytest.raises(PromptError, match="candidate must be None"):
+        logic.prepareSegmentation(volume, segmentation, target, [click], [1], candidate=-1)
+
+    assert logic.undo(segmentation, target)
+    assert np.array_equal(logic.segmentArray(segmentation, target), pickedArray)
+
+    second = click + np.array([2.0, 0.0, 0.0])
+    refined = logic.segmentFromPoints(volume, segmentation, target, [click, second], [1, 1], candidate=other_choice)
+    assert refined.candidates == [] and refined.candidate is None
+    session = logic._volumes[volume.GetID()].session
+    state = session._objects[logic._volumes[volume.GetID()].objects[(segmentation.GetID(), target)].handle]
+    crop = state.crops[0]
+    assert state.history[-1][5][crop][0].shape[0] == 3  # the click before this one was a lone click with candidates
+    assert state.history[-1][6][crop] == other_choice  # ... showing the chosen candidate, which this click refined
+    logic.segmentFromPoints(volume, segmentation, target, [click, second], [1, 1])  # the same clicks on the model's pick
+    state = session._objects[logic._volumes[volume.GetID()].objects[(segmentation.GetID(), target)].handle]
+    assert state.history[-1][6][crop] is None
+
+    no_candidates = FL.FastSAM3DLogic(model=build_model("tiny"), device="cpu", precision="fp32")
+    with pytest.raises(PromptError, match="no candidate masks"):
+        no_candidates.segmentFromPoints(volume, segmentation, target, [click], [1], candidate=0)
 
 
 @needs_colin
