@@ -132,8 +132,10 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
         self._observedPromptNodes = []
-        self._undoActions = []  # per update, in order: (node, control point id) placed, or ("candidate", previous choice)
+        # What each applied update did, in order: ("point", markups node, control point id) or ("candidate", previous choice).
+        self._undoActions = []
         self._candidates = []  # predicted IoUs of the candidate masks of the last result (a lone click)
+        self._shownCandidate = None  # the candidate the last result shows (None: the model's pick)
         self._blockPromptEvents = False
         self._lastPrompts = None
         self.queue = None
@@ -175,6 +177,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self._forgetCandidates)
         self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.uncertaintyVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.liveUpdateCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
@@ -338,7 +341,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._blockPromptEvents:
             return
         if caller.GetNumberOfControlPoints():
-            self._undoActions.append((caller, caller.GetNthControlPointID(caller.GetNumberOfControlPoints() - 1)))
+            self._undoActions.append(("point", caller, caller.GetNthControlPointID(caller.GetNumberOfControlPoints() - 1)))
         self.onPromptsModified(caller, event)
 
     def onPromptsModified(self, caller, event):
@@ -367,6 +370,12 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None:
             self.logic.setParameter(self._parameterNode, "Candidate", -1 if candidate is None else candidate)
 
+    def _forgetCandidates(self, *args):
+        """Another segment, volume or model: its first click starts from the model's pick."""
+        self._setCandidate(None)
+        self._candidates = []
+        self._shownCandidate = None
+
     def onSegmentButton(self):
         self.requestSegmentation(force=True)
 
@@ -374,14 +383,15 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Show the next candidate mask of the lone click (undoable like a click)."""
         if len(self._candidates) < 2:
             return
-        shown = self.logic.getParameter(self._parameterNode, "Candidate")
-        current = shown if shown >= 0 else int(np.argmax(self._candidates))
-        self._undoActions.append(("candidate", shown))
+        requested = self.logic.getParameter(self._parameterNode, "Candidate")
+        current = requested if requested >= 0 else int(np.argmax(self._candidates))
         self._setCandidate((current + 1) % len(self._candidates))
-        self.requestSegmentation(force=True)
+        self.requestSegmentation(force=True, candidateStep=True)
 
-    def requestSegmentation(self, force=False):
+    def requestSegmentation(self, force=False, candidateStep=False):
         """Queue a prediction from the current prompts (runs on the worker; applied in onPoll).
+
+        ``candidateStep``: the request shows another candidate; Undo takes that back once it is applied.
 
         Events that leave the prompts as they were (display changes, hovering) queue nothing; when
         the last point is deleted the segment returns to how it was before the first click.
@@ -394,8 +404,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._lastPrompts = key
         if len(points) == 0 and box is None:
-            self._setCandidate(None)
-            self._candidates = []
+            self._forgetCandidates()
             if self.logic.canUndo(segmentation, segmentId):
                 self.logic.reset(segmentation, segmentId)
                 self.showStatus(_("No points left: the segment is as it was before the first click."))
@@ -407,6 +416,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             candidate = self.logic.getParameter(self._parameterNode, "Candidate")
             request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels, box,
                                                      candidate=candidate if candidate >= 0 else None)
+            request.candidateStep = candidateStep
         except ValueError as error:  # FastSAM3DInputError: the user's input, explained
             self.showStatus(str(error))
             return
@@ -432,7 +442,9 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 if request.kind == "segment":
                     outcome = self.logic.applyPrediction(request, result)
-                    self._candidates = outcome.candidates
+                    if getattr(request, "candidateStep", False):  # recorded once applied: superseded steps wrote nothing
+                        self._undoActions.append(("candidate", self._shownCandidate))
+                    self._candidates, self._shownCandidate = outcome.candidates, outcome.candidate
                     status = _("{voxels} voxels ({ml:.1f} ml) in {seconds:.2f} s").format(
                         voxels=outcome.voxels, ml=outcome.volumeMl, seconds=outcome.timings.get("total_s", 0.0))
                     if outcome.candidates:
@@ -491,8 +503,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._blockPromptEvents = False
         self._undoActions = []
-        self._candidates = []
-        self._setCandidate(None)
+        self._forgetCandidates()
         self._lastPrompts = None
 
     def onAccept(self):
@@ -508,13 +519,15 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         _volume, segmentation, segmentId = self._segmentTarget()
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
             if self.logic.undo(segmentation, segmentId) and self._undoActions:
-                node, detail = self._undoActions.pop()
-                if node == "candidate":
-                    self._setCandidate(detail if detail >= 0 else None)
+                action = self._undoActions.pop()
+                if action[0] == "candidate":
+                    self._shownCandidate = action[1]
+                    self._setCandidate(action[1])
                 else:
+                    node, pointId = action[1:]
                     self._blockPromptEvents = True
                     try:
-                        index = node.GetNthControlPointIndexByID(detail)
+                        index = node.GetNthControlPointIndexByID(pointId)
                         if index >= 0:
                             node.RemoveNthControlPoint(index)
                     finally:
@@ -533,6 +546,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInputVolumeChanged(self, node):
         """Start embedding as soon as a volume is chosen, if a model is already loaded."""
+        self._forgetCandidates()
         if node is not None and self.logic._model is not None:
             try:
                 self.queue.submit(self.logic.prepareVolume(node))
@@ -546,6 +560,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._updatingGUIFromParameterNode or self.logic._model is None:
             return
         self.logic.setModel(None)
+        self._forgetCandidates()
         self.ui.modelInfoLabel.text = _("The chosen weights load on the next click (or press Load model).")
 
     def _ensureModel(self):

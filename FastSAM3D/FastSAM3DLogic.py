@@ -424,29 +424,39 @@ class PredictionRequest:
         if sameCandidate and len(given) <= len(self.prompts) and all(_samePrompt(a, b) for a, b in zip(given, self.prompts)):
             todo = self.prompts[len(given):]
         else:  # a point moved or was removed (or another candidate was chosen): start the object over
-            session.reset(object=track.handle)
-            track.given = []
+            self._restart(track)
             todo = list(self.prompts)
-        try:
-            self._showCandidate(track)
-            for prompt in todo:
+        self._showCandidate(track)
+        for prompt in todo:
+            try:
                 if prompt[0] == "point":
                     session.add_point(tuple(prompt[1]), positive=bool(prompt[2]), object=track.handle)
                 else:
                     session.add_box(tuple(prompt[1]), tuple(prompt[2]), object=track.handle)
-                track.given.append(prompt)
-                self._showCandidate(track)
-        except Exception:
-            session.reset(object=track.handle)
-            track.given = []
-            raise
+            except Exception:
+                self._restart(track)
+                raise
+            track.given.append(prompt)
+            self._showCandidate(track)
         return track
 
+    def _restart(self, track: _ObjectTrack) -> None:
+        self.state.session.reset(object=track.handle)
+        track.given = []
+        track.candidate = None
+
     def _showCandidate(self, track: _ObjectTrack) -> None:
-        """While the first prompt is the only one, show the requested candidate: the later prompts refine it."""
+        """While the first prompt is the only one given, show the requested candidate: later prompts refine it.
+
+        A first prompt without candidates (a box, a model without them) ignores the request, except
+        when it is the request's only prompt: asking for a candidate there is an error (PromptError).
+        """
         if len(track.given) != 1 or (self.candidate is None and track.candidate is None):
             return  # nothing chosen, now or before: the session shows the model's pick
-        _, shown = self.state.session.candidates(object=track.handle)
+        ious, shown = self.state.session.candidates(object=track.handle)
+        if not ious and len(self.prompts) > 1:
+            track.candidate = None
+            return
         if shown != self.candidate:
             self.state.session.choose_candidate(self.candidate, object=track.handle)
         track.candidate = self.candidate
@@ -455,8 +465,8 @@ class PredictionRequest:
         with self.state.lock:
             self.state.ensureSession()
             track = self._syncPrompts()
-            self.candidates = self.state.session.candidates(object=track.handle)
             region, array = self.state.session.predict_region(object=track.handle)
+            self.candidates = self.state.session.candidates(object=track.handle)
             size = tuple(int(n) for n in self.state.session.image.GetSize())
             return RegionMask(tuple(int(a) for a in region.start), array, size)
 
@@ -937,9 +947,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             segment's complete prompt list: points that were given before and are still first in
             the list cost only a decode; a moved or removed point restarts the segment's prompts.
           labels: per point, 1 (include) or 0 (exclude).
-          candidate: for a lone positive click of a model with candidate masks (the result's
-            ``candidates``, small to large), which one to show; None: the one the model rates best.
-            Ignored once more prompts follow: they refine the mask shown.
+          candidate: for a first positive click of a model with candidate masks (the result's
+            ``candidates``, small to large, after a lone click), which one to show; None: the one the
+            model rates best. Later points refine the candidate shown (asking for another replays
+            them on it). With a lone click that has no candidates it is an error; when a box or
+            another prompt without candidates comes first, it is ignored.
 
         Returns:
           :class:`SegmentationResult` (voxel count, volume, engine timings, candidates).

@@ -17,7 +17,7 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -92,16 +92,19 @@ def bundled_model_path() -> Optional[Path]:
     return path if path.exists() else None
 
 
-def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def _with_safetensors(path: Path, read: Callable[[Any], Any]) -> Any:
+    """``read(handle)`` on the opened file; a file safetensors cannot read raises CheckpointError."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
+            return read(handle)
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
-    return state, metadata
+
+
+def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    return _with_safetensors(path, lambda handle: ({key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})))
 
 
 def read_model_card(path: str | os.PathLike) -> Dict[str, Any]:
@@ -113,13 +116,7 @@ def read_model_card(path: str | os.PathLike) -> Dict[str, Any]:
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            text = (handle.metadata() or {}).get("model_card")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+    text = _with_safetensors(path, lambda handle: (handle.metadata() or {}).get("model_card"))
     if text is None:
         return {}
     try:

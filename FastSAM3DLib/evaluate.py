@@ -14,9 +14,9 @@ the classical marker-watershed baseline — with its speed mode, click mode and 
 
 Reported per case and overall: Dice after 1, 3, 5 and 10 interactions, and NoC@80 / NoC@90 (the
 number of interactions to reach Dice 0.8 / 0.9; a case that never does counts as the click budget
-and is also counted as a failure). Colin27 structures are marked "seen" or "held-out" from the
-training recipe in the model's card (our exports carry one: were the held-out structures left out?);
-without a card, and on other data, "unknown".
+and is also counted as a failure). Colin27 structures are marked "seen" or "held-out" by the
+``trained_structures`` of the model's card (our exports list the Colin27 structures of the training
+pool); without one, and on other data, "unknown".
 
 The simulated user's random choices come from a generator seeded by ``seed`` and the case's
 name, so a run is reproducible and adding a case does not change the others' clicks.
@@ -93,6 +93,7 @@ def colin27_cases(structures: Optional[Sequence[str]] = None, trained: Optional[
     if unknown:
         raise FastSAM3DInputError(f"--structures: unknown Colin27 structure(s) {', '.join(unknown)}; expected some of {', '.join(STRUCTURES)}")
     colin = load_colin27()
+
     def group(name: str) -> str:
         return "unknown" if trained is None else "seen" if name in trained else "held-out"
 
@@ -647,21 +648,18 @@ def _variants(args: argparse.Namespace) -> List[Variant]:
 
 
 def trained_structures(model_path: Optional[str | Path]) -> Optional[Tuple[str, ...]]:
-    """The Colin27 structures a model was trained on, from its card's recipe (None: no card says).
+    """The Colin27 structures a model was trained on, from its card (None: no card says).
 
-    ``model_path`` None means the bundled model. The recipe is the last training run's; a run
-    started from other weights also inherits what those saw.
+    ``model_path`` None means the bundled model. The card lists what the last training run's pool
+    held; a run started from other weights also inherits what those saw.
     """
     from .checkpoint import bundled_model_path, read_model_card
-    from .data import STRUCTURES, TRAIN_STRUCTURES
 
     path = model_path or bundled_model_path()
     if path is None or not Path(path).exists():
         return None
-    recipe = read_model_card(path).get("recipe")
-    if not isinstance(recipe, dict) or "heldout" not in recipe:
-        return None
-    return TRAIN_STRUCTURES if recipe["heldout"] else STRUCTURES
+    trained = read_model_card(path).get("trained_structures")
+    return tuple(str(name) for name in trained) if isinstance(trained, list) else None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

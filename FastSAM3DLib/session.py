@@ -199,6 +199,8 @@ class Session:
         self.click_violations = 0
         self.clicks_checked = 0
         self.last_timings: Dict[str, float] = {}
+        # Work for the next result, wherever it ran (a predict, or candidates() before it): its timings.
+        self._next_timings: Dict[str, float] = {}
         self.progress: Dict[str, object] = {"stage": "idle", "fraction": 0.0}
 
         self._lock = threading.RLock()
@@ -231,6 +233,7 @@ class Session:
         with self._lock:
             self._generation += 1
             self._image = loaded
+            self._next_timings = {}
             self._embeddings.clear()
             self._pending.clear()
             self._pasters.clear()
@@ -295,7 +298,7 @@ class Session:
                 self.encoder_calls += 1
                 self._embeddings[crop] = embedding
                 self._evict()
-            self.last_timings["embed_s"] = time.perf_counter() - start
+            self._next_timings["embed_s"] = time.perf_counter() - start
             self._report("ready", 1.0)
             return embedding
         finally:
@@ -326,7 +329,7 @@ class Session:
     def _embedding(self, crop: CropGrid) -> torch.Tensor:
         start = time.perf_counter()
         embedding = self._ensure_embedding(crop).result()
-        self.last_timings["wait_embed_s"] = time.perf_counter() - start
+        self._add_time("wait_embed_s", time.perf_counter() - start)
         return embedding
 
     def cached_bytes(self) -> int:
@@ -530,7 +533,10 @@ class Session:
         state.logits[crop] = logits.float()
         state.iou[crop] = float(iou.reshape(-1)[0])
         state.decoded[crop] = len(state.prompts)
-        self.last_timings["decode_s"] = self.last_timings.get("decode_s", 0.0) + time.perf_counter() - start
+        self._add_time("decode_s", time.perf_counter() - start)
+
+    def _add_time(self, key: str, seconds: float) -> None:
+        self._next_timings[key] = self._next_timings.get(key, 0.0) + seconds
 
     def _update(self, state: _ObjectState) -> None:
         """Decode the crops that received prompts since their last decode."""
@@ -579,7 +585,7 @@ class Session:
 
     def _paste(self, object: int, changes_only: bool) -> Tuple[Region, np.ndarray]:
         start_total = time.perf_counter()
-        self.last_timings = {"decode_s": 0.0}
+        earlier = self._next_timings.get("decode_s", 0.0) + self._next_timings.get("wait_embed_s", 0.0)
         state = self._object(object)
         self._update(state)
         crops = [c for c in state.crops if c in state.logits]
@@ -623,8 +629,10 @@ class Session:
         if not out.empty:
             self._apply_boxes(state, out, mask)
             self._enforce_clicks(state, out, mask, enforced)
-        self.last_timings["paste_s"] = time.perf_counter() - start
-        self.last_timings["total_s"] = time.perf_counter() - start_total
+        timings, self._next_timings = self._next_timings, {}
+        timings["paste_s"] = time.perf_counter() - start
+        timings["total_s"] = time.perf_counter() - start_total + earlier
+        self.last_timings = {"decode_s": 0.0, **timings}
         return out, mask
 
     def _apply_boxes(self, state: _ObjectState, region: Region, mask: np.ndarray) -> None:

@@ -47,6 +47,18 @@ def _load_training_model(checkpoint: str | os.PathLike) -> tuple[Sam3D, Dict[str
     return model, info
 
 
+def _trained_structures(recipe: Dict[str, Any]) -> Optional[list]:
+    """The Colin27 structures in the run's training pool (as the run filtered it), or None if the pool
+    is not readable here. A run started from other weights (``init``) also inherits what those saw."""
+    from .interactive import usable_entries
+
+    pool = recipe.get("pool_dir")
+    if not pool or not Path(pool).is_dir():
+        return None
+    entries = usable_entries(Path(pool), bool(recipe.get("heldout", True)))
+    return sorted({str(e["structure"]) for e in entries if e.get("source") == "colin27"})
+
+
 def export_model(
     model: Sam3D, out: str | os.PathLike = DEFAULT_EXPORT, dtype: str = "auto", card: Optional[Dict[str, Any]] = None
 ) -> str:
@@ -91,6 +103,7 @@ def export_checkpoint(
     """
     model, info = _load_training_model(checkpoint)
     recipe = info.get("recipe", {})
+    trained = _trained_structures(recipe)
     card: Dict[str, Any] = {
         "name": "fastsam3d-bundled",
         "architecture": model.config.get("name", "custom"),
@@ -105,6 +118,8 @@ def export_checkpoint(
             " + procedural MR/CT-like phantoms; crops made like the session's preprocessing, augmented"
         ),
         "recipe": recipe,
+        # What `fastsam3d evaluate` marks "seen" (None: the pool could not be read here).
+        "trained_structures": trained,
         "known_limits": KNOWN_LIMITS,
         "notes": notes,
     }

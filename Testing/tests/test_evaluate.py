@@ -37,9 +37,11 @@ from FastSAM3DLib.evaluate import (
     trained_structures,
     write_outputs,
 )
-from FastSAM3DLib.data import STRUCTURES, TRAIN_STRUCTURES
+from FastSAM3DLib.data import TRAIN_STRUCTURES
 from FastSAM3DLib.data.colin27 import MRICRON_TEMPLATE_DIRS
-from FastSAM3DLib.train.export import export_model
+from FastSAM3DLib.train.export import export_checkpoint, export_model
+from FastSAM3DLib.train.interactive import InteractiveConfig, _checkpoint_payload, save_checkpoint
+from FastSAM3DLib.train.pool import INDEX_NAME
 from oracles import sphere_oracle_model
 
 
@@ -252,11 +254,20 @@ def test_fp32_reference_is_the_faster_shape_per_round():
 
 
 def test_seen_and_held_out_come_from_the_model_card(tmp_path):
-    """Which Colin27 structures count as seen is what the model's card says it trained on: a run
-    with the held-out structures left out, a run on everything, a file without a card (unknown)."""
+    """Which Colin27 structures count as seen is what the exported card says the training pool held
+    (as the run filtered it): a run with the held-out structures left out, a run on everything, a
+    file without a card (unknown)."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    entries = [{"id": f"000_{i:06d}", "index": i, "source": source, "structure": name, "voxels": 2000}
+               for i, (source, name) in enumerate((("colin27", "putamen_l"), ("colin27", "hippocampus_l"), ("phantom", "mr:blob")))]
+    (pool / INDEX_NAME).write_text("".join(json.dumps(e) + "\n" for e in entries))
     model = build_model("tiny")
-    for heldout, expected in ((True, TRAIN_STRUCTURES), (False, STRUCTURES)):
-        export_model(model, tmp_path / f"heldout_{heldout}.safetensors", card={"recipe": {"heldout": heldout}})
+    optimizer = torch.optim.AdamW(model.parameters())
+    for heldout, expected in ((True, ("putamen_l",)), (False, ("hippocampus_l", "putamen_l"))):
+        config = InteractiveConfig(model="tiny", pool_dir=str(pool), heldout=heldout)
+        save_checkpoint(tmp_path / "last.pt", _checkpoint_payload(model, optimizer, 3, config, 1.0))
+        export_checkpoint(tmp_path / "last.pt", tmp_path / f"heldout_{heldout}.safetensors")
         assert trained_structures(tmp_path / f"heldout_{heldout}.safetensors") == expected
     save_model(model, tmp_path / "bare.safetensors")
     assert trained_structures(tmp_path / "bare.safetensors") is None
@@ -266,7 +277,7 @@ def test_seen_and_held_out_come_from_the_model_card(tmp_path):
 
 @pytest.mark.skipif(not (MRICRON_TEMPLATE_DIRS[0] / "ch2.nii.gz").exists(), reason="Debian mricron-data (Colin27) is not installed")
 def test_cli_groups_colin27_by_the_model_card(tmp_path):
-    export_model(build_model("tiny"), tmp_path / "m.safetensors", card={"recipe": {"heldout": True}})
+    export_model(build_model("tiny"), tmp_path / "m.safetensors", card={"trained_structures": list(TRAIN_STRUCTURES)})
     status = main(["evaluate", "--structures", "putamen_l", "hippocampus_l", "--clicks", "1", "--model", str(tmp_path / "m.safetensors"),
                    "--precision", "fp32", "--out", str(tmp_path / "eval"), "--no-progress"])
     assert status == 0

@@ -430,6 +430,14 @@ def test_choosing_another_candidate_shows_it_is_refined_by_the_next_click_and_un
     with pytest.raises(PromptError, match="candidate 3 does not exist: there are 3"):
         session.choose_candidate(3)
 
+    # Asking for the candidates decodes the click: that time counts in the next result's timings.
+    other_object = session.new_object()
+    session.add_point(index_to_physical(image, (20, 25, 25)), object=other_object)
+    session.candidates(other_object)
+    session.predict_region(other_object)
+    timings = session.last_timings
+    assert timings["decode_s"] > 0 and timings["total_s"] >= timings["decode_s"] + timings["paste_s"]
+
 
 def test_a_crop_opened_by_a_later_click_keeps_the_single_mask_output():
     """Candidates answer only the object's very first click: a later click far away opens a new

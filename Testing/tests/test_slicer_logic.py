@@ -779,6 +779,7 @@ def test_another_candidate_of_a_lone_click_is_shown_undone_and_refined(ch2_node_
     before = layer_bytes(segmentation, other)
     picked = logic.segmentFromPoints(volume, segmentation, target, [click], [1])
     assert len(picked.candidates) == 3 and picked.candidate is None
+    assert picked.timings["decode_s"] > 0 and picked.timings["total_s"] >= picked.timings["decode_s"]
     pickedArray = logic.segmentArray(segmentation, target)
     other_choice = int(np.argmin(picked.candidates))
     chosen = logic.segmentFromPoints(volume, segmentation, target, [click], [1], candidate=other_choice)
@@ -789,9 +790,13 @@ def test_another_candidate_of_a_lone_click_is_shown_undone_and_refined(ch2_node_
     assert logic.prepareUncertainty(volume, segmentation, target, samples=2).candidate == other_choice
     assert layer_bytes(segmentation, other) == before
 
+    session = logic._volumes[volume.GetID()].session
+    handle = logic._volumes[volume.GetID()].objects[(segmentation.GetID(), target)].handle
+    history = len(session._objects[handle].history)
     with pytest.raises(PromptError, match="candidate 7 does not exist"):
         logic.segmentFromPoints(volume, segmentation, target, [click], [1], candidate=7)
     assert np.array_equal(logic.segmentArray(segmentation, target), chosenArray)
+    assert len(session._objects[handle].history) == history  # the object was not started over
     with pytest.raises(PromptError, match="candidate must be None"):
         logic.prepareSegmentation(volume, segmentation, target, [click], [1], candidate=-1)
 
@@ -801,15 +806,18 @@ def test_another_candidate_of_a_lone_click_is_shown_undone_and_refined(ch2_node_
     second = click + np.array([2.0, 0.0, 0.0])
     refined = logic.segmentFromPoints(volume, segmentation, target, [click, second], [1, 1], candidate=other_choice)
     assert refined.candidates == [] and refined.candidate is None
-    session = logic._volumes[volume.GetID()].session
-    state = session._objects[logic._volumes[volume.GetID()].objects[(segmentation.GetID(), target)].handle]
+    # The session's state before the second click (its undo snapshot: ..., candidates, chosen, checked):
+    state = session._objects[handle]
     crop = state.crops[0]
-    assert state.history[-1][5][crop][0].shape[0] == 3  # the click before this one was a lone click with candidates
-    assert state.history[-1][6][crop] == other_choice  # ... showing the chosen candidate, which this click refined
-    logic.segmentFromPoints(volume, segmentation, target, [click, second], [1, 1])  # the same clicks on the model's pick
-    state = session._objects[logic._volumes[volume.GetID()].objects[(segmentation.GetID(), target)].handle]
-    assert state.history[-1][6][crop] is None
+    assert state.history[-1][5][crop][0].shape[0] == 3  # a lone click with candidates
+    assert state.history[-1][6][crop] == other_choice  # ... showing the chosen one, which the second click refined
+    logic.segmentFromPoints(volume, segmentation, target, [click, second], [1, 1])  # no choice: replayed as any two clicks
+    assert session._objects[handle].history[-1][6].get(crop) is None
 
+    # A box first has no candidates: a remembered choice is dropped there, not an error.
+    corners = (click - 8.0, click + 8.0)
+    boxed = logic.prepareSegmentation(volume, segmentation, target, [click], [1], corners, candidate=other_choice)
+    logic.applyPrediction(boxed, boxed.run())
     no_candidates = FL.FastSAM3DLogic(model=build_model("tiny"), device="cpu", precision="fp32")
     with pytest.raises(PromptError, match="no candidate masks"):
         no_candidates.segmentFromPoints(volume, segmentation, target, [click], [1], candidate=0)

@@ -41,11 +41,19 @@ RADIUS = 4.0
 
 
 class Ball:
-    """Engine stand-in: a ball of RADIUS mm around each include click, minus balls around excludes."""
+    """Engine stand-in: a ball of RADIUS mm around each include click, minus balls around excludes.
+
+    A lone include click offers three candidates, balls of CANDIDATE_RADII, rated so that the
+    RADIUS one is the pick; after a choice every ball has the chosen radius.
+    """
+
+    CANDIDATE_RADII = (RADIUS / 2, RADIUS, 2 * RADIUS)
+    CANDIDATE_IOUS = [0.5, 0.9, 0.7]
 
     def __init__(self, model=None):
         self.progress = {"stage": "ready", "fraction": 1.0}
         self.last_timings = {"total_s": 0.0}
+        self.chosen = {}
 
     def set_image(self, image):
         self.image, self.objects, self.next = image, {0: []}, 1
@@ -57,6 +65,20 @@ class Ball:
 
     def reset(self, object=0):
         self.objects[object] = []
+        self.chosen.pop(object, None)
+
+    def candidates(self, object=0):
+        prompts = self.objects[object]
+        if len(prompts) == 1 and prompts[0][1]:
+            return list(self.CANDIDATE_IOUS), self.chosen.get(object)
+        return [], None
+
+    def choose_candidate(self, index, object=0):
+        from FastSAM3DLib.errors import PromptError
+
+        if not self.candidates(object)[0]:
+            raise PromptError("there are no candidate masks to choose from")
+        self.chosen[object] = index
 
     def add_point(self, point, positive=True, object=0):
         self.objects[object].append((np.asarray(point, float), positive))
@@ -67,8 +89,10 @@ class Ball:
         index = np.stack(np.meshgrid(*[np.arange(s) for s in size], indexing="ij"), -1).reshape(-1, 3)
         physical = np.array([image.TransformIndexToPhysicalPoint(tuple(int(v) for v in i)) for i in index])
         mask = np.zeros(len(index), np.uint8)
+        chosen = self.chosen.get(object)
+        radius = RADIUS if chosen is None else self.CANDIDATE_RADII[chosen]  # later clicks keep the chosen size
         for point, positive in self.objects[object]:
-            mask[np.linalg.norm(physical - point, axis=1) <= RADIUS] = 1 if positive else 0
+            mask[np.linalg.norm(physical - point, axis=1) <= radius] = 1 if positive else 0
         out = sitk.GetImageFromArray(mask.reshape(size).transpose(2, 1, 0).copy())
         out.CopyInformation(image)
         return out
@@ -471,6 +495,49 @@ class FakeSliceWidget:
 
     def xyToRas(self, xy):
         return (float(xy[0]), float(xy[1]), 0.0)
+
+
+def test_other_candidate_button_steps_through_candidates_and_undo_takes_each_step_back(app):
+    volume, segmentation, target, other = small_scene(app.scene)
+    widget = app.module.FastSAM3DWidget(types.SimpleNamespace(isEntered=True))
+    widget.setup()
+    widget.ui.segmentSelector.setCurrentNode(segmentation)
+    widget.ui.segmentSelector.setCurrentSegmentID(target)
+    include = widget._reference("PositivePoints")
+    assert not widget.ui.candidateButton.enabled  # nothing segmented yet
+
+    include.AddControlPoint(7.0, 0.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    picked = app.logic.segmentArray(segmentation, target)
+    assert widget.ui.candidateButton.enabled and "candidate 2 of 3" in widget.ui.statusLabel.text
+
+    widget.onCandidateButton()  # the pick is the middle ball: next is the large one
+    drain(widget.queue, widget.timer.fire)
+    large = app.logic.segmentArray(segmentation, target)
+    assert large.sum() > picked.sum() and "candidate 3 of 3" in widget.ui.statusLabel.text
+    widget.onCandidateButton()  # wraps round to the small one
+    drain(widget.queue, widget.timer.fire)
+    small = app.logic.segmentArray(segmentation, target)
+    assert 0 < small.sum() < picked.sum() and app.logic.segmentArray(segmentation, other).sum() == 0
+
+    widget.onUndo()
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), large)
+    widget.onUndo()
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), picked)
+    assert include.GetNumberOfControlPoints() == 1  # undoing a choice keeps the click
+    assert app.logic.getParameter(widget._parameterNode, "Candidate") == -1
+
+    # The next click refines the candidate shown; another segment starts from the model's pick.
+    widget.onCandidateButton()
+    drain(widget.queue, widget.timer.fire)
+    include.AddControlPoint(10.0, 0.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    assert not widget.ui.candidateButton.enabled  # two clicks: nothing to choose
+    assert app.logic.segmentArray(segmentation, target).sum() > large.sum()
+    widget.ui.segmentSelector.setCurrentSegmentID(other)
+    assert app.logic.getParameter(widget._parameterNode, "Candidate") == -1
+    widget.exit()
+    widget.cleanup()
 
 
 def test_segment_editor_effect_clicks_masking_and_undo(app):
