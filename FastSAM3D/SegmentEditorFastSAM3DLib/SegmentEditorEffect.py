@@ -43,6 +43,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.clicks = []  # (RAS world, positive) of the selected segment, in click order
         self.clickTarget = None  # (segmentation node ID, segment ID) the clicks belong to
+        self.candidate = None  # the candidate mask asked for the first click (None: the model's pick)
+        self.candidates = []  # predicted IoUs of the last result's candidates (after a lone click)
         self.clickNodes = None
         self.queue = None
         self.timer = None
@@ -83,12 +85,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.undoClickButton.toolTip = "Re-segment without the last click (the editor's Undo restores the previous result exactly)."
         self.clearClicksButton = qt.QPushButton("New object")
         self.clearClicksButton.toolTip = "Forget the clicks; the segment keeps its voxels and the next click starts afresh."
+        self.candidateButton = qt.QPushButton("Other candidate")
+        self.candidateButton.toolTip = ("One click can mean nested structures (a nucleus, the striatum, the brain): show the "
+                                        "model's next candidate mask for it. Later clicks refine the one shown.")
+        self.candidateButton.enabled = False
         buttons.addWidget(self.undoClickButton)
         buttons.addWidget(self.clearClicksButton)
+        buttons.addWidget(self.candidateButton)
         self.scriptedEffect.addOptionsWidget(buttons)
         self.showClicksCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.undoClickButton.connect("clicked()", self.onRemoveLastClick)
         self.clearClicksButton.connect("clicked()", self.onNewObject)
+        self.candidateButton.connect("clicked()", self.onOtherCandidate)
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault(SHOW_CLICKS, 1)
@@ -163,7 +171,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.clicks.pop()
             self._updateClickDisplay()
             if self.clicks:
-                self._submit()
+                self._submit(newClick=False)
+
+    def onOtherCandidate(self):
+        """Show the next candidate mask of the lone click (the editor's Undo restores the previous one)."""
+        if len(self.candidates) < 2 or len(self.clicks) != 1:
+            return
+        current = self.candidate if self.candidate is not None else max(range(len(self.candidates)), key=self.candidates.__getitem__)
+        previous, self.candidate = self.candidate, (current + 1) % len(self.candidates)
+        if not self._submit(newClick=False):
+            self.candidate = previous
 
     def onNewObject(self):
         node, segmentation, segmentId = self._target()
@@ -174,9 +191,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _forgetClicks(self):
         self.clicks = []
         self.clickTarget = None
+        self.candidate = None
+        self.candidates = []
         self._updateClickDisplay()
 
-    def _submit(self):
+    def _submit(self, newClick: bool = True) -> bool:
+        """Queue the segmentation of the current clicks; False (and the reason shown) if it cannot be.
+
+        ``newClick``: the last click was just added, and is taken back if the request is refused.
+        """
         node, segmentation, segmentId = self._target()
         volume = node.GetSourceVolumeNode()
         points = [c[0] for c in self.clicks]
@@ -188,19 +211,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
                 FastSAM3DDependencies.ensureDependencies(log=self._status)
                 self.logic.loadModel("bundled")
-            request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels)
+            request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels, candidate=self.candidate)
         except Exception as error:  # explained to the user; nothing was changed
-            self.clicks.pop()
+            if newClick:
+                self.clicks.pop()
             self._updateClickDisplay()
             hint = " Choose weights in the FastSAM3D module (Model section)." if self.logic._model is None else ""
             self._status(f"{error}{hint}")
             logging.warning("FastSAM3D effect: %s", error)
-            return
+            return False
         finally:
             qt.QApplication.restoreOverrideCursor()
         self.queue.submit(request)
         self.progressBar.visible = True
         self.timer.start()
+        return True
 
     def onPoll(self):
         """Main thread: show embedding progress and write finished masks through the editor."""
@@ -220,7 +245,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             try:
                 written = self.logic.applyMaskThroughSegmentEditor(
                     self.scriptedEffect, sourceVolume, mask, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
-                self._status(f"{len(self.clicks)} click(s): segment updated." if written else "Segment is hidden: not changed.")
+                ious, shown = request.candidates
+                self.candidates = ious
+                self.candidateButton.enabled = len(ious) > 1
+                status = f"{len(self.clicks)} click(s): segment updated." if written else "Segment is hidden: not changed."
+                if written and ious:
+                    status += f" Candidate {(shown if shown is not None else ious.index(max(ious))) + 1} of {len(ious)}."
+                self._status(status)
             except Exception as error:  # the segmentation is unchanged; say why
                 self._status(f"FastSAM3D could not write the segment: {error}")
                 logging.exception("FastSAM3D effect apply failed")

@@ -561,6 +561,20 @@ def test_segment_editor_effect_clicks_masking_and_undo(app):
     assert ball.sum() > 0
     assert effect.clickNodes is not None and effect.clickNodes[0].GetNumberOfControlPoints() == 1
 
+    # A lone click's other candidate (the stand-in's large ball), written through the editor and undone by it.
+    assert effect.candidateButton.enabled and "Candidate 2 of 3" in effect.statusLabel.text
+    effect.onOtherCandidate()
+    drain(effect.queue, effect.timer.fire)
+    assert app.logic.segmentArray(segmentation, target).sum() > ball.sum() and "Candidate 3 of 3" in effect.statusLabel.text
+    wrapper.editor.Undo()
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), ball)
+    # The effect does not see the editor's Undo and keeps its choice (the large one): two more steps
+    # cycle round to the pick.
+    effect.onOtherCandidate()
+    effect.onOtherCandidate()
+    drain(effect.queue, effect.timer.fire)
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), ball) and "Candidate 2 of 3" in effect.statusLabel.text
+
     # Ctrl+click excludes.
     assert effect.processInteractionEvents(FakeInteractor((7, 3), control=True), vtkEvent.LeftButtonPressEvent, view)
     drain(effect.queue, effect.timer.fire)
