@@ -15,7 +15,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -47,7 +47,7 @@ def _load_training_model(checkpoint: str | os.PathLike) -> tuple[Sam3D, Dict[str
     return model, info
 
 
-def _trained_structures(recipe: Dict[str, Any]) -> Optional[list]:
+def _trained_structures(recipe: Dict[str, Any]) -> Optional[List[str]]:
     """The Colin27 structures in the run's training pool (as the run filtered it), or None if the pool
     is not readable here. A run started from other weights (``init``) also inherits what those saw."""
     from .interactive import usable_entries
