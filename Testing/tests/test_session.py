@@ -384,7 +384,7 @@ def test_uncertainty_of_a_lone_first_click_describes_the_chosen_candidate():
 
 
 def test_choosing_another_candidate_shows_it_is_refined_by_the_next_click_and_undoes():
-    """The user may prefer another candidate of a lone click than the IoU head's pick: it is shown,
+    """The user may prefer another candidate of a lone click to the IoU head's pick: it is shown,
     the next click refines it, and undo steps back through the click and the choice exactly."""
     torch.manual_seed(1)
     model = build_model("tiny")
