@@ -59,6 +59,7 @@ from FastSAM3DLogic import (  # noqa: E402
     FastSAM3DLogic,
     PredictionQueue,
     sharedLogic,
+    shownCandidate,
 )
 
 
@@ -384,7 +385,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if len(self._candidates) < 2:
             return
         requested = self.logic.getParameter(self._parameterNode, "Candidate")
-        current = requested if requested >= 0 else int(np.argmax(self._candidates))
+        current = shownCandidate(self._candidates, requested if requested >= 0 else None)
         self._setCandidate((current + 1) % len(self._candidates))
         self.requestSegmentation(force=True, candidateStep=True)
 
@@ -448,9 +449,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     status = _("{voxels} voxels ({ml:.1f} ml) in {seconds:.2f} s").format(
                         voxels=outcome.voxels, ml=outcome.volumeMl, seconds=outcome.timings.get("total_s", 0.0))
                     if outcome.candidates:
-                        shown = outcome.candidate if outcome.candidate is not None else int(np.argmax(outcome.candidates))
                         status += " " + _("(candidate {n} of {count}: 'Other candidate' shows the next)").format(
-                            n=shown + 1, count=len(outcome.candidates))
+                            n=shownCandidate(outcome.candidates, outcome.candidate) + 1, count=len(outcome.candidates))
                     self.showStatus(status)
                     if self.logic.getParameter(self._parameterNode, "ShowUncertainty"):
                         self._queueUncertainty()

@@ -383,6 +383,11 @@ class SegmentationResult:
     candidate: Optional[int] = None  # the one shown (None: the model's pick)
 
 
+def shownCandidate(candidates: Sequence[float], chosen: Optional[int]) -> int:
+    """Index of the candidate mask shown: the chosen one, else the model's pick (highest predicted IoU)."""
+    return chosen if chosen is not None else int(np.argmax(candidates))
+
+
 def _samePrompt(a: Prompt, b: Prompt, tolerance: float = 1e-6) -> bool:
     if a[0] != b[0]:
         return False

@@ -17,7 +17,7 @@ import vtk
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from FastSAM3DLogic import FastSAM3DLogic, PredictionQueue, sharedLogic
+from FastSAM3DLogic import FastSAM3DLogic, PredictionQueue, sharedLogic, shownCandidate
 
 SHOW_CLICKS = "FastSAM3D.ShowClicks"
 
@@ -177,8 +177,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """Show the next candidate mask of the lone click (the editor's Undo restores the previous one)."""
         if len(self.candidates) < 2 or len(self.clicks) != 1:
             return
-        current = self.candidate if self.candidate is not None else max(range(len(self.candidates)), key=self.candidates.__getitem__)
-        previous, self.candidate = self.candidate, (current + 1) % len(self.candidates)
+        previous, self.candidate = self.candidate, (shownCandidate(self.candidates, self.candidate) + 1) % len(self.candidates)
         if not self._submit(newClick=False):
             self.candidate = previous
 
@@ -250,7 +249,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.candidateButton.enabled = len(ious) > 1
                 status = f"{len(self.clicks)} click(s): segment updated." if written else "Segment is hidden: not changed."
                 if written and ious:
-                    status += f" Candidate {(shown if shown is not None else ious.index(max(ious))) + 1} of {len(ious)}."
+                    status += f" Candidate {shownCandidate(ious, shown) + 1} of {len(ious)}."
                 self._status(status)
             except Exception as error:  # the segmentation is unchanged; say why
                 self._status(f"FastSAM3D could not write the segment: {error}")
