@@ -32,6 +32,7 @@ click costs work in proportion to the crops, not to the volume.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -1065,6 +1066,19 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         start = [extent[0] + bounds[2].start, extent[2] + bounds[1].start, extent[4] + bounds[0].start]
         return _makeOrientedImage(np.ascontiguousarray(binary[bounds], dtype=np.uint8), _imageToWorld(layer), start)
 
+    @classmethod
+    def segmentFingerprint(cls, segmentationNode, segmentId: str) -> str:
+        """A digest of one segment's voxels (their positions in the segmentation's frame), equal for
+        equal contents whatever the shared layer around them: how the editor effect recognises a
+        state it wrote earlier after the Segment Editor's Undo."""
+        digest = hashlib.sha1()
+        labelmap = cls.segmentLabelmap(segmentationNode, segmentId)
+        if labelmap is not None:
+            digest.update(np.asarray(labelmap.GetExtent(), np.int64).tobytes())
+            digest.update(np.round(_imageToWorld(labelmap), 6).tobytes())
+            digest.update(_orientedImageArray(labelmap).tobytes())
+        return digest.hexdigest()
+
     def segmentArray(self, segmentationNode, segmentId: str, volumeNode=None) -> np.ndarray:
         """One segment as a (k, j, i) 0/1 array on the segmentation's full reference grid."""
         reference = self.referenceGeometry(segmentationNode, volumeNode)
@@ -1226,13 +1240,16 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
     # -- Segment Editor ----------------------------------------------------------------------------
 
-    def applyMaskThroughSegmentEditor(self, scriptedEffect, sourceVolumeNode, mask: RegionMask, modificationModeSet) -> bool:
+    def applyMaskThroughSegmentEditor(self, scriptedEffect, sourceVolumeNode, mask: RegionMask, modificationModeSet,
+                                      base=None) -> bool:
         """Write a mask through the Segment Editor so that its masking, overwrite rules and undo apply.
 
         Order (as Slicer's own effects do): check the segment is visible -> ``saveStateForUndo()`` ->
         fill ``defaultModifierLabelmap()`` -> ``modifySelectedSegmentByLabelmap(modifier, Set)``. The
         mask is carried onto the editor's geometry before anything is saved, so a failure leaves the
-        segmentation and the undo stack as they were. Returns False if the user declined.
+        segmentation and the undo stack as they were. ``base`` (a labelmap from :meth:`segmentLabelmap`,
+        or None) is kept under the mask: the voxels the segment had before the current object.
+        Returns False if the user declined.
         """
         parameterSetNode = scriptedEffect.parameterSetNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
@@ -1244,16 +1261,21 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         scriptedEffect.saveStateForUndo()
         modifier = scriptedEffect.defaultModifierLabelmap()
         self.fillModifierLabelmap(modifier, labelmap)
+        if base is not None:
+            self.fillModifierLabelmap(modifier, base, keep=True)
         scriptedEffect.modifySelectedSegmentByLabelmap(modifier, modificationModeSet)
         return True
 
     @staticmethod
-    def fillModifierLabelmap(modifier, labelmap) -> None:
-        """Set the editor's modifier labelmap (its full extent) to ``labelmap`` (same frame), 1 inside."""
+    def fillModifierLabelmap(modifier, labelmap, keep: bool = False) -> None:
+        """Set the editor's modifier labelmap (its full extent) to ``labelmap`` (same frame), 1 inside;
+        with ``keep``, add ``labelmap`` to what the modifier holds instead."""
         if modifier.GetPointData().GetScalars() is None or modifier.GetScalarType() != vtk.VTK_UNSIGNED_CHAR:
             modifier.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+            keep = False
         target = _orientedImageArray(modifier)
-        target[...] = 0
+        if not keep:
+            target[...] = 0
         if labelmap is None:
             modifier.Modified()
             return
@@ -1264,8 +1286,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         labelmap = _cropToExtent(labelmap, modifier.GetExtent())
         if labelmap is not None:
             own, ext = labelmap.GetExtent(), modifier.GetExtent()
-            target[own[4] - ext[4]: own[5] - ext[4] + 1, own[2] - ext[2]: own[3] - ext[2] + 1,
-                   own[0] - ext[0]: own[1] - ext[0] + 1] = (_orientedImageArray(labelmap) > 0)
+            window = target[own[4] - ext[4]: own[5] - ext[4] + 1, own[2] - ext[2]: own[3] - ext[2] + 1,
+                            own[0] - ext[0]: own[1] - ext[0] + 1]
+            window |= (_orientedImageArray(labelmap) > 0).astype(window.dtype)
         modifier.Modified()
 
     # -- prompts from markups (GUI and effect) -------------------------------------------------------

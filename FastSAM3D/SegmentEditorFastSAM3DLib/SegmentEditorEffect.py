@@ -1,9 +1,16 @@
 """The "FastSAM3D" Segment Editor effect: click in a slice view, the selected segment follows.
 
 Left-click adds an include point, Ctrl+left-click an exclude point (other clicks and keys go to the
-views as usual). Each click re-segments the selected segment from all clicks so far: the engine runs
-on a worker thread, and the result is written through the Segment Editor (its editable-area masking,
-overwrite-other-segments setting and undo apply; only the selected segment changes).
+views as usual). Each click re-segments the current object of the selected segment from all its
+clicks so far: the engine runs on a worker thread, and the result is written through the Segment
+Editor (its editable-area masking, overwrite-other-segments setting and undo apply; only the selected
+segment changes). An object is added to what the segment held when its first click came, so earlier
+objects and painted voxels stay.
+
+The editor's Undo and Redo, and other effects, change the segment behind this effect's back. Before
+each action the effect compares the segment with the states it wrote: one of them (the editor went
+back or forward) brings back the clicks that made it; anything else (Paint, Erase, ...) is kept, and
+the next click starts a new object on top of it.
 
 Registered by the FastSAM3D module at application startup (``FastSAM3D.registerEditorEffect``).
 """
@@ -31,6 +38,16 @@ def _moduleResource(*parts):
     return ""
 
 
+class _SegmentState:
+    """The selected segment as the effect left it, and the clicks that made it."""
+
+    def __init__(self, fingerprint, clicks, candidate, candidates):
+        self.fingerprint = fingerprint
+        self.clicks = list(clicks)
+        self.candidate = candidate
+        self.candidates = list(candidates)
+
+
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     """Click-based 3D segmentation of the selected segment."""
 
@@ -41,10 +58,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = True
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.clicks = []  # (RAS world, positive) of the selected segment, in click order
+        self.clicks = []  # (RAS world, positive) of the current object, in click order
         self.clickTarget = None  # (segmentation node ID, segment ID) the clicks belong to
         self.candidate = None  # the candidate mask asked for the first click (None: the model's pick)
         self.candidates = []  # predicted IoUs of the last result's candidates (after a lone click)
+        self.base = None  # the segment's voxels when the object's first click came (kept under its masks)
+        self.states = []  # _SegmentState of the object: before its first click, then after each write
         self.clickNodes = None
         self.queue = None
         self.timer = None
@@ -64,7 +83,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return (
             "<html>Segment the selected segment in 3D from clicks (FastSAM3D).<p>"
             "<b>Left-click</b>: include point. <b>Ctrl + left-click</b>: exclude point.<br>"
-            "Every click re-segments from all clicks so far; the editor's masking and undo apply.</p>"
+            "Every click re-segments the current object from its clicks so far and adds it to what the segment held "
+            "before the object's first click. The editor's masking and undo apply; after the editor's Undo the clicks "
+            "follow the segment back.</p>"
             "<p>The first click on a volume waits for its embedding (a progress bar shows it).</p></html>"
         )
 
@@ -84,7 +105,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.undoClickButton = qt.QPushButton("Remove last click")
         self.undoClickButton.toolTip = "Re-segment without the last click (the editor's Undo restores the previous result exactly)."
         self.clearClicksButton = qt.QPushButton("New object")
-        self.clearClicksButton.toolTip = "Forget the clicks; the segment keeps its voxels and the next click starts afresh."
+        self.clearClicksButton.toolTip = ("Keep the segment as it is and forget the clicks: the next click starts another "
+                                          "object, added to the segment.")
         self.candidateButton = qt.QPushButton("Other candidate")
         self.candidateButton.toolTip = ("One click can mean nested structures (a nucleus, the striatum, the brain): show the "
                                         "model's next candidate mask for it. Later clicks refine the one shown.")
@@ -162,11 +184,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if target != self.clickTarget:  # another segment selected: its own clicks
             self._forgetClicks()
             self.clickTarget = target
+        self._followSegment()
+        if not self.clicks:  # a new object, on top of what the segment holds now
+            self.base = self.logic.segmentLabelmap(segmentation, segmentId)
+            self.states = [_SegmentState(self.logic.segmentFingerprint(segmentation, segmentId), [], None, [])]
         self.clicks.append((tuple(float(v) for v in rasWorld[:3]), bool(positive)))
         self._updateClickDisplay()
         self._submit()
 
     def onRemoveLastClick(self):
+        self._followSegment()
         if self.clicks:
             self.clicks.pop()
             self._updateClickDisplay()
@@ -175,6 +202,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onOtherCandidate(self):
         """Show the next candidate mask of the lone click (the editor's Undo restores the previous one)."""
+        self._followSegment()
         if len(self.candidates) < 2 or len(self.clicks) != 1:
             return
         previous, self.candidate = self.candidate, (shownCandidate(self.candidates, self.candidate) + 1) % len(self.candidates)
@@ -192,7 +220,39 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.clickTarget = None
         self.candidate = None
         self.candidates = []
+        self.base = None
+        self.states = []
         self._updateClickDisplay()
+
+    def _followSegment(self):
+        """Bring the clicks in line with the segment, which the editor's Undo/Redo and other effects
+        change without telling this effect (see the module docstring)."""
+        if not self.states or self.queue is None or self.queue.busy:
+            return  # nothing written yet, or a result is on its way (it is checked when written)
+        node, segmentation, segmentId = self._target()
+        if segmentation is None or (segmentation.GetID(), segmentId) != self.clickTarget:
+            return
+        if segmentation.GetSegmentation().GetSegment(segmentId) is None:
+            self._forgetClicks()
+            return
+        current = self.logic.segmentFingerprint(segmentation, segmentId)
+        if current == self.states[-1].fingerprint:
+            return
+        for state in reversed(self.states):
+            if state.fingerprint == current:  # the editor's Undo (or Redo) went back to this state
+                self.clicks, self.candidate, self.candidates = list(state.clicks), state.candidate, list(state.candidates)
+                self.states.append(state)
+                self._updateClickDisplay()
+                self.candidateButton.enabled = len(self.candidates) > 1 and len(self.clicks) == 1
+                self._status(f"Segment restored by the editor: back to {len(self.clicks)} click(s).")
+                return
+        # Edited otherwise (Paint, Erase, another effect): keep it; the next click starts a new object.
+        self.logic.accept(segmentation, segmentId)
+        target = self.clickTarget
+        self._forgetClicks()
+        self.clickTarget = target
+        self.candidateButton.enabled = False
+        self._status("The segment was edited by another tool: the next click starts a new object on top of it.")
 
     def _submit(self, newClick: bool = True) -> bool:
         """Queue the segmentation of the current clicks; False (and the reason shown) if it cannot be.
@@ -221,6 +281,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return False
         finally:
             qt.QApplication.restoreOverrideCursor()
+        request.effectState = (list(self.clicks), self.candidate)  # what the result will stand for
         self.queue.submit(request)
         self.progressBar.visible = True
         self.timer.start()
@@ -243,10 +304,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             sourceVolume = request.scene.GetNodeByID(request.volumeNodeID)
             try:
                 written = self.logic.applyMaskThroughSegmentEditor(
-                    self.scriptedEffect, sourceVolume, mask, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+                    self.scriptedEffect, sourceVolume, mask, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet,
+                    base=self.base)
                 ious, shown = request.candidates
                 self.candidates = ious
                 self.candidateButton.enabled = len(ious) > 1
+                if written:
+                    clicks, candidate = request.effectState
+                    self.states.append(_SegmentState(self.logic.segmentFingerprint(segmentation, segmentId), clicks, candidate, ious))
                 status = f"{len(self.clicks)} click(s): segment updated." if written else "Segment is hidden: not changed."
                 if written and ious:
                     status += f" Candidate {shownCandidate(ious, shown) + 1} of {len(ious)}."

@@ -568,12 +568,12 @@ def test_segment_editor_effect_clicks_masking_and_undo(app):
     assert app.logic.segmentArray(segmentation, target).sum() > ball.sum() and "Candidate 3 of 3" in effect.statusLabel.text
     wrapper.editor.Undo()
     assert np.array_equal(app.logic.segmentArray(segmentation, target), ball)
-    # The effect does not see the editor's Undo and keeps its choice (the large one): two more steps
-    # cycle round to the pick.
-    effect.onOtherCandidate()
+    # The effect follows the editor's Undo back to the model's pick: the next step is the large one again.
     effect.onOtherCandidate()
     drain(effect.queue, effect.timer.fire)
-    assert np.array_equal(app.logic.segmentArray(segmentation, target), ball) and "Candidate 2 of 3" in effect.statusLabel.text
+    assert app.logic.segmentArray(segmentation, target).sum() > ball.sum() and "Candidate 3 of 3" in effect.statusLabel.text
+    wrapper.editor.Undo()
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), ball)
 
     # Ctrl+click excludes.
     assert effect.processInteractionEvents(FakeInteractor((7, 3), control=True), vtkEvent.LeftButtonPressEvent, view)
@@ -600,12 +600,69 @@ def test_segment_editor_effect_clicks_masking_and_undo(app):
     wrapper.editor.Undo()
     assert np.array_equal(app.logic.segmentArray(segmentation, target), carved)
 
-    # A click outside the volume is explained and changes nothing.
+    # A click outside the volume is explained and changes nothing; the effect has followed the Undo.
     effect.processInteractionEvents(FakeInteractor((400, 0)), vtkEvent.LeftButtonPressEvent, view)
     assert not effect.queue.busy and "outside volume" in effect.statusLabel.text
     assert np.array_equal(app.logic.segmentArray(segmentation, target), carved)
+    assert [c[1] for c in effect.clicks] == [True, False]
+    wrapper.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+    # Overlap allowed from here on, so the expected masks are exact and "other" stays as it is.
+    assert wrapper.node.GetOverwriteMode() == wrapper.node.OverwriteNone
+
+    def click(xy, positive=True):
+        effect.processInteractionEvents(FakeInteractor(xy, control=not positive), vtkEvent.LeftButtonPressEvent, view)
+        drain(effect.queue, effect.timer.fire)
+        return app.logic.segmentArray(segmentation, target)
+
+    def balls(*clicks):
+        return _balls(volume, [((x, y, 0.0), positive) for x, y, positive in clicks])
+
+    # A click taken back by the editor's Undo is gone from the clicks: the next click re-segments without it.
+    first, exclude = (7, 0, True), (7, 3, False)
+    assert np.array_equal(carved, balls(first, exclude))
+    with_c = click((-5, 0))
+    assert np.array_equal(with_c, balls(first, exclude, (-5, 0, True)))
+    wrapper.editor.Undo()
+    effect._followSegment()  # what every action of the effect does first
+    assert len(effect.clicks) == 2 and "back to 2 click(s)" in effect.statusLabel.text
+    wrapper.editor.Redo()  # ... and Redo brings the click back
+    effect._followSegment()
+    assert len(effect.clicks) == 3
+    wrapper.editor.Undo()
+    with_d = click((15, 8))
+    assert np.array_equal(with_d, balls(first, exclude, (15, 8, True)))
+
+    # Voxels painted by another tool stay; the next click starts a new object on top of them.
+    painted = with_d.copy()
+    painted[2:5, 2:5, 2:5] = 1
+    app.logic._setSegment(segmentation, target, app.logic.maskToSegmentLabelmap(painted, volume, segmentation))
+    effect._followSegment()
+    assert effect.clicks == [] and "another tool" in effect.statusLabel.text
+    with_e = click((0, -10))
+    assert len(effect.clicks) == 1
+    assert np.array_equal(with_e, painted | balls((0, -10, True)))
+    # A second click on the new object reshapes it only: the painted voxels and the first object stay.
+    with_e2 = click((0, -12), positive=False)
+    assert np.array_equal(with_e2, painted | balls((0, -10, True), (0, -12, False)))
+
+    # "New object": the segment is kept as it is and the next click adds another object.
+    effect.onNewObject()
+    with_f = click((-5, 10))
+    assert np.array_equal(with_f, with_e2 | balls((-5, 10, True))) and len(effect.clicks) == 1
+    assert np.array_equal(app.logic.segmentArray(segmentation, other), otherVoxels)
     effect.deactivate()
     assert effect.clickNodes is None and effect.clicks == []
+
+
+def _balls(volume, clicks):
+    """The Ball stand-in's mask (k, j, i) on the volume's grid for clicks ((world RAS), positive)."""
+    import FastSAM3DLogic as FL
+
+    session = Ball()
+    session.set_image(FL.volumeNodeToImage(volume))
+    for rasWorld, positive in clicks:
+        session.add_point(FL.rasToLps(FL.worldToLocal(volume, [rasWorld]))[0], positive)
+    return sitk.GetArrayFromImage(session.predict())
 
 
 def _ball_at(volume, rasWorld):
