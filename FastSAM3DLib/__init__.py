@@ -1,13 +1,25 @@
 """FastSAM3D engine: the FastSAM3D / SAM-Med3D models, checkpoint loading, interactive sessions.
 
-Plain Python + PyTorch + NumPy + SimpleITK; it never imports Slicer.
+Plain Python + PyTorch + NumPy + SimpleITK; it never imports Slicer. ``Session`` and
+``IntensitySettings`` (and with them SimpleITK) load on first use, so the models and training from
+prepared arrays run where SimpleITK is not installed.
 """
+
+import importlib
 
 from .build import CONFIGS, build_model, count_parameters, infer_config
 from .checkpoint import bundled_model_path, convert_checkpoint, load_image_encoder, load_model, save_model
 from .errors import CheckpointError, FastSAM3DInputError, ImageError, PromptError
-from .preprocess import IntensitySettings
-from .session import Session
+
+_ON_FIRST_USE = {"Session": ".session", "IntensitySettings": ".preprocess"}
+
+
+def __getattr__(name: str):
+    if name in _ON_FIRST_USE:
+        value = getattr(importlib.import_module(_ON_FIRST_USE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

@@ -390,7 +390,7 @@ def load_image_encoder(path: str | os.PathLike, device: str | torch.device = "au
 
 
 def _atomic_write(path: Path, write) -> None:
-    from .io import StagedFile, commit_staged  # temp file + rename, fsync, the usual (umask) permissions
+    from .staging import StagedFile, commit_staged  # temp file + rename, fsync, the usual (umask) permissions
 
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = StagedFile(path)

@@ -80,7 +80,8 @@ class _Outputs:
         self._writers.append((path, write))
 
     def commit(self) -> None:
-        from .io import StagedFile, commit_staged
+        from .io import check_image_file, write_error_reason
+        from .staging import StagedFile, commit_staged
 
         staged: List[StagedFile] = []
         try:
@@ -88,7 +89,8 @@ class _Outputs:
                 staged.append(StagedFile(path))
                 # An image is read back (header against content): SimpleITK's NIfTI writer does not
                 # report a full disk, it leaves a truncated file.
-                staged[-1].write(write, image=path.name.lower().endswith(IMAGE_SUFFIXES))
+                image = path.name.lower().endswith(IMAGE_SUFFIXES)
+                staged[-1].write(write, check=check_image_file if image else None, explain=write_error_reason)
             commit_staged(staged)  # restores every earlier output if a later rename fails
         finally:
             for stage in staged:

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import errno
 import gzip
 import os
-import shutil
 import struct
-import tempfile
-import uuid
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import ImageError
+from .staging import OutputError, StagedFile, commit_staged  # noqa: F401 (OutputError: part of this module's API)
 
 ImageLike = Union[sitk.Image, str, os.PathLike]
 
@@ -257,8 +254,9 @@ def load_image(source: ImageLike) -> sitk.Image:
     return image
 
 
-class OutputError(OSError):
-    """An output file could not be written completely; nothing was put in its place."""
+def write_error_reason(error: BaseException) -> str:
+    """Why writing an output failed, in one line (ITK's exceptions shortened)."""
+    return _reader_message(error) if isinstance(error, RuntimeError) else str(error)
 
 
 def check_image_file(path: Union[str, os.PathLike]) -> None:
@@ -286,103 +284,6 @@ def _complete_file_reader(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class StagedFile:
-    """One output written under a temporary folder beside its destination, then renamed into place.
-
-    The file is written with its final name inside the temporary folder, so formats that write a
-    separate data file (``.mhd`` + ``.raw``, ``.nhdr`` + ``.raw.gz``) reference the right name; every
-    file it produced is moved next to ``path`` by :func:`commit_staged`. Until then nothing at the
-    destination is touched; :meth:`discard` removes the temporary folder.
-    """
-
-    def __init__(self, path: Union[str, os.PathLike]) -> None:
-        self.path = Path(path)
-        self.folder = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        self.tmp = self.folder / self.path.name
-
-    def write(self, write: Callable[[str], None], image: bool = False) -> None:
-        """Call ``write(temporary path)``; check the result (``image``: every voxel is there), fsync it.
-
-        Raises:
-          OutputError: the writer failed, or wrote an incomplete file (e.g. the disk is full).
-        """
-        try:
-            write(str(self.tmp))
-            if not self.tmp.exists():
-                raise FileNotFoundError(errno.ENOENT, "the writer produced no file")
-            if image:
-                check_image_file(self.tmp)
-            mode = 0o666 & ~_umask()  # mkdtemp's folder is private; the outputs get the usual permissions
-            for produced in self.folder.iterdir():
-                os.chmod(produced, mode)
-                with open(produced, "rb") as stream:
-                    os.fsync(stream.fileno())
-        except (OSError, RuntimeError, ImageError) as error:
-            reason = _reader_message(error) if isinstance(error, RuntimeError) else str(error)
-            if isinstance(error, ImageError):
-                reason = f"the written file is incomplete, is the disk full? ({reason})"
-            raise OutputError(
-                getattr(error, "errno", None) or errno.EIO,
-                f"{self.path}: could not be written: {reason}; nothing was written there and any existing file is unchanged",
-            ) from None
-
-    def moves(self) -> List[Tuple[Path, Path]]:
-        """(temporary, final) paths, data files before the file that names them."""
-        produced = sorted(self.folder.iterdir(), key=lambda p: p.name == self.path.name)
-        return [(p, self.path.parent / p.name) for p in produced]
-
-    def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def commit_staged(staged: Sequence[StagedFile]) -> None:
-    """Move every staged file into place; if any move fails, put back what was there before.
-
-    Existing destinations are kept as hard links until all moves succeeded (where the file system
-    has no hard links, a failed later move cannot restore an earlier one).
-    """
-    done: List[Tuple[Path, Optional[Path], bool]] = []  # (destination, backup, existed before)
-    try:
-        for stage in staged:
-            for source, destination in stage.moves():
-                backup = None
-                existed = destination.exists()
-                if existed:
-                    backup = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:8]}.bak")
-                    try:
-                        os.link(destination, backup)
-                    except OSError:
-                        backup = None
-                done.append((destination, backup, existed))
-                os.replace(source, destination)
-        try:  # make the renames durable
-            folder = os.open(staged[0].path.parent, os.O_RDONLY) if staged else None
-            if folder is not None:
-                os.fsync(folder)
-                os.close(folder)
-        except OSError:
-            pass
-    except BaseException:
-        for destination, backup, existed in reversed(done):
-            if backup is not None:
-                os.replace(backup, destination)
-            elif not existed:
-                destination.unlink(missing_ok=True)
-        raise
-    finally:
-        for _, backup, _ in done:
-            if backup is not None:
-                backup.unlink(missing_ok=True)
-        for stage in staged:
-            stage.discard()
-
-
 def write_image_atomic(image: sitk.Image, path: Union[str, os.PathLike], compress: bool = True) -> None:
     """Write an image to ``path`` via a temporary file beside it and a rename.
 
@@ -400,7 +301,7 @@ def write_image_atomic(image: sitk.Image, path: Union[str, os.PathLike], compres
         raise ImageError(f"{path.parent}: output folder does not exist")
     stage = StagedFile(path)
     try:
-        stage.write(lambda tmp: sitk.WriteImage(image, tmp, compress), image=True)
+        stage.write(lambda tmp: sitk.WriteImage(image, tmp, compress), check=check_image_file, explain=write_error_reason)
         commit_staged([stage])
     finally:
         stage.discard()

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument("--run-dir", default=defaults.run_dir, help="checkpoints, metrics.json, curves.png (default: %(default)s)")
     parser.add_argument("--pool", dest="pool_dir", default=defaults.pool_dir, help="prepared crop pool (default: %(default)s)")
+    parser.add_argument("--live", default=None, metavar="PACK",
+                        help="make every crop on the training device from this pack (`fastsam3d train pack`) instead of a pool")
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="build the pool up to this many crops first (0: use as is)")
     parser.add_argument("--model", default=defaults.model, help="architecture of a fresh model (build.CONFIGS name, default: %(default)s)")
     parser.add_argument("--init", default=None, help="weights to start from when there is no checkpoint to resume (e.g. the bundled model)")
@@ -89,6 +91,15 @@ def _run_pool(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_pack(args: argparse.Namespace) -> int:
+    from .live import write_pack
+
+    summary = write_pack(args.out)
+    logger.info("pack %s: %s voxels, %d structures (%s)", summary["path"], "x".join(map(str, summary["shape"])),
+                len(summary["structures"]), ", ".join(summary["structures"]))
+    return 0
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from ..data.colin27 import HELDOUT_STRUCTURES
     from .quick_eval import SEEN_EVAL, evaluate_colin27, summarize
@@ -128,7 +139,7 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
     from .distill import DistillConfig
     from .export import DEFAULT_EXPORT
     from .interactive import InteractiveConfig
-    from .pool import DEFAULT_POOL
+    from .paths import DEFAULT_CACHE, DEFAULT_POOL
 
     train = subparsers.add_parser("train", help="train or distil models, build training pools, export weights")
     sub = train.add_subparsers(dest="train_command", required=True)
@@ -143,6 +154,10 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
     pool.add_argument("--workers", type=int, default=1)
     pool.add_argument("--seed", type=int, default=0)
     pool.set_defaults(func=_run_pool)
+
+    pack = sub.add_parser("pack", help="write Colin27 and its structures as one .npz for crops made on the training device (--live)")
+    pack.add_argument("--out", default=str(DEFAULT_CACHE / "colin27-pack.npz"), help="pack file (default: %(default)s)")
+    pack.set_defaults(func=_run_pack)
 
     interactive = sub.add_parser("interactive", help="click-simulated interactive training (resumable)")
     _add_interactive_options(interactive, InteractiveConfig())

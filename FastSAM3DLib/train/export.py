@@ -48,10 +48,16 @@ def _load_training_model(checkpoint: str | os.PathLike) -> tuple[Sam3D, Dict[str
 
 
 def _trained_structures(recipe: Dict[str, Any]) -> Optional[List[str]]:
-    """The Colin27 structures in the run's training pool (as the run filtered it), or None if the pool
-    is not readable here. A run started from other weights (``init``) also inherits what those saw."""
+    """The Colin27 structures in the run's training pool or live pack (as the run filtered them), or
+    None if neither is readable here. A run started from other weights (``init``) also inherits what
+    those saw."""
     from .interactive import usable_entries
+    from .live import LiveCrops
 
+    if recipe.get("live"):
+        if not Path(recipe["live"]).is_file():
+            return None
+        return sorted(LiveCrops(recipe["live"], heldout=bool(recipe.get("heldout", True))).structures)
     pool = recipe.get("pool_dir")
     if not pool or not Path(pool).is_dir():
         return None

@@ -60,7 +60,8 @@ from ..clicks import next_click_lowres
 from ..modeling import Sam3D, select_by_iou
 from . import ddp
 from .losses import segmentation_loss
-from .pool import DEFAULT_CACHE, DEFAULT_POOL, PoolSpec, build_pool, load_entry, read_index
+from .live import LiveCrops
+from .paths import DEFAULT_CACHE, DEFAULT_POOL
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class InteractiveConfig:
     Attributes:
       run_dir: where checkpoints, metrics and plots go (outside the repository).
       pool_dir: the prepared crop pool (:mod:`FastSAM3DLib.train.pool`).
+      live: a pack (:func:`FastSAM3DLib.train.live.write_pack`) to make every crop from on the training
+        device instead (:class:`~FastSAM3DLib.train.live.LiveCrops`; no pool, no SimpleITK).
       pool_size: build the pool up to this many entries first if it has fewer (0: use it as it is).
       model: a ``build.CONFIGS`` name for a fresh model.
       init: weights to start from (any file ``load_model`` reads) when there is no checkpoint to resume.
@@ -112,6 +115,7 @@ class InteractiveConfig:
 
     run_dir: str = str(DEFAULT_RUNS / "interactive")
     pool_dir: str = str(DEFAULT_POOL / "train-s0")
+    live: Optional[str] = None
     pool_size: int = 0
     model: str = "fastsam3d-384"
     init: Optional[str] = None
@@ -369,6 +373,8 @@ def sample_batch(
     pool_dir: Path, entries: Sequence[Dict], batch_size: int, rng: np.random.Generator, flip: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """``batch_size`` random pool crops (random flips), as tensors B x 1 x S^3 (image float32, target 0/1 float32)."""
+    from .pool import load_entry
+
     images, targets, names = [], [], []
     for _ in range(batch_size):
         entry = entries[int(rng.integers(len(entries)))]
@@ -385,6 +391,7 @@ def sample_batch(
 def usable_entries(pool_dir: Path, heldout: bool) -> List[Dict]:
     """Pool entries for training; with ``heldout`` the held-out Colin27 structures are left out."""
     from ..data.colin27 import HELDOUT_STRUCTURES
+    from .pool import read_index
 
     entries = read_index(pool_dir)
     if heldout:
@@ -515,15 +522,23 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     info = ddp.setup(cfg.device)
     run_dir, pool_dir = Path(cfg.run_dir), Path(cfg.pool_dir)
-    if info.is_main and cfg.pool_size and len(read_index(pool_dir)) < cfg.pool_size:
-        from ..data.colin27 import STRUCTURES, TRAIN_STRUCTURES
+    live: Optional[LiveCrops] = None
+    if cfg.live:
+        live = LiveCrops(cfg.live, info.device, heldout=cfg.heldout)
+        source = f"live crops of {len(live.structures)} structures from {cfg.live}"
+    else:
+        from .pool import PoolSpec, build_pool, read_index
 
-        structures = TRAIN_STRUCTURES if cfg.heldout else STRUCTURES
-        build_pool(pool_dir, PoolSpec(size=cfg.pool_size, structures=tuple(structures), seed=cfg.seed))
-    ddp.barrier()
-    entries = usable_entries(pool_dir, cfg.heldout)
-    if not entries:
-        raise ValueError(f"{pool_dir}: the training pool is empty; build it with `fastsam3d train pool --out {pool_dir}`")
+        if info.is_main and cfg.pool_size and len(read_index(pool_dir)) < cfg.pool_size:
+            from ..data.colin27 import STRUCTURES, TRAIN_STRUCTURES
+
+            structures = TRAIN_STRUCTURES if cfg.heldout else STRUCTURES
+            build_pool(pool_dir, PoolSpec(size=cfg.pool_size, structures=tuple(structures), seed=cfg.seed))
+        ddp.barrier()
+        entries = usable_entries(pool_dir, cfg.heldout)
+        if not entries:
+            raise ValueError(f"{pool_dir}: the training pool is empty; build it with `fastsam3d train pool --out {pool_dir}`")
+        source = f"{len(entries)} pool entries"
 
     last = run_dir / "checkpoints" / "last.pt"
     payload = load_checkpoint(last) if last.exists() else None
@@ -570,8 +585,8 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
             history = [h for h in previous.get("history", []) if h["step"] <= start_step]
             evals = [e for e in previous.get("evals", []) if e["step"] <= start_step]
         logger.info(
-            "model %s: %.1f M parameters; %d pool entries; %d rank(s) on %s; autocast %s",
-            model.config.get("name"), count_parameters(model) / 1e6, len(entries), info.world_size, info.device,
+            "model %s: %.1f M parameters; %s; %d rank(s) on %s; autocast %s",
+            model.config.get("name"), count_parameters(model) / 1e6, source, info.world_size, info.device,
             autocast_dtype(cfg.autocast, info.device),
         )
 
@@ -601,8 +616,11 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
             t0 = time.time()
             rng = np.random.default_rng((cfg.seed, info.rank, step))
             torch.manual_seed((cfg.seed * 1_000_003 + info.rank * 7_919 + step) % (2**63))
-            images, targets, _ = sample_batch(pool_dir, entries, cfg.batch_size, rng)
-            images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
+            if live is not None:
+                images, targets, _ = live.sample(cfg.batch_size, rng)
+            else:
+                images, targets, _ = sample_batch(pool_dir, entries, cfg.batch_size, rng)
+                images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group.get("lr_mult", 1.0) * lr_factor(step, cfg)
             loss, stats = step_module(images, targets, rng)

@@ -31,12 +31,12 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from ..preprocess import CROP_SIZE, CROP_SPACING, CropGrid, IntensitySettings, normalize_crop, resample_to_crop
+from ..preprocess import CropGrid, IntensitySettings, normalize_crop, resample_to_crop
+from .live import jittered_center
+from .paths import DEFAULT_POOL
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path(os.environ.get("FASTSAM3D_CACHE", Path.home() / ".cache" / "fastsam3d"))
-DEFAULT_POOL = DEFAULT_CACHE / "pool"
 INDEX_NAME = "index.jsonl"
 SOURCES = ("colin27", "phantom")
 
@@ -63,20 +63,6 @@ class PoolSpec:
     augment: bool = True
     ct_window_fraction: float = 0.5
     seed: int = 0
-
-
-def jittered_center(
-    bbox_min_lps: np.ndarray, bbox_max_lps: np.ndarray, rng: np.random.Generator, max_jitter_mm: float = 40.0
-) -> np.ndarray:
-    """A crop centre near a label's bounding box (LPS mm) that keeps the box inside the crop when it fits.
-
-    The jitter along each axis is uniform within ``max_jitter_mm`` and the room the box leaves
-    in a 128^3 crop of 1.5 mm voxels (less a 4 mm margin).
-    """
-    center = (bbox_min_lps + bbox_max_lps) / 2.0
-    half_extent = np.abs(bbox_max_lps - bbox_min_lps) / 2.0
-    room = np.clip(CROP_SIZE * CROP_SPACING / 2.0 - half_extent - 4.0, 0.0, max_jitter_mm)
-    return center + rng.uniform(-1.0, 1.0, 3) * room
 
 
 def label_bbox_lps(label: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:

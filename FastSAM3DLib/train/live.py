@@ -1,0 +1,259 @@
+"""Training crops made on the fly from whole labelled volumes, on the training device.
+
+A pool (:mod:`.pool`) is made ahead of time on the CPU with SimpleITK. This makes a fresh crop for
+every sample with PyTorch alone, on the device that trains: a crop grid like the session's
+(:class:`~FastSAM3DLib.preprocess.CropGrid`: 128^3 voxels of 1.5 mm along R, A, S) centred near the
+label as :func:`jittered_center` places it, turned and scaled about its centre (sometimes with a
+smooth elastic displacement), sampled with ``grid_sample`` (linear; the label linear then >= 0.5, as
+:func:`~FastSAM3DLib.train.pool.prepare_crop` does), flipped, changed in intensity as
+:func:`FastSAM3DLib.data.augment` does, and normalised like the session's input. On a GPU a crop
+costs milliseconds, and neither SimpleITK nor a pool on disk is needed: what a borrowed GPU
+machine without SimpleITK and with little room for data can run (``Testing/device_train.sh``).
+
+The volumes come from a pack written by :func:`write_pack` (``fastsam3d train pack``): one ``.npz``
+with the image in model order (i, j, k along R, A, S) on a 1 mm grid, its structures as the bits of
+one integer array, their names, which of them are the held-out group of the generalisation check, and
+the LPS position of voxel (0, 0, 0) (pack millimetres ``p`` are at LPS ``origin_lps + (-p0, -p1, p2)``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CROP_SIZE = 128  # as FastSAM3DLib.preprocess (which loads SimpleITK)
+CROP_SPACING = 1.5
+PACK_SPACING = 1.0
+
+# Probabilities and ranges as in FastSAM3DLib.data.augment.
+P_FLIP, P_AFFINE, P_ELASTIC = 0.5, 0.5, 0.2
+P_GAMMA, P_BIAS, P_SCALE_SHIFT, P_LOW_RESOLUTION, P_NOISE = 0.3, 0.3, 0.5, 0.2, 0.3
+MAX_ROTATION_DEG, SCALE_RANGE, ELASTIC_MAX_VOX = 15.0, (0.85, 1.15), 3.0
+
+
+def jittered_center(
+    bbox_min: np.ndarray, bbox_max: np.ndarray, rng: np.random.Generator, max_jitter_mm: float = 40.0
+) -> np.ndarray:
+    """A crop centre near a label's bounding box (mm) that keeps the box inside the crop when it fits.
+
+    The jitter along each axis is uniform within ``max_jitter_mm`` and the room the box leaves
+    in a 128^3 crop of 1.5 mm voxels (less a 4 mm margin).
+    """
+    center = (bbox_min + bbox_max) / 2.0
+    half_extent = np.abs(bbox_max - bbox_min) / 2.0
+    room = np.clip(CROP_SIZE * CROP_SPACING / 2.0 - half_extent - 4.0, 0.0, max_jitter_mm)
+    return center + rng.uniform(-1.0, 1.0, 3) * room
+
+
+def write_pack(path: str | Path, min_voxels: int = 1000) -> Dict[str, object]:
+    """Write Colin27 (Debian ``mricron-data``) and its structures as a pack for :class:`LiveCrops`.
+
+    The T1 and each structure mask are resampled with SimpleITK onto a 1 mm grid whose index axes
+    point to R, A, S (the session's crop orientation), linearly (masks then >= 0.5).
+
+    Returns:
+      a summary: path, shape, structures.
+    """
+    import SimpleITK as sitk
+
+    from ..data.colin27 import HELDOUT_STRUCTURES, STRUCTURES, load_colin27
+    from ..preprocess import CANONICAL_DIRECTION
+
+    colin = load_colin27()
+    image = colin.image
+    size = np.asarray(image.GetSize())
+    corners = np.array([image.TransformContinuousIndexToPhysicalPoint([float(c) for c in (size - 1) * np.array(b)])
+                        for b in np.ndindex(2, 2, 2)])
+    # Model-order index axes (R, A, S) are -x, -y, +z in LPS: start at the corner with the largest x, y.
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    origin = np.array([hi[0], hi[1], lo[2]])
+    shape = np.floor((hi - lo) / PACK_SPACING).astype(int) + 1
+    reference = sitk.Image([int(v) for v in shape], sitk.sitkUInt8)
+    reference.SetSpacing([PACK_SPACING] * 3)
+    reference.SetOrigin(origin.tolist())
+    reference.SetDirection(CANONICAL_DIRECTION.flatten().tolist())
+
+    def on_grid(volume: sitk.Image) -> np.ndarray:
+        out = sitk.Resample(volume, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        return np.ascontiguousarray(sitk.GetArrayViewFromImage(out).transpose(2, 1, 0))
+
+    names = [name for name in STRUCTURES if name in colin.labels]
+    bits = np.zeros(tuple(shape), dtype=np.int32)
+    for index, name in enumerate(names):
+        mask = on_grid(sitk.Cast(colin.labels[name], sitk.sitkFloat32)) >= 0.5
+        if mask.sum() <= min_voxels:
+            raise ValueError(f"Colin27 structure {name}: {int(mask.sum())} voxels on the pack grid, expected > {min_voxels}")
+        bits |= mask.astype(np.int32) << index
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path, image=on_grid(image).astype(np.float32), bits=bits, names=np.array(names),
+        heldout=np.array([name in HELDOUT_STRUCTURES for name in names]), spacing=np.float32(PACK_SPACING),
+        origin_lps=origin,
+        source=np.array("Colin27 (MNI ch2) T1 + AAL structures + brain mask, Debian mricron-data"),
+    )
+    return {"path": str(path), "shape": [int(v) for v in shape], "structures": names}
+
+
+class LiveCrops:
+    """Random augmented training crops of a pack's structures, made on ``device``.
+
+    Arguments:
+      pack: a file written by :func:`write_pack`.
+      device: where the volumes live and the crops are made.
+      heldout: leave out the pack's held-out structures (the generalisation check).
+      structures: only these structures (None: all the pack has, less the held-out ones with ``heldout``).
+      augment: spatial and intensity augmentation (off: the plain crop, for checks).
+      min_voxels: a crop whose label has at most this many voxels is drawn again.
+
+    Raises:
+      ValueError: the pack lacks a field or a named structure, or no structure is left.
+    """
+
+    def __init__(
+        self, pack: str | Path, device: torch.device | str = "cpu", *, heldout: bool = True,
+        structures: Optional[Sequence[str]] = None, augment: bool = True, min_voxels: int = 1000,
+    ) -> None:
+        with np.load(pack, allow_pickle=False) as data:
+            missing = {"image", "bits", "names", "heldout", "spacing"} - set(data.files)
+            if missing:
+                raise ValueError(f"{pack}: not a training pack (missing {', '.join(sorted(missing))})")
+            names = [str(n) for n in data["names"]]
+            held = dict(zip(names, (bool(h) for h in data["heldout"])))
+            image, bits, spacing = data["image"], data["bits"], float(data["spacing"])
+        if structures is not None:
+            unknown = [s for s in structures if s not in held]
+            if unknown:
+                raise ValueError(f"{pack}: no structure {', '.join(unknown)}; it has {', '.join(names)}")
+            chosen = list(structures)
+        else:
+            chosen = [n for n in names if not (heldout and held[n])]
+        if not chosen:
+            raise ValueError(f"{pack}: no structure left to train on")
+        self.device = torch.device(device)
+        self.structures = chosen
+        self.augment, self.min_voxels, self.spacing = augment, min_voxels, spacing
+        self._bit = {name: names.index(name) for name in chosen}
+        self._image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.device)[None, None]
+        self._bits = torch.from_numpy(np.ascontiguousarray(bits)).to(self.device)
+        self._boxes: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        for name in chosen:
+            inside = np.nonzero((bits >> self._bit[name]) & 1)
+            self._boxes[name] = (np.array([a.min() for a in inside]) * spacing, np.array([a.max() for a in inside]) * spacing)
+        self.shape = tuple(int(n) for n in image.shape)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        """``batch_size`` crops: images and 0/1 targets B x 1 x 128^3 (float32, on the device), and their structures.
+
+        Raises:
+          RuntimeError: eight draws in a row gave a label with at most ``min_voxels`` voxels.
+        """
+        images, targets, names = [], [], []
+        for _ in range(batch_size):
+            for _ in range(8):
+                name = self.structures[int(rng.integers(len(self.structures)))]
+                image, target = self.crop(name, rng)
+                if int(target.sum()) > self.min_voxels:
+                    break
+            else:
+                raise RuntimeError(f"no crop of {name} with more than {self.min_voxels} label voxels in 8 draws")
+            images.append(image)
+            targets.append(target)
+            names.append(name)
+        return torch.stack(images)[:, None], torch.stack(targets)[:, None], names
+
+    def crop(self, name: str, rng: np.random.Generator, center_mm: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One crop of structure ``name``: (normalised image, 0/1 target), each 128^3 float32 in model order.
+
+        ``center_mm`` (in the pack's frame: voxel index times spacing) places the crop's voxel
+        (64, 64, 64); None jitters it around the structure.
+        """
+        center = np.asarray(center_mm, dtype=np.float64) if center_mm is not None else jittered_center(*self._boxes[name], rng)
+        matrix = np.eye(3)
+        elastic = self.augment and rng.random() < P_ELASTIC
+        if elastic or (self.augment and rng.random() < P_AFFINE):
+            matrix = _rotation(np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)))
+            matrix = matrix @ np.diag(1.0 / (rng.uniform(*SCALE_RANGE) * rng.uniform(0.95, 1.05, 3)))
+        # Crop voxel u sits at center + matrix @ (u - 64) * 1.5 mm (CropGrid.around puts voxel 64 at the centre).
+        offsets = (torch.arange(CROP_SIZE, device=self.device, dtype=torch.float32) - CROP_SIZE // 2) * CROP_SPACING
+        grid = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), dim=-1)  # 128^3 x 3 (mm)
+        grid = grid @ torch.as_tensor(matrix.T, dtype=torch.float32, device=self.device)
+        if elastic:
+            magnitude = rng.uniform(1.0, ELASTIC_MAX_VOX) * CROP_SPACING
+            field = torch.stack([_smooth_noise(rng, rng.uniform(16.0, 32.0), self.device) for _ in range(3)], dim=-1)
+            grid = grid + magnitude * field
+        position = (grid + torch.as_tensor(center, dtype=torch.float32, device=self.device)) / self.spacing  # pack voxels
+        sizes = torch.tensor(self.shape, dtype=torch.float32, device=self.device)
+        normalised = (2.0 * position / (sizes - 1) - 1.0).flip(-1)[None]  # grid_sample wants (x, y, z) = (k, j, i)
+        # As SimpleITK resamples the session's crops: edge values up to half a voxel out, zero beyond.
+        inside = ((position >= -0.5) & (position <= sizes - 0.5)).all(dim=-1)
+        image = F.grid_sample(self._image, normalised, mode="bilinear", padding_mode="border", align_corners=True)[0, 0] * inside
+        mask = ((self._bits >> self._bit[name]) & 1).to(torch.float32)[None, None]
+        target = (F.grid_sample(mask, normalised, mode="bilinear", padding_mode="border", align_corners=True)[0, 0] >= 0.5) & inside
+        if self.augment:
+            flips = [axis for axis in range(3) if rng.random() < P_FLIP]
+            if flips:
+                image, target = image.flip(flips), target.flip(flips)
+            image = _intensity(image, rng)
+        return _normalize(image), target.to(torch.float32)
+
+
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    """Rotation matrix from three angles about the array axes 0, 1 and 2 (applied in that order)."""
+    matrix = np.eye(3)
+    for axis, angle in enumerate(angles_rad):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        matrix = r @ matrix
+    return matrix
+
+
+def _smooth_noise(rng: np.random.Generator, correlation_vox: float, device: torch.device) -> torch.Tensor:
+    """A smooth random field on the 128^3 crop, zero mean and unit variance, correlated over about
+    ``correlation_vox`` voxels: white noise on a coarse lattice, interpolated linearly."""
+    nodes = max(2, int(math.ceil(CROP_SIZE / correlation_vox)) + 1)
+    coarse = torch.from_numpy(rng.standard_normal((1, 1, nodes, nodes, nodes), dtype=np.float32)).to(device)
+    field = F.interpolate(coarse, size=(CROP_SIZE,) * 3, mode="trilinear", align_corners=True)[0, 0]
+    return (field - field.mean()) / field.std().clamp_min(1e-6)
+
+
+def _intensity(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The intensity changes of :func:`FastSAM3DLib.data.augment` on one 128^3 crop."""
+    low, high = float(image.min()), float(image.max())
+    spread = float(image.std()) or 1.0
+    if rng.random() < P_GAMMA and high > low:
+        gamma = math.exp(rng.uniform(-0.4, 0.4))
+        image = low + (high - low) * ((image - low) / (high - low)) ** gamma
+    if rng.random() < P_BIAS:
+        strength = rng.uniform(0.05, 0.3)
+        image = low + (image - low) * torch.exp(strength * _smooth_noise(rng, rng.uniform(48.0, 96.0), image.device))
+    if rng.random() < P_SCALE_SHIFT:
+        image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1) * spread
+    if rng.random() < P_LOW_RESOLUTION:
+        factor = np.ones(3)
+        if rng.random() < 0.5:
+            factor[:] = rng.uniform(1.5, 3.0)
+        else:
+            factor[int(rng.integers(0, 3))] = rng.uniform(2.0, 4.0)
+        small = F.interpolate(image[None, None], size=[max(2, int(round(CROP_SIZE / f))) for f in factor], mode="trilinear", align_corners=False)
+        image = F.interpolate(small, size=(CROP_SIZE,) * 3, mode="trilinear", align_corners=False)[0, 0]
+    if rng.random() < P_NOISE:
+        noise = torch.from_numpy(rng.standard_normal(image.shape, dtype=np.float32)).to(image.device)
+        image = image + noise * rng.uniform(0.0, 0.1) * spread
+    return image
+
+
+def _normalize(image: torch.Tensor) -> torch.Tensor:
+    """Z-normalise over the voxels > 0, as the session does (MR rule); no foreground gives zeros."""
+    foreground = image > 0
+    if not bool(foreground.any()):
+        return torch.zeros_like(image)
+    values = image[foreground]
+    return (image - values.mean()) / values.std(unbiased=False).clamp_min(1e-8)
