@@ -4,6 +4,7 @@ them where SimpleITK is not installed (as on a borrowed GPU machine)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,9 @@ assert main(["interactive", "--live", {str(pack)!r}, "--model", "tiny", "--steps
              "--device", "cpu", "--click-iters", "2", "--eval-every", "0", "--log-every", "1", "--multimask", "--iou-weight", "1"]) == 0
 assert main(["export", {str(tmp_path / "run" / "checkpoints" / "last.pt")!r}, "--out", {str(tmp_path / "m.safetensors")!r}]) == 0
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # progress bars, whatever the locale
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, encoding="utf-8", errors="replace",
+                          env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["config"]["live"] == str(pack)
