@@ -1256,13 +1256,25 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._checkSegment(segmentationNode, parameterSetNode.GetSelectedSegmentID())
         self._checkMaskFits(mask, sourceVolumeNode)
         labelmap = self.maskToSegmentLabelmap(mask.array, sourceVolumeNode, segmentationNode, mask.start)
+        return self._setThroughSegmentEditor(scriptedEffect, [labelmap, base], modificationModeSet)
+
+    def restoreThroughSegmentEditor(self, scriptedEffect, labelmap, modificationModeSet) -> bool:
+        """Set the selected segment to ``labelmap`` (from :meth:`segmentLabelmap`; None: empty) through the
+        Segment Editor, its masking and undo applying; False if the user declined."""
+        parameterSetNode = scriptedEffect.parameterSetNode()
+        self._checkSegment(parameterSetNode.GetSegmentationNode(), parameterSetNode.GetSelectedSegmentID())
+        return self._setThroughSegmentEditor(scriptedEffect, [labelmap], modificationModeSet)
+
+    def _setThroughSegmentEditor(self, scriptedEffect, labelmaps, modificationModeSet) -> bool:
+        """Write the union of ``labelmaps`` (None entries skipped) as the selected segment, as Slicer's effects do."""
         if not scriptedEffect.confirmCurrentSegmentVisible():
             return False
         scriptedEffect.saveStateForUndo()
         modifier = scriptedEffect.defaultModifierLabelmap()
-        self.fillModifierLabelmap(modifier, labelmap)
-        if base is not None:
-            self.fillModifierLabelmap(modifier, base, keep=True)
+        self.fillModifierLabelmap(modifier, labelmaps[0])
+        for labelmap in labelmaps[1:]:
+            if labelmap is not None:
+                self.fillModifierLabelmap(modifier, labelmap, keep=True)
         scriptedEffect.modifySelectedSegmentByLabelmap(modifier, modificationModeSet)
         return True
 

@@ -1,8 +1,8 @@
 """FastSAM3D engine: the FastSAM3D / SAM-Med3D models, checkpoint loading, interactive sessions.
 
 Plain Python + PyTorch + NumPy + SimpleITK; it never imports Slicer. ``Session`` and
-``IntensitySettings`` (and with them SimpleITK) load on first use, so the models and training from
-prepared arrays run where SimpleITK is not installed.
+``IntensitySettings`` (and with them SimpleITK) load on first use, so the models, and training from a
+pack (``fastsam3d train interactive --live``), run where SimpleITK is not installed.
 """
 
 import importlib

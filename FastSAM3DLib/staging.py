@@ -120,5 +120,3 @@ def commit_staged(staged: Sequence[StagedFile]) -> None:
                 backup.unlink(missing_ok=True)
         for stage in staged:
             stage.discard()
-
-

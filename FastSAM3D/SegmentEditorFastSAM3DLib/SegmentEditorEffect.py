@@ -185,7 +185,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._forgetClicks()
             self.clickTarget = target
         self._followSegment()
-        if not self.clicks:  # a new object, on top of what the segment holds now
+        if not self.states:  # a new object, on top of what the segment holds now
             self.base = self.logic.segmentLabelmap(segmentation, segmentId)
             self.states = [_SegmentState(self.logic.segmentFingerprint(segmentation, segmentId), [], None, [])]
         self.clicks.append((tuple(float(v) for v in rasWorld[:3]), bool(positive)))
@@ -194,11 +194,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onRemoveLastClick(self):
         self._followSegment()
+        if not self.clicks:
+            return
+        self.clicks.pop()
+        self._updateClickDisplay()
         if self.clicks:
-            self.clicks.pop()
-            self._updateClickDisplay()
-            if self.clicks:
-                self._submit(newClick=False)
+            self._submit(newClick=False)
+        else:  # the object's only click: the segment goes back to what it held before the object
+            self._restoreBase()
+
+    def _restoreBase(self):
+        try:
+            written = self.logic.restoreThroughSegmentEditor(
+                self.scriptedEffect, self.base, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+        except Exception as error:  # the segmentation is unchanged; say why
+            self._status(f"FastSAM3D could not write the segment: {error}")
+            logging.exception("FastSAM3D effect restore failed")
+            return
+        self.candidate, self.candidates = None, []
+        self.candidateButton.enabled = False
+        if written:  # the next click starts a new object
+            self.base, self.states = None, []
+            self._status("Click removed: the segment is as it was before it.")
+        else:
+            self._status("Segment is hidden: not changed.")
 
     def onOtherCandidate(self):
         """Show the next candidate mask of the lone click (the editor's Undo restores the previous one)."""
@@ -228,8 +247,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """Bring the clicks in line with the segment, which the editor's Undo/Redo and other effects
         change without telling this effect (see the module docstring)."""
         if not self.states or self.queue is None or self.queue.busy:
-            return  # nothing written yet, or a result is on its way (it is checked when written)
-        node, segmentation, segmentId = self._target()
+            return  # no object yet, or a result is on its way (the next action looks again)
+        _node, segmentation, segmentId = self._target()
         if segmentation is None or (segmentation.GetID(), segmentId) != self.clickTarget:
             return
         if segmentation.GetSegmentation().GetSegment(segmentId) is None:
@@ -301,6 +320,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if superseded or (request.segmentationNodeID, request.segmentID) != (
                     segmentation.GetID() if segmentation else None, segmentId):
                 continue  # a newer click is on its way, or the user selected another segment
+            if request.effectState != (self.clicks, self.candidate):
+                continue  # the clicks changed since (a click removed, a new object)
             sourceVolume = request.scene.GetNodeByID(request.volumeNodeID)
             try:
                 written = self.logic.applyMaskThroughSegmentEditor(

@@ -24,6 +24,8 @@ def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument("--pool", dest="pool_dir", default=defaults.pool_dir, help="prepared crop pool (default: %(default)s)")
     parser.add_argument("--live", default=None, metavar="PACK",
                         help="make every crop on the training device from this pack (`fastsam3d train pack`) instead of a pool")
+    parser.add_argument("--live-weights", type=_weights, default=None, metavar="NAME=W[,NAME=W...]",
+                        help="with --live: how often each named structure is drawn, relative to 1 for the others")
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="build the pool up to this many crops first (0: use as is)")
     parser.add_argument("--model", default=defaults.model, help="architecture of a fresh model (build.CONFIGS name, default: %(default)s)")
     parser.add_argument("--init", default=None, help="weights to start from when there is no checkpoint to resume (e.g. the bundled model)")
@@ -59,6 +61,21 @@ def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="Colin27 quick eval every N steps (0: never)")
     parser.add_argument("--eval-clicks", type=int, default=defaults.eval_clicks)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
+
+
+def _weights(text: str) -> dict:
+    """``brain=0.5,cerebellum=2`` -> {"brain": 0.5, "cerebellum": 2.0}."""
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not name.strip() or not weight >= 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=WEIGHT with a weight >= 0, e.g. brain=0.5")
+        weights[name.strip()] = weight
+    return weights
 
 
 def _config_from(args: argparse.Namespace, config_class):

@@ -212,6 +212,8 @@ def train_distill(cfg: DistillConfig) -> Dict[str, Any]:
     """Both phases: encoder distillation, then the decoder fine-tune with the encoder frozen."""
     if not cfg.teacher:
         raise ValueError("distillation needs --teacher PATH")
+    if cfg.live:
+        raise ValueError("distillation reads a crop pool (--pool); --live is for `train interactive`")
     distilled = distill_encoder(cfg)
     result: Dict[str, Any] = {"distilled": str(distilled)}
     if cfg.finetune_steps > 0:

@@ -47,6 +47,14 @@ def _load_training_model(checkpoint: str | os.PathLike) -> tuple[Sam3D, Dict[str
     return model, info
 
 
+def _hardware() -> str:
+    """The machine the export runs on (where the last training ran, in our scripts)."""
+    where = f"{platform.machine()} CPU ({os.cpu_count()} cores)"
+    if torch.cuda.is_available():
+        where += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{where}, torch {torch.__version__}"
+
+
 def _trained_structures(recipe: Dict[str, Any]) -> Optional[List[str]]:
     """The Colin27 structures in the run's training pool or live pack (as the run filtered them), or
     None if neither is readable here. A run started from other weights (``init``) also inherits what
@@ -57,7 +65,7 @@ def _trained_structures(recipe: Dict[str, Any]) -> Optional[List[str]]:
     if recipe.get("live"):
         if not Path(recipe["live"]).is_file():
             return None
-        return sorted(LiveCrops(recipe["live"], heldout=bool(recipe.get("heldout", True))).structures)
+        return sorted(LiveCrops(recipe["live"], heldout=bool(recipe.get("heldout", True)), weights=recipe.get("live_weights")).structures)
     pool = recipe.get("pool_dir")
     if not pool or not Path(pool).is_dir():
         return None
@@ -117,11 +125,13 @@ def export_checkpoint(
         "training_checkpoint": Path(checkpoint).name,
         "steps": info["step"],
         "wall_time_hours": round(info["elapsed_s"] / 3600.0, 2),
-        "hardware": f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}",
+        "hardware": _hardware(),
         "data": (
             "Colin27 T1 (Debian mricron-data ch2/aal/ch2bet) training structures "
             f"{'(hippocampus, amygdala, thalamus held out)' if recipe.get('heldout', True) else '(all deep structures)'}"
-            " + procedural MR/CT-like phantoms; crops made like the session's preprocessing, augmented"
+            + (" made on the training device from a pack (no phantoms in this run)" if recipe.get("live")
+               else " + procedural MR/CT-like phantoms")
+            + "; crops made like the session's preprocessing, augmented"
         ),
         "recipe": recipe,
         # What `fastsam3d evaluate` marks "seen" (None: the pool could not be read here).

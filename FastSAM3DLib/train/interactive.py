@@ -77,6 +77,7 @@ class InteractiveConfig:
       pool_dir: the prepared crop pool (:mod:`FastSAM3DLib.train.pool`).
       live: a pack (:func:`FastSAM3DLib.train.live.write_pack`) to make every crop from on the training
         device instead (:class:`~FastSAM3DLib.train.live.LiveCrops`; no pool, no SimpleITK).
+      live_weights: with ``live``, how often each named structure is drawn relative to the others (1).
       pool_size: build the pool up to this many entries first if it has fewer (0: use it as it is).
       model: a ``build.CONFIGS`` name for a fresh model.
       init: weights to start from (any file ``load_model`` reads) when there is no checkpoint to resume.
@@ -116,6 +117,7 @@ class InteractiveConfig:
     run_dir: str = str(DEFAULT_RUNS / "interactive")
     pool_dir: str = str(DEFAULT_POOL / "train-s0")
     live: Optional[str] = None
+    live_weights: Optional[Dict[str, float]] = None
     pool_size: int = 0
     model: str = "fastsam3d-384"
     init: Optional[str] = None
@@ -524,7 +526,7 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
     run_dir, pool_dir = Path(cfg.run_dir), Path(cfg.pool_dir)
     live: Optional[LiveCrops] = None
     if cfg.live:
-        live = LiveCrops(cfg.live, info.device, heldout=cfg.heldout)
+        live = LiveCrops(cfg.live, info.device, heldout=cfg.heldout, weights=cfg.live_weights)
         source = f"live crops of {len(live.structures)} structures from {cfg.live}"
     else:
         from .pool import PoolSpec, build_pool, read_index

@@ -50,20 +50,28 @@ def jittered_center(
     return center + rng.uniform(-1.0, 1.0, 3) * room
 
 
-def write_pack(path: str | Path, min_voxels: int = 1000) -> Dict[str, object]:
+def write_pack(path: str | Path) -> Dict[str, object]:
     """Write Colin27 (Debian ``mricron-data``) and its structures as a pack for :class:`LiveCrops`.
 
     The T1 and each structure mask are resampled with SimpleITK onto a 1 mm grid whose index axes
-    point to R, A, S (the session's crop orientation), linearly (masks then >= 0.5).
+    point to R, A, S (the session's crop orientation), linearly (masks then >= 0.5). The file is
+    written beside ``path`` and renamed into place.
 
     Returns:
       a summary: path, shape, structures.
+
+    Raises:
+      ValueError: ``path`` does not end in ``.npz``, or a structure is empty on the pack grid.
     """
     import SimpleITK as sitk
 
     from ..data.colin27 import HELDOUT_STRUCTURES, STRUCTURES, load_colin27
     from ..preprocess import CANONICAL_DIRECTION
+    from ..staging import StagedFile, commit_staged
 
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: a pack is an .npz file; expected a name like colin27-pack.npz")
     colin = load_colin27()
     image = colin.image
     size = np.asarray(image.GetSize())
@@ -86,17 +94,21 @@ def write_pack(path: str | Path, min_voxels: int = 1000) -> Dict[str, object]:
     bits = np.zeros(tuple(shape), dtype=np.int32)
     for index, name in enumerate(names):
         mask = on_grid(sitk.Cast(colin.labels[name], sitk.sitkFloat32)) >= 0.5
-        if mask.sum() <= min_voxels:
-            raise ValueError(f"Colin27 structure {name}: {int(mask.sum())} voxels on the pack grid, expected > {min_voxels}")
+        if not mask.any():
+            raise ValueError(f"Colin27 structure {name}: no voxel on the pack grid")
         bits |= mask.astype(np.int32) << index
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        path, image=on_grid(image).astype(np.float32), bits=bits, names=np.array(names),
+    arrays = dict(
+        image=on_grid(image).astype(np.float32), bits=bits, names=np.array(names),
         heldout=np.array([name in HELDOUT_STRUCTURES for name in names]), spacing=np.float32(PACK_SPACING),
-        origin_lps=origin,
-        source=np.array("Colin27 (MNI ch2) T1 + AAL structures + brain mask, Debian mricron-data"),
+        origin_lps=origin, source=np.array("Colin27 (MNI ch2) T1 + AAL structures + brain mask, Debian mricron-data"),
     )
+    stage = StagedFile(path)
+    try:
+        stage.write(lambda tmp: np.savez_compressed(tmp, **arrays))
+        commit_staged([stage])
+    finally:
+        stage.discard()
     return {"path": str(path), "shape": [int(v) for v in shape], "structures": names}
 
 
@@ -108,8 +120,11 @@ class LiveCrops:
       device: where the volumes live and the crops are made.
       heldout: leave out the pack's held-out structures (the generalisation check).
       structures: only these structures (None: all the pack has, less the held-out ones with ``heldout``).
+      weights: how often each structure is drawn, relative to 1 for those not named (e.g. less of the
+        brain: a pool with phantoms has few large targets, and the IoU head learns that prior).
       augment: spatial and intensity augmentation (off: the plain crop, for checks).
-      min_voxels: a crop whose label has at most this many voxels is drawn again.
+      min_volume_mm3: a crop whose label covers at most this volume is drawn again (DESIGN.md §5
+        skips labels of at most 1000 voxels of 1 mm).
 
     Raises:
       ValueError: the pack lacks a field or a named structure, or no structure is left.
@@ -117,7 +132,8 @@ class LiveCrops:
 
     def __init__(
         self, pack: str | Path, device: torch.device | str = "cpu", *, heldout: bool = True,
-        structures: Optional[Sequence[str]] = None, augment: bool = True, min_voxels: int = 1000,
+        structures: Optional[Sequence[str]] = None, weights: Optional[Dict[str, float]] = None,
+        augment: bool = True, min_volume_mm3: float = 1000.0,
     ) -> None:
         with np.load(pack, allow_pickle=False) as data:
             missing = {"image", "bits", "names", "heldout", "spacing"} - set(data.files)
@@ -126,18 +142,19 @@ class LiveCrops:
             names = [str(n) for n in data["names"]]
             held = dict(zip(names, (bool(h) for h in data["heldout"])))
             image, bits, spacing = data["image"], data["bits"], float(data["spacing"])
-        if structures is not None:
-            unknown = [s for s in structures if s not in held]
-            if unknown:
-                raise ValueError(f"{pack}: no structure {', '.join(unknown)}; it has {', '.join(names)}")
-            chosen = list(structures)
-        else:
-            chosen = [n for n in names if not (heldout and held[n])]
+        unknown = [s for s in list(structures or []) + list(weights or {}) if s not in held]
+        if unknown:
+            raise ValueError(f"{pack}: no structure {', '.join(unknown)}; it has {', '.join(names)}")
+        chosen = list(structures) if structures is not None else [n for n in names if not (heldout and held[n])]
+        chosen = [n for n in chosen if (weights or {}).get(n, 1.0) > 0]
         if not chosen:
             raise ValueError(f"{pack}: no structure left to train on")
         self.device = torch.device(device)
         self.structures = chosen
-        self.augment, self.min_voxels, self.spacing = augment, min_voxels, spacing
+        self.augment, self.spacing = augment, spacing
+        self.min_voxels = min_volume_mm3 / CROP_SPACING**3  # in crop voxels
+        draw = np.array([(weights or {}).get(n, 1.0) for n in chosen], dtype=np.float64)
+        self._draw = draw / draw.sum()
         self._bit = {name: names.index(name) for name in chosen}
         self._image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.device)[None, None]
         self._bits = torch.from_numpy(np.ascontiguousarray(bits)).to(self.device)
@@ -150,18 +167,21 @@ class LiveCrops:
     def sample(self, batch_size: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
         """``batch_size`` crops: images and 0/1 targets B x 1 x 128^3 (float32, on the device), and their structures.
 
+        A crop whose label is too small (augmentation moved it out, or shrank it) is replaced by a
+        new draw, of any structure.
+
         Raises:
-          RuntimeError: eight draws in a row gave a label with at most ``min_voxels`` voxels.
+          RuntimeError: 32 draws in a row were too small (the pack's structures are, for these settings).
         """
         images, targets, names = [], [], []
         for _ in range(batch_size):
-            for _ in range(8):
-                name = self.structures[int(rng.integers(len(self.structures)))]
+            for _ in range(32):
+                name = self.structures[int(rng.choice(len(self.structures), p=self._draw))]
                 image, target = self.crop(name, rng)
-                if int(target.sum()) > self.min_voxels:
+                if float(target.sum()) > self.min_voxels:
                     break
             else:
-                raise RuntimeError(f"no crop of {name} with more than {self.min_voxels} label voxels in 8 draws")
+                raise RuntimeError(f"32 crops in a row had labels of at most {self.min_voxels:.0f} voxels")
             images.append(image)
             targets.append(target)
             names.append(name)
@@ -185,7 +205,8 @@ class LiveCrops:
         grid = grid @ torch.as_tensor(matrix.T, dtype=torch.float32, device=self.device)
         if elastic:
             magnitude = rng.uniform(1.0, ELASTIC_MAX_VOX) * CROP_SPACING
-            field = torch.stack([_smooth_noise(rng, rng.uniform(16.0, 32.0), self.device) for _ in range(3)], dim=-1)
+            correlation = rng.uniform(16.0, 32.0)
+            field = torch.stack([_smooth_noise(rng, correlation, self.device) for _ in range(3)], dim=-1)
             grid = grid + magnitude * field
         position = (grid + torch.as_tensor(center, dtype=torch.float32, device=self.device)) / self.spacing  # pack voxels
         sizes = torch.tensor(self.shape, dtype=torch.float32, device=self.device)

@@ -64,14 +64,32 @@ def test_live_batches_are_seeded_augmented_and_filtered(pack):
     assert images.shape == targets.shape == (3, 1, 128, 128, 128) and images.dtype == torch.float32
     assert torch.equal(images, again) and names == names_again and not torch.equal(images, other)
     assert set(torch.unique(targets).tolist()) <= {0.0, 1.0}
-    assert all(int(t.sum()) > 1000 for t in targets)
+    assert crops.min_voxels == pytest.approx(1000 / 1.5**3) and all(float(t.sum()) > crops.min_voxels for t in targets)
     assert bool(torch.isfinite(images).all()) and all(0.5 < float(image.std()) < 3.0 for image in images)
-    assert LiveCrops(pack, heldout=False).structures == [str(n) for n in np.load(pack)["names"]]
+    everything = LiveCrops(pack, heldout=False)
+    assert everything.structures == [str(n) for n in np.load(pack)["names"]]
+    # Every structure, the small ones too, gives crops (DESIGN.md: labels of at most 1000 mm^3 are skipped).
+    for name in ("amygdala_l", "pallidum_r"):
+        _, target = everything.crop(name, np.random.default_rng(0))
+        assert float(target.sum()) > everything.min_voxels, name
+
+
+def test_live_weights_set_how_often_structures_are_drawn(pack):
+    crops = LiveCrops(pack, weights={"brain": 0.0, "cerebellum": 4.0})
+    assert "brain" not in crops.structures
+    draws = np.random.default_rng(0).choice(len(crops.structures), size=20000, p=crops._draw)
+    shares = np.bincount(draws, minlength=len(crops.structures)) / draws.size
+    cerebellum = crops.structures.index("cerebellum")
+    assert shares[cerebellum] == pytest.approx(4 / (4 + 6), abs=0.02)  # 6 other structures at weight 1
+    with pytest.raises(ValueError, match="no structure spleen"):
+        LiveCrops(pack, weights={"spleen": 1.0})
 
 
 def test_bad_packs_are_refused_with_the_reason(pack, tmp_path):
     with pytest.raises(ValueError, match="no structure thalamus_x"):
         LiveCrops(pack, structures=["thalamus_x"])
+    with pytest.raises(ValueError, match="a pack is an .npz file"):
+        write_pack(tmp_path / "pack.zip")
     not_a_pack = tmp_path / "other.npz"
     np.savez(not_a_pack, image=np.zeros((2, 2, 2), np.float32))
     with pytest.raises(ValueError, match=r"other.npz: not a training pack \(missing bits, heldout, names, spacing\)"):
@@ -84,7 +102,7 @@ def test_training_and_export_run_without_simpleitk(pack, tmp_path):
 import sys
 sys.modules["SimpleITK"] = None  # not installed
 from FastSAM3DLib.train.cli import main
-assert main(["interactive", "--live", {str(pack)!r}, "--model", "tiny", "--steps", "2", "--run-dir", {str(tmp_path / "run")!r},
+assert main(["interactive", "--live", {str(pack)!r}, "--live-weights", "brain=0", "--model", "tiny", "--steps", "2", "--run-dir", {str(tmp_path / "run")!r},
              "--device", "cpu", "--click-iters", "2", "--eval-every", "0", "--log-every", "1", "--multimask", "--iou-weight", "1"]) == 0
 assert main(["export", {str(tmp_path / "run" / "checkpoints" / "last.pt")!r}, "--out", {str(tmp_path / "m.safetensors")!r}]) == 0
 """
@@ -97,4 +115,12 @@ assert main(["export", {str(tmp_path / "run" / "checkpoints" / "last.pt")!r}, "-
     from FastSAM3DLib.checkpoint import read_model_card
 
     card = read_model_card(tmp_path / "m.safetensors")
-    assert card["trained_structures"] == sorted(LiveCrops(pack).structures)
+    assert card["trained_structures"] == sorted(set(LiveCrops(pack).structures) - {"brain"})
+    assert "no phantoms" in card["data"]
+
+
+def test_distillation_refuses_a_pack(pack):
+    from FastSAM3DLib.train.distill import DistillConfig, train_distill
+
+    with pytest.raises(ValueError, match="--live is for `train interactive`"):
+        train_distill(DistillConfig(teacher="teacher.pth", live=str(pack)))

@@ -650,6 +650,18 @@ def test_segment_editor_effect_clicks_masking_and_undo(app):
     with_f = click((-5, 10))
     assert np.array_equal(with_f, with_e2 | balls((-5, 10, True))) and len(effect.clicks) == 1
     assert np.array_equal(app.logic.segmentArray(segmentation, other), otherVoxels)
+
+    # "Remove last click" on an object's only click puts back what the segment held before the object,
+    # also while that click's result is still on its way (it is dropped, not written).
+    effect.onRemoveLastClick()
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), with_e2) and effect.clicks == []
+    assert np.array_equal(click((-5, 10)), with_f)
+    effect.onNewObject()
+    effect.processInteractionEvents(FakeInteractor((15, -8)), vtkEvent.LeftButtonPressEvent, view)
+    assert effect.queue.busy
+    effect.onRemoveLastClick()
+    drain(effect.queue, effect.timer.fire)
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), with_f) and effect.clicks == []
     effect.deactivate()
     assert effect.clickNodes is None and effect.clicks == []
 
