@@ -16,7 +16,8 @@ Reported per case and overall: Dice after 1, 3, 5 and 10 interactions, and NoC@8
 number of interactions to reach Dice 0.8 / 0.9; a case that never does counts as the click budget
 and is also counted as a failure). Colin27 structures are marked "seen" or "held-out" by the
 ``trained_structures`` of the model's card (our exports list the Colin27 structures of the training
-pool); without one, and on other data, "unknown".
+pool); without one, and on other data, "unknown". The MNI152 template's targets (``--data mni152``)
+are the group "new subject": no training run of ours sees that template.
 
 The simulated user's random choices come from a generator seeded by ``seed`` and the case's
 name, so a run is reproducible and adding a case does not change the others' clicks.
@@ -98,6 +99,26 @@ def colin27_cases(structures: Optional[Sequence[str]] = None, trained: Optional[
         return "unknown" if trained is None else "seen" if name in trained else "held-out"
 
     return [Case(n, colin.image, colin.labels[n], group(n)) for n in names]
+
+
+def mni152_cases(structures: Optional[Sequence[str]] = None) -> List[Case]:
+    """The MNI152 template's structures (:mod:`FastSAM3DLib.data.mni152`) as cases of the group
+    "new subject": no training run of ours uses this template.
+
+    Raises:
+      FastSAM3DInputError: an unknown structure name, or nilearn (which ships the template) is missing.
+    """
+    from .data.mni152 import STRUCTURES, load_mni152
+
+    names = list(structures) if structures else list(STRUCTURES)
+    unknown = [n for n in names if n not in STRUCTURES]
+    if unknown:
+        raise FastSAM3DInputError(f"--structures: unknown MNI152 structure(s) {', '.join(unknown)}; expected some of {', '.join(STRUCTURES)}")
+    try:
+        template = load_mni152()
+    except FileNotFoundError as error:
+        raise FastSAM3DInputError(f"--data mni152: {error}") from None
+    return [Case(n, template.image, template.labels[n], "new subject") for n in names]
 
 
 def folder_cases(root: str | Path, labels: Optional[Sequence[str]] = None) -> List[Case]:
@@ -678,10 +699,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise FastSAM3DInputError(f"--out {out_dir}: exists and is not a folder")
     if args.data == "colin27":
         cases = colin27_cases(args.structures, trained_structures(args.model) if any(v.method == "model" for v in variants) else None)
+    elif args.data == "mni152":
+        cases = mni152_cases(args.structures)
     else:
         root = Path(args.data)
         if not root.is_dir():
-            raise FastSAM3DInputError(f"--data {root}: expected 'colin27' or a folder with imagesTr/ and labelsTr/")
+            raise FastSAM3DInputError(f"--data {root}: expected 'colin27', 'mni152' or a folder with imagesTr/ and labelsTr/")
         try:
             cases = folder_cases(root, args.structures)
         except (FileNotFoundError, ValueError) as error:
@@ -727,11 +750,12 @@ def add_subparser(subparsers) -> None:
     """Register ``fastsam3d evaluate``."""
     parser = subparsers.add_parser(
         "evaluate",
-        help="interactive evaluation (Dice per click, NoC) on Colin27 or an imagesTr/labelsTr folder",
+        help="interactive evaluation (Dice per click, NoC) on Colin27, the MNI152 template or an imagesTr/labelsTr folder",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--data", default="colin27", help="'colin27' (default) or a folder with imagesTr/ and labelsTr/")
-    parser.add_argument("--structures", nargs="+", help="Colin27 structure names, or label values / case:value names of a folder")
+    parser.add_argument("--data", default="colin27",
+                        help="'colin27' (default), 'mni152' (a subject no training run sees; needs nilearn) or a folder with imagesTr/ and labelsTr/")
+    parser.add_argument("--structures", nargs="+", help="Colin27 / MNI152 structure names, or label values / case:value names of a folder")
     parser.add_argument("--clicks", type=int, default=10, help="interactions per case (10)")
     parser.add_argument("--model", help="checkpoint (.pth/.safetensors); default: the bundled model")
     parser.add_argument("--device", default="auto")

@@ -259,3 +259,36 @@ def test_augment_128_crop_and_bad_shapes() -> None:
     assert out_image.shape == (128, 128, 128) and out_label.sum() > 0
     with pytest.raises(ValueError):
         augment(image, label[:-1], np.random.default_rng(0))
+
+
+# --- MNI152 (nilearn's copy): an unseen subject for development checks --------------------------
+
+
+def test_mni152_targets_are_plausible_anatomy() -> None:
+    pytest.importorskip("nilearn", reason="the MNI152 template comes with nilearn (test extra)")
+    from FastSAM3DLib.data import interior_point
+    from FastSAM3DLib.data.mni152 import STRUCTURES, load_mni152
+
+    template = load_mni152()
+    assert template.image.GetSize() == (197, 233, 189) and template.image.GetSpacing() == (1.0, 1.0, 1.0)
+    masks = {name: sitk.GetArrayFromImage(template.labels[name]) > 0 for name in STRUCTURES}
+    volumes_ml = {name: mask.sum() / 1000.0 for name, mask in masks.items()}
+    assert 1400 < volumes_ml["brain"] < 1900 and 400 < volumes_ml["white_matter"] < 800 and 10 < volumes_ml["ventricles"] < 40
+    assert not (masks["ventricles"] & masks["brain"]).any()  # a cavity of the brain, not part of it
+    assert (masks["white_matter"] & ~masks["brain"]).sum() < 0.01 * masks["white_matter"].sum()
+    # The ventricles lie deep: their interior-most point (in a lateral ventricle) is within 3 cm of the midline.
+    _, point = interior_point(template.labels["ventricles"])
+    assert abs(point[0]) < 30.0 and abs(point[1]) < 40.0 and abs(point[2]) < 40.0
+    # Dark (CSF) on the T1, brighter white matter around them.
+    t1 = sitk.GetArrayFromImage(template.image)
+    assert t1[masks["ventricles"]].mean() < 0.5 * t1[masks["white_matter"]].mean()
+
+
+def test_mni152_missing_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from FastSAM3DLib.data import mni152
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install nilearn"):
+        mni152.find_mni152()

@@ -283,3 +283,13 @@ def test_cli_groups_colin27_by_the_model_card(tmp_path):
     assert status == 0
     groups = {c["case"]: c["group"] for c in json.loads((tmp_path / "eval" / "results.json").read_text())["cases"]}
     assert groups == {"putamen_l": "seen", "hippocampus_l": "held-out"}
+
+
+def test_cli_evaluates_the_mni152_template_as_a_new_subject(tmp_path):
+    pytest.importorskip("nilearn", reason="the MNI152 template comes with nilearn (test extra)")
+    status = main(["evaluate", "--data", "mni152", "--structures", "ventricles", "--method", "watershed", "--clicks", "2",
+                   "--out", str(tmp_path / "eval"), "--no-progress"])
+    assert status == 0
+    cases = json.loads((tmp_path / "eval" / "results.json").read_text())["cases"]
+    assert [(c["case"], c["group"]) for c in cases] == [("ventricles", "new subject")]
+    assert main(["evaluate", "--data", "mni152", "--structures", "putamen_l", "--method", "watershed", "--out", str(tmp_path / "o")]) == 2
