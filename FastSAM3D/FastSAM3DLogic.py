@@ -233,15 +233,15 @@ def _imageToWorld(image) -> np.ndarray:
 
 
 def _nonzeroBounds(array: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
-    """Tight (k, j, i) slices around the non-zero voxels, or None if there are none."""
-    slices = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(array.any(axis=other))
-        if hits.size == 0:
-            return None
-        slices.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(slices)
+    """Tight (k, j, i) slices around the non-zero voxels, or None if there are none (two passes:
+    whole slices first, then the footprint of the occupied ones)."""
+    occupied = np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1))
+    if occupied.size == 0:
+        return None
+    k = slice(int(occupied[0]), int(occupied[-1]) + 1)
+    footprint = array[k].any(axis=0)
+    rows, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    return k, slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
 
 
 def _cropToExtent(image, extent: Sequence[int]):
@@ -1066,17 +1066,44 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         start = [extent[0] + bounds[2].start, extent[2] + bounds[1].start, extent[4] + bounds[0].start]
         return _makeOrientedImage(np.ascontiguousarray(binary[bounds], dtype=np.uint8), _imageToWorld(layer), start)
 
+    @staticmethod
+    def _segmentLayer(segmentationNode, segmentId: str):
+        """The shared labelmap layer holding a segment (no copy), or None if the segment has none."""
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            return None
+        return segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+
+    @classmethod
+    def segmentStamp(cls, segmentationNode, segmentId: str) -> tuple:
+        """Changes whenever the segment's voxels may have changed (its layer was replaced or
+        modified, or its label value changed); equal stamps mean the same voxels."""
+        layer = cls._segmentLayer(segmentationNode, segmentId)
+        if layer is None:
+            return (None,)
+        label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+        return (layer.GetAddressAsString("vtkOrientedImageData"), layer.GetMTime(), label)
+
     @classmethod
     def segmentFingerprint(cls, segmentationNode, segmentId: str) -> str:
         """A digest of one segment's voxels (their positions in the segmentation's frame), equal for
         equal contents whatever the shared layer around them: how the editor effect recognises a
-        state it wrote earlier after the Segment Editor's Undo."""
+        state it wrote earlier after the Segment Editor's Undo. Reads the layer in place."""
+        layer = cls._segmentLayer(segmentationNode, segmentId)
+        if layer is None:  # not stored as a labelmap: convert a copy
+            labelmap = cls.segmentLabelmap(segmentationNode, segmentId)
+            array, start, world = (None, None, None) if labelmap is None else (
+                _orientedImageArray(labelmap) > 0, labelmap.GetExtent()[::2], _imageToWorld(labelmap))
+        else:
+            label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+            array, start, world = _orientedImageArray(layer) == label, layer.GetExtent()[::2], _imageToWorld(layer)
         digest = hashlib.sha1()
-        labelmap = cls.segmentLabelmap(segmentationNode, segmentId)
-        if labelmap is not None:
-            digest.update(np.asarray(labelmap.GetExtent(), np.int64).tobytes())
-            digest.update(np.round(_imageToWorld(labelmap), 6).tobytes())
-            digest.update(_orientedImageArray(labelmap).tobytes())
+        bounds = None if array is None or array.size == 0 else _nonzeroBounds(array)
+        if bounds is not None:
+            first = [start[0] + bounds[2].start, start[1] + bounds[1].start, start[2] + bounds[0].start]
+            digest.update(np.asarray(first + list(array[bounds].shape), np.int64).tobytes())
+            digest.update(np.round(world, 6).tobytes())
+            digest.update(np.packbits(array[bounds]).tobytes())
         return digest.hexdigest()
 
     def segmentArray(self, segmentationNode, segmentId: str, volumeNode=None) -> np.ndarray:

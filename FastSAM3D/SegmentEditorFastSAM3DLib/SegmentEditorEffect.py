@@ -41,7 +41,8 @@ def _moduleResource(*parts):
 class _SegmentState:
     """The selected segment as the effect left it, and the clicks that made it."""
 
-    def __init__(self, fingerprint, clicks, candidate, candidates):
+    def __init__(self, stamp, fingerprint, clicks, candidate, candidates):
+        self.stamp = stamp  # FastSAM3DLogic.segmentStamp: cheap, changes with any edit of the layer
         self.fingerprint = fingerprint
         self.clicks = list(clicks)
         self.candidate = candidate
@@ -187,7 +188,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._followSegment()
         if not self.states:  # a new object, on top of what the segment holds now
             self.base = self.logic.segmentLabelmap(segmentation, segmentId)
-            self.states = [_SegmentState(self.logic.segmentFingerprint(segmentation, segmentId), [], None, [])]
+            self.states = [self._segmentState(segmentation, segmentId, [], None, [])]
         self.clicks.append((tuple(float(v) for v in rasWorld[:3]), bool(positive)))
         self._updateClickDisplay()
         self._submit()
@@ -254,12 +255,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if segmentation.GetSegmentation().GetSegment(segmentId) is None:
             self._forgetClicks()
             return
+        stamp = self.logic.segmentStamp(segmentation, segmentId)
+        if stamp == self.states[-1].stamp:
+            return  # untouched since the effect last looked: no need to read the voxels
         current = self.logic.segmentFingerprint(segmentation, segmentId)
         if current == self.states[-1].fingerprint:
+            self.states[-1].stamp = stamp  # another segment of the same layer changed
             return
         for state in reversed(self.states):
             if state.fingerprint == current:  # the editor's Undo (or Redo) went back to this state
                 self.clicks, self.candidate, self.candidates = list(state.clicks), state.candidate, list(state.candidates)
+                state.stamp = stamp
                 self.states.append(state)
                 self._updateClickDisplay()
                 self.candidateButton.enabled = len(self.candidates) > 1 and len(self.clicks) == 1
@@ -272,6 +278,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.clickTarget = target
         self.candidateButton.enabled = False
         self._status("The segment was edited by another tool: the next click starts a new object on top of it.")
+
+    def _segmentState(self, segmentation, segmentId, clicks, candidate, candidates):
+        return _SegmentState(self.logic.segmentStamp(segmentation, segmentId), self.logic.segmentFingerprint(segmentation, segmentId),
+                             clicks, candidate, candidates)
 
     def _submit(self, newClick: bool = True) -> bool:
         """Queue the segmentation of the current clicks; False (and the reason shown) if it cannot be.
@@ -332,7 +342,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.candidateButton.enabled = len(ious) > 1
                 if written:
                     clicks, candidate = request.effectState
-                    self.states.append(_SegmentState(self.logic.segmentFingerprint(segmentation, segmentId), clicks, candidate, ious))
+                    self.states.append(self._segmentState(segmentation, segmentId, clicks, candidate, ious))
                 status = f"{len(self.clicks)} click(s): segment updated." if written else "Segment is hidden: not changed."
                 if written and ious:
                     status += f" Candidate {shownCandidate(ious, shown) + 1} of {len(ious)}."

@@ -544,14 +544,17 @@ def test_undo_reset_accept(ch2_node_data, putamen):
 def test_segment_fingerprint_follows_the_voxels_not_the_layer(ch2_node_data):
     """What the editor effect relies on to recognise a state after the editor's Undo."""
     scene, volume, segmentation, target, other = new_scene(ch2_node_data)
-    fingerprint = FL.FastSAM3DLogic.segmentFingerprint
+    fingerprint, stamp = FL.FastSAM3DLogic.segmentFingerprint, FL.FastSAM3DLogic.segmentStamp
     empty = fingerprint(segmentation, target)
     fill_block(segmentation, target, volume, (slice(10, 14), slice(20, 25), slice(30, 33)))
-    block = fingerprint(segmentation, target)
+    block, block_stamp = fingerprint(segmentation, target), stamp(segmentation, target)
+    assert stamp(segmentation, target) == block_stamp  # nothing changed: the cheap check says so
     assert block != empty and fingerprint(segmentation, other) not in (empty, block)
     # The other segment changes (and with it the shared layer): the target's digest does not.
     fill_block(segmentation, other, volume, (slice(0, 3), slice(0, 3), slice(0, 3)))
     assert fingerprint(segmentation, target) == block
+    fill_block(segmentation, target, volume, (slice(10, 14), slice(20, 25), slice(30, 33)))
+    assert stamp(segmentation, target) != block_stamp  # rewritten (same voxels): the stamp cannot tell
     # One voxel more, then the same voxels written again: different, then equal again.
     fill_block(segmentation, target, volume, (slice(10, 15), slice(20, 25), slice(30, 33)))
     assert fingerprint(segmentation, target) != block
