@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Resumable GPU training of the bundled model (interactive click-simulated training, DDP over all GPUs).
+# Needs SimpleITK (it builds a crop pool); on the GPU machines this workplace lends (no SimpleITK, little
+# room for data) use Testing/device_train.sh instead.
 #
 #   Testing/train_gpu.sh                      # defaults below; rerun the same command to resume
 #   MINUTES=8 BATCH=8 Testing/train_gpu.sh    # size the run to the time you have
