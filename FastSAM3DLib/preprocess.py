@@ -20,8 +20,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-CROP_SIZE = 128
-CROP_SPACING = 1.5
+from .crops import CROP_SIZE, CROP_SPACING
+
 # Index axes pointing to patient Right, Anterior, Superior, written in LPS world coordinates.
 CANONICAL_DIRECTION = np.diag([-1.0, -1.0, 1.0])
 

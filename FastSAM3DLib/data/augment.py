@@ -17,39 +17,25 @@ from typing import Tuple
 import numpy as np
 from scipy import ndimage
 
+from ..crops import (
+    ELASTIC_MAX_VOX,
+    P_AFFINE,
+    P_BIAS,
+    P_ELASTIC,
+    P_FLIP,
+    P_GAMMA,
+    P_LOW_RESOLUTION,
+    P_NOISE,
+    P_SCALE_SHIFT,
+    random_affine,
+)
 from .phantoms import smooth_noise
-
-P_FLIP = 0.5  # per axis
-P_AFFINE = 0.5
-P_ELASTIC = 0.2
-P_GAMMA = 0.3
-P_BIAS = 0.3
-P_SCALE_SHIFT = 0.5
-P_LOW_RESOLUTION = 0.2
-P_NOISE = 0.3
-
-MAX_ROTATION_DEG = 15.0
-SCALE_RANGE = (0.85, 1.15)
-ELASTIC_MAX_VOX = 3.0
-
-
-def _rotation(angles_rad: np.ndarray) -> np.ndarray:
-    """Rotation matrix from three angles about the array axes 0, 1 and 2 (applied in that order)."""
-    matrix = np.eye(3)
-    for axis, angle in enumerate(angles_rad):
-        c, s = np.cos(angle), np.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        matrix = r @ matrix
-    return matrix
 
 
 def _spatial(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, elastic: bool) -> Tuple[np.ndarray, np.ndarray]:
     """Resample image (linear) and label (linear, then >= 0.5) under a random affine map about the
     centre, plus a smooth displacement of up to ``ELASTIC_MAX_VOX`` voxels when ``elastic``."""
-    matrix = _rotation(np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)))
-    matrix = matrix @ np.diag(1.0 / (rng.uniform(*SCALE_RANGE) * rng.uniform(0.95, 1.05, 3)))
+    matrix = random_affine(rng)
     center = (np.asarray(image.shape) - 1) / 2.0
     offset = center - matrix @ center
     label_f = label.astype(np.float32)

@@ -26,14 +26,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CROP_SIZE = 128  # as FastSAM3DLib.preprocess (which loads SimpleITK)
-CROP_SPACING = 1.5
-PACK_SPACING = 1.0
+from ..crops import (
+    CROP_SIZE,
+    CROP_SPACING,
+    ELASTIC_MAX_VOX,
+    P_AFFINE,
+    P_BIAS,
+    P_ELASTIC,
+    P_FLIP,
+    P_GAMMA,
+    P_LOW_RESOLUTION,
+    P_NOISE,
+    P_SCALE_SHIFT,
+    random_affine,
+)
 
-# Probabilities and ranges as in FastSAM3DLib.data.augment.
-P_FLIP, P_AFFINE, P_ELASTIC = 0.5, 0.5, 0.2
-P_GAMMA, P_BIAS, P_SCALE_SHIFT, P_LOW_RESOLUTION, P_NOISE = 0.3, 0.3, 0.5, 0.2, 0.3
-MAX_ROTATION_DEG, SCALE_RANGE, ELASTIC_MAX_VOX = 15.0, (0.85, 1.15), 3.0
+PACK_SPACING = 1.0
 
 
 def jittered_center(
@@ -197,8 +205,7 @@ class LiveCrops:
         matrix = np.eye(3)
         elastic = self.augment and rng.random() < P_ELASTIC
         if elastic or (self.augment and rng.random() < P_AFFINE):
-            matrix = _rotation(np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)))
-            matrix = matrix @ np.diag(1.0 / (rng.uniform(*SCALE_RANGE) * rng.uniform(0.95, 1.05, 3)))
+            matrix = random_affine(rng)
         # Crop voxel u sits at center + matrix @ (u - 64) * 1.5 mm (CropGrid.around puts voxel 64 at the centre).
         offsets = (torch.arange(CROP_SIZE, device=self.device, dtype=torch.float32) - CROP_SIZE // 2) * CROP_SPACING
         grid = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), dim=-1)  # 128^3 x 3 (mm)
@@ -222,18 +229,6 @@ class LiveCrops:
                 image, target = image.flip(flips), target.flip(flips)
             image = _intensity(image, rng)
         return _normalize(image), target.to(torch.float32)
-
-
-def _rotation(angles_rad: np.ndarray) -> np.ndarray:
-    """Rotation matrix from three angles about the array axes 0, 1 and 2 (applied in that order)."""
-    matrix = np.eye(3)
-    for axis, angle in enumerate(angles_rad):
-        c, s = math.cos(angle), math.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        matrix = r @ matrix
-    return matrix
 
 
 def _smooth_noise(rng: np.random.Generator, correlation_vox: float, device: torch.device) -> torch.Tensor:

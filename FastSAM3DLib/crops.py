@@ -1,0 +1,44 @@
+"""What a model crop is, and how training crops are augmented: the numbers and the random affine map
+shared by the session's preprocessing (:mod:`FastSAM3DLib.preprocess`), the pool's NumPy augmentation
+(:mod:`FastSAM3DLib.data.augment`) and the crops made on the training device
+(:mod:`FastSAM3DLib.train.live`). NumPy only, so the SimpleITK-free training path can import it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+CROP_SIZE = 128
+CROP_SPACING = 1.5
+
+P_FLIP = 0.5  # per axis
+P_AFFINE = 0.5
+P_ELASTIC = 0.2
+P_GAMMA = 0.3
+P_BIAS = 0.3
+P_SCALE_SHIFT = 0.5
+P_LOW_RESOLUTION = 0.2
+P_NOISE = 0.3
+
+MAX_ROTATION_DEG = 15.0
+SCALE_RANGE = (0.85, 1.15)
+ELASTIC_MAX_VOX = 3.0
+
+
+def rotation(angles_rad: np.ndarray) -> np.ndarray:
+    """Rotation matrix from three angles about the array axes 0, 1 and 2 (applied in that order)."""
+    matrix = np.eye(3)
+    for axis, angle in enumerate(angles_rad):
+        c, s = np.cos(angle), np.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        matrix = r @ matrix
+    return matrix
+
+
+def random_affine(rng: np.random.Generator) -> np.ndarray:
+    """The 3 x 3 map of a random augmentation about the crop centre (output offset -> input offset): a
+    rotation of up to ``MAX_ROTATION_DEG`` about each axis, then a scaling drawn from ``SCALE_RANGE``
+    with up to 5 % more per axis."""
+    matrix = rotation(np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)))
+    return matrix @ np.diag(1.0 / (rng.uniform(*SCALE_RANGE) * rng.uniform(0.95, 1.05, 3)))
