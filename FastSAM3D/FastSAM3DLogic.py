@@ -244,6 +244,19 @@ def _nonzeroBounds(array: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
     return k, slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
 
 
+def _fingerprint(array: Optional[np.ndarray], start, world) -> str:
+    """sha1 of the non-zero voxels of a (k, j, i) array whose first voxel is IJK ``start`` in a frame
+    with image-to-world matrix ``world``: their tight box (position, size), the frame and the bits."""
+    digest = hashlib.sha1()
+    bounds = None if array is None or array.size == 0 else _nonzeroBounds(array)
+    if bounds is not None:
+        first = [start[0] + bounds[2].start, start[1] + bounds[1].start, start[2] + bounds[0].start]
+        digest.update(np.asarray(first + list(array[bounds].shape), np.int64).tobytes())
+        digest.update(np.round(world, 6).tobytes())
+        digest.update(np.packbits(array[bounds]).tobytes())
+    return digest.hexdigest()
+
+
 def _cropToExtent(image, extent: Sequence[int]):
     """The part of ``image`` inside ``extent`` (same geometry); None if they do not overlap."""
     own = image.GetExtent()
@@ -1091,20 +1104,17 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         state it wrote earlier after the Segment Editor's Undo. Reads the layer in place."""
         layer = cls._segmentLayer(segmentationNode, segmentId)
         if layer is None:  # not stored as a labelmap: convert a copy
-            labelmap = cls.segmentLabelmap(segmentationNode, segmentId)
-            array, start, world = (None, None, None) if labelmap is None else (
-                _orientedImageArray(labelmap) > 0, labelmap.GetExtent()[::2], _imageToWorld(labelmap))
-        else:
-            label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
-            array, start, world = _orientedImageArray(layer) == label, layer.GetExtent()[::2], _imageToWorld(layer)
-        digest = hashlib.sha1()
-        bounds = None if array is None or array.size == 0 else _nonzeroBounds(array)
-        if bounds is not None:
-            first = [start[0] + bounds[2].start, start[1] + bounds[1].start, start[2] + bounds[0].start]
-            digest.update(np.asarray(first + list(array[bounds].shape), np.int64).tobytes())
-            digest.update(np.round(world, 6).tobytes())
-            digest.update(np.packbits(array[bounds]).tobytes())
-        return digest.hexdigest()
+            return cls.labelmapFingerprint(cls.segmentLabelmap(segmentationNode, segmentId))
+        label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+        return _fingerprint(_orientedImageArray(layer) == label, layer.GetExtent()[::2], _imageToWorld(layer))
+
+    @staticmethod
+    def labelmapFingerprint(labelmap) -> str:
+        """:meth:`segmentFingerprint` of a labelmap from :meth:`segmentLabelmap` (None: an empty
+        segment), without reading the segmentation again."""
+        if labelmap is None:
+            return _fingerprint(None, None, None)
+        return _fingerprint(_orientedImageArray(labelmap) > 0, labelmap.GetExtent()[::2], _imageToWorld(labelmap))
 
     def segmentArray(self, segmentationNode, segmentId: str, volumeNode=None) -> np.ndarray:
         """One segment as a (k, j, i) 0/1 array on the segmentation's full reference grid."""

@@ -188,7 +188,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._followSegment()
         if not self.states:  # a new object, on top of what the segment holds now
             self.base = self.logic.segmentLabelmap(segmentation, segmentId)
-            self.states = [self._segmentState(segmentation, segmentId, [], None, [])]
+            self.states = [_SegmentState(self.logic.segmentStamp(segmentation, segmentId),
+                                         self.logic.labelmapFingerprint(self.base), [], None, [])]
         self.clicks.append((tuple(float(v) for v in rasWorld[:3]), bool(positive)))
         self._updateClickDisplay()
         self._submit()

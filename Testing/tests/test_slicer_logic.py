@@ -548,6 +548,8 @@ def test_segment_fingerprint_follows_the_voxels_not_the_layer(ch2_node_data):
     empty = fingerprint(segmentation, target)
     fill_block(segmentation, target, volume, (slice(10, 14), slice(20, 25), slice(30, 33)))
     block, block_stamp = fingerprint(segmentation, target), stamp(segmentation, target)
+    assert FL.FastSAM3DLogic.labelmapFingerprint(FL.FastSAM3DLogic.segmentLabelmap(segmentation, target)) == block
+    assert FL.FastSAM3DLogic.labelmapFingerprint(None) == empty
     assert stamp(segmentation, target) == block_stamp  # nothing changed: the cheap check says so
     assert block != empty and fingerprint(segmentation, other) not in (empty, block)
     # The other segment changes (and with it the shared layer): the target's digest does not.
