@@ -29,7 +29,10 @@ less work — algebraically the same computation (equal to float rounding in fp3
 
 * the image-side projections of the first two-way layer are cached per crop embedding: the
   mask prompt enters them only through 16 channels (``mask_downscaling`` ends in a 1x1
-  convolution), so per click they cost a rank-16 update;
+  convolution), so per click they cost a rank-16 update; the mask prompt's two strided
+  convolutions are gathers of 2x2x2 blocks and matrix multiplies;
+* attention with a handful of tokens on one side is two plain matrix multiplies (the fused kernel
+  and a row-wise softmax over 10 keys are slow at that shape), key-major when the image is the query;
 * the other image-side projections of a layer are one fused matrix multiply;
 * the final token->image attention is computed for the tokens that are read (IoU and mask 0, or
   the three candidates) with keys and values folded into the queries (16 x 512 work instead of
@@ -56,7 +59,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
 from .modeling import MaskDecoder3D, PromptEncoder3D, Sam3D
 from .modeling.image_encoder import ImageEncoderViT3D, PatchEmbed3D
 from .sparse_attention import DEFAULT_PATTERNS, SparseAttention
@@ -304,15 +306,46 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` as plain matrix multiplies: B x h x Nq x d, B x h x Nk x d -> B x h x Nq x d.
+
+    The decoder's attentions have a handful of tokens on one side; there the fused CPU kernel costs
+    over a millisecond (512 image queries against 10 tokens), and so does a row-wise softmax over
+    10 keys. With many queries and few keys the scores are kept key-major instead, so the softmax
+    and both multiplies run along the long, contiguous query axis.
+    """
+    scale = q.shape[-1] ** -0.5
+    if q.shape[-2] > k.shape[-2]:
+        weights = (k @ q.transpose(-1, -2)).mul_(scale).softmax(dim=-2)  # B x h x Nk x Nq
+        return (v.transpose(-1, -2) @ weights).transpose(-1, -2)
+    return (q @ k.transpose(-1, -2)).mul_(scale).softmax(dim=-1) @ v
+
+
+def _block_order(grid: Tuple[int, int, int], *blocks: int) -> torch.Tensor:
+    """Where each voxel of a (D, H, W) grid is, in an order that lists the grid's voxels block by block.
+
+    ``blocks`` are the edge lengths of nested blocks, outermost first (each level splits its parent
+    in ``b`` x ``b`` x ``b``); the innermost voxels vary fastest, in (z, y, x) order within a level.
+    Returns the 1-D index ``order`` with ``grid_flat = blocked_flat[order]``.
+    """
+    coarse = tuple(int(g) // int(torch.tensor(blocks).prod()) for g in grid)
+    levels = len(blocks)
+    shape = list(coarse) + [b for b in blocks for _ in range(3)]
+    blocked = torch.arange(int(torch.tensor(shape).prod())).reshape(shape)
+    # blocked axes: coarse z, y, x, then per level (z, y, x); grid axis a = coarse a, level-1 a, level-2 a, ...
+    permutation = [axis for a in range(3) for axis in [a] + [3 + 3 * level + a for level in range(levels)]]
+    return blocked.permute(permutation).reshape(-1)
+
+
 class _EmbeddingCache:
-    """Per-embedding tensors, keyed by the embedding tensor's identity (a few crops at a time)."""
+    """A tensor derived from each embedding, keyed by the embedding tensor's identity (a few crops at a time)."""
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._entries: Dict[int, Tuple[weakref.ref, Dict[str, torch.Tensor]]] = {}
+        self._entries: Dict[int, Tuple[weakref.ref, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def get(self, tensor: torch.Tensor, build) -> Dict[str, torch.Tensor]:
+    def get(self, tensor: torch.Tensor, build) -> torch.Tensor:
         key = id(tensor)
         with self._lock:
             entry = self._entries.get(key)
@@ -354,19 +387,26 @@ class FastDecoder(nn.Module):
             down = prompt.mask_downscaling
             self._down = down
             last = down[6]  # Conv3d(mask_in_chans, C, 1): the only route of the mask prompt into the embedding
-            self.register_buffer("mask_w", last.weight.reshape(last.out_channels, -1).float())  # C x 16
-            self.register_buffer("mask_b", last.bias.float())
+            mask_w, mask_b = last.weight.reshape(last.out_channels, -1).float(), last.bias.float()  # C x 16, C
             layer0, layer1 = transformer.layers
-            # Layer 0: image-side projections through the 16 mask channels (rank-16 updates).
-            self._fold = {}
-            for name, proj in (
-                ("k0", layer0.cross_attn_token_to_image.k_proj),
-                ("v0", layer0.cross_attn_token_to_image.v_proj),
-                ("q0", layer0.cross_attn_image_to_token.q_proj),
-            ):
-                w = proj.weight.float()
-                self.register_buffer(f"{name}_w16", (w @ self.mask_w).T.contiguous())  # 16 x internal
-                self.register_buffer(f"{name}_b16", w @ self.mask_b)
+            # Layer 0: the keys and the image-side projections move with the mask prompt through its
+            # 16 channels only: one rank-16 update of [x | k0 | v0 | q0] per click.
+            projections = (layer0.cross_attn_token_to_image.k_proj, layer0.cross_attn_token_to_image.v_proj,
+                           layer0.cross_attn_image_to_token.q_proj)
+            self.split0 = (last.out_channels,) + tuple(p.out_features for p in projections)
+            self.register_buffer("update16_w", torch.cat(
+                [mask_w.T] + [(p.weight.float() @ mask_w).T for p in projections], dim=1).contiguous())  # 16 x sum(split0)
+            self.register_buffer("update16_b", torch.cat([mask_b] + [p.weight.float() @ mask_b for p in projections]))
+            # The mask prompt's two stride-2 convolutions as gathers of 2x2x2 blocks and matrix multiplies.
+            # Weights in (sub-voxel, channel) order, to match channel-last rows gathered block by block.
+            grid = tuple(int(s) for s in prompt.mask_input_size)
+            for n, conv in enumerate((down[0], down[3]), 1):
+                if conv.kernel_size != (2, 2, 2) or conv.stride != (2, 2, 2):
+                    raise ValueError("the fast decoder is written for mask_downscaling with 2x2x2 stride-2 convolutions")
+                self.register_buffer(f"mask_blocks{n}", torch.argsort(_block_order(grid, 2)))
+                self.register_buffer(f"mask_conv{n}_w", conv.weight.float().permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1))
+                grid = tuple(s // 2 for s in grid)
+            self.register_buffer("mask_order", _block_order(tuple(4 * s for s in prompt.image_embedding_size), 2, 2))
             self.out0 = _linear(layer0.cross_attn_image_to_token.out_proj.weight, layer0.cross_attn_image_to_token.out_proj.bias, kind)
             # Layer 1: one matrix multiply for k (token->image), q (image->token) and v (token->image);
             # v's input lacks the positional encoding, so key_pe @ Wv^T is subtracted afterwards.
@@ -414,36 +454,28 @@ class FastDecoder(nn.Module):
 
     # -- pieces --------------------------------------------------------------------------------
 
-    def _per_embedding(self, embedding: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _per_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[x | k0 | v0 | q0] without the mask prompt: 1 x N x sum(split0) (x: the embedding's tokens)."""
         layer0 = self.mask_decoder.transformer.layers[0]
         with torch.inference_mode():
             x = embedding.float().flatten(2).transpose(1, 2)  # 1 x N x C
             t2i, i2t = layer0.cross_attn_token_to_image, layer0.cross_attn_image_to_token
-            return {
-                "x": x,
-                "k0": t2i.k_proj(x + self.key_pe),
-                "v0": t2i.v_proj(x),
-                "q0": i2t.q_proj(x + self.key_pe),
-            }
+            return torch.cat([x, t2i.k_proj(x + self.key_pe), t2i.v_proj(x), i2t.q_proj(x + self.key_pe)], dim=-1)
 
     def _mask_features(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """The mask prompt's 16 channels before the final 1x1 convolution: B x N x 16."""
-        h = mask_logits.float()
         down = self._down
-        for index, conv in ((0, down[0]), (3, down[3])):
-            b, c, d, hh, w = h.shape
-            p = conv.kernel_size[0]
-            patches = h.reshape(b, c, d // p, p, hh // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
-            patches = patches.reshape(b, d // p, hh // p, w // p, -1)
-            h = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # channel-last
-            norm = down[index + 1]
-            h = down[index + 2](F.layer_norm(h, (h.shape[-1],), norm.weight, norm.bias, norm.eps))
-            h = h.permute(0, 4, 1, 2, 3)
-        return h.flatten(2).transpose(1, 2)
+        b = mask_logits.shape[0]
+        h = mask_logits.float().reshape(b, -1, 1)  # B x voxels x channels, voxels in grid order
+        for blocks, weight, (conv, norm, act) in ((self.mask_blocks1, self.mask_conv1_w, down[0:3]),
+                                                  (self.mask_blocks2, self.mask_conv2_w, down[3:6])):
+            h = h[:, blocks].reshape(b, -1, weight.shape[1])  # rows: 2x2x2 blocks, each (sub-voxel, channel)
+            h = act(F.layer_norm(F.linear(h, weight, conv.bias), (weight.shape[0],), norm.weight, norm.bias, norm.eps))
+        return h
 
     def _attend(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """A decoder Attention given already projected q, k, v (B x N x internal): output projection included."""
-        out = attention(_heads(q, module.num_heads), _heads(k, module.num_heads), _heads(v, module.num_heads))
+        out = _small_attention(_heads(q, module.num_heads), _heads(k, module.num_heads), _heads(v, module.num_heads))
         return self._token_layer(module.out_proj)(_merge(out))
 
     def _token_attention(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -490,24 +522,15 @@ class FastDecoder(nn.Module):
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).float()
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)  # B x T x C
         key_pe = self.key_pe
-        x = cached["x"]
         if mask_logits is not None:
-            h16 = self._mask_features(mask_logits)  # B x N x 16
-            keys = x + (h16 @ self.mask_w.T + self.mask_b)
-            k0 = cached["k0"] + h16 @ self.k0_w16
-            v0 = cached["v0"] + h16 @ self.v0_w16
-            q0 = cached["q0"] + h16 @ self.q0_w16
+            update = torch.addmm(self.update16_b, self._mask_features(mask_logits).flatten(0, 1), self.update16_w)
+            fused0 = cached + update.reshape(-1, cached.shape[1], cached.shape[2])
         else:
-            no_mask = prompt.no_mask_embed.weight.float()  # 1 x C
-            keys = x + no_mask
-            shift = {n: p.weight.float() @ no_mask[0] for n, p in (
-                ("k0", layer0.cross_attn_token_to_image.k_proj), ("v0", layer0.cross_attn_token_to_image.v_proj),
-                ("q0", layer0.cross_attn_image_to_token.q_proj))}
-            k0, v0, q0 = (cached[n] + shift[n] for n in ("k0", "v0", "q0"))
-            h16 = None
-        if h16 is not None:
-            k0, v0, q0 = k0 + self.k0_b16, v0 + self.v0_b16, q0 + self.q0_b16
-        keys, k0, v0, q0 = (t.expand(batch, -1, -1) for t in (keys, k0, v0, q0))
+            no_mask = prompt.no_mask_embed.weight.float()[0]  # C
+            fused0 = cached + torch.cat([no_mask] + [p.weight.float() @ no_mask for p in (
+                layer0.cross_attn_token_to_image.k_proj, layer0.cross_attn_token_to_image.v_proj,
+                layer0.cross_attn_image_to_token.q_proj)])
+        keys, k0, v0, q0 = (t.expand(batch, -1, -1) for t in torch.split(fused0, self.split0, dim=-1))
 
         # Layer 0 (its self-attention sees no positional encoding and has no residual).
         queries = layer0.norm1(self._token_attention(layer0.self_attn, tokens, tokens, tokens))
@@ -517,7 +540,7 @@ class FastDecoder(nn.Module):
         i2t = layer0.cross_attn_image_to_token
         q_tok = queries + tokens
         k_tok, v_tok = self._token_layer(i2t.k_proj)(q_tok), self._token_layer(i2t.v_proj)(queries)
-        out = attention(_heads(q0, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
+        out = _small_attention(_heads(q0, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
         keys = layer0.norm4(keys + self.out0(_merge(out)))
 
         # Layer 1.
@@ -531,7 +554,7 @@ class FastDecoder(nn.Module):
         i2t = layer1.cross_attn_image_to_token
         q_tok = queries + tokens
         k_tok, v_tok = self._token_layer(i2t.k_proj)(q_tok), self._token_layer(i2t.v_proj)(queries)
-        out = attention(_heads(q1, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
+        out = _small_attention(_heads(q1, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
         keys = layer1.norm4(keys + self.out1(_merge(out)))
 
         # Final token->image attention, for the IoU token and the mask tokens asked for only, with
@@ -546,10 +569,11 @@ class FastDecoder(nn.Module):
         bk = final.k_proj.bias.reshape(heads, dim)
         wv = final.v_proj.weight.reshape(heads, dim, -1)
         bv = final.v_proj.bias.reshape(heads, dim)
-        q_folded = torch.einsum("bhqd,hdc->bhqc", q, wk)  # B x h x R x C
-        logits = q_folded @ (keys + key_pe).transpose(1, 2).unsqueeze(1) + (q * bk[None, :, None]).sum(-1, keepdim=True)
-        weights = (logits * dim**-0.5).softmax(dim=-1)  # B x h x R x N
-        pooled = weights @ keys.unsqueeze(1)  # B x h x R x C
+        rows = q.shape[2]
+        q_folded = torch.einsum("bhqd,hdc->bhqc", q, wk).reshape(batch, heads * rows, -1)  # B x hR x C
+        logits = q_folded @ (keys + key_pe).transpose(1, 2) + (q * bk[None, :, None]).sum(-1).reshape(batch, -1, 1)
+        weights = (logits * dim**-0.5).softmax(dim=-1)  # B x hR x N
+        pooled = (weights @ keys).reshape(batch, heads, rows, -1)  # B x h x R x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None]
         read = transformer.norm_final_attn(queries[:, read_tokens] + self._token_layer(final.out_proj)(_merge(out)))
         iou = self._head(decoder.iou_prediction_head, read[:, 0])[:, outputs]
@@ -564,9 +588,8 @@ class FastDecoder(nn.Module):
         up = self.act1(F.layer_norm(up, (self.c1,), weight, bias, eps))
         up = self.act2(self.up2(up).reshape(batch, n * 64, self.c2))  # rows (token, sub1, sub2)
         g = prompt.image_embedding_size
-        masks = (up @ hyper).reshape(batch, *g, 2, 2, 2, 2, 2, 2, len(outputs))
-        masks = masks.permute(0, 10, 1, 4, 7, 2, 5, 8, 3, 6, 9).reshape(batch, len(outputs), g[0] * 4, g[1] * 4, g[2] * 4)
-        return masks, iou
+        masks = (up @ hyper)[:, self.mask_order].transpose(1, 2)  # B x M x voxels, in grid order
+        return masks.reshape(batch, len(outputs), g[0] * 4, g[1] * 4, g[2] * 4), iou
 
 
 # -- the session's entry point ----------------------------------------------------------------------
