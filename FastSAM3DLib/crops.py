@@ -1,14 +1,20 @@
-"""What a model crop is, and how training crops are augmented: the numbers and the random affine map
-shared by the session's preprocessing (:mod:`FastSAM3DLib.preprocess`), the pool's NumPy augmentation
+"""What a model crop is, how it is normalised and how training crops are augmented: the grid, the
+intensity rule, the augmentation's numbers and its random affine map, shared by the session's
+preprocessing (:mod:`FastSAM3DLib.preprocess`), the pool's NumPy augmentation
 (:mod:`FastSAM3DLib.data.augment`) and the crops made on the training device
 (:mod:`FastSAM3DLib.train.live`). NumPy only, so the SimpleITK-free training path can import it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Tuple
+
 import numpy as np
 
 CROP_SIZE = 128
 CROP_SPACING = 1.5
+# Index axes pointing to patient Right, Anterior, Superior, written in LPS world coordinates.
+CANONICAL_DIRECTION = np.diag([-1.0, -1.0, 1.0])
 
 P_FLIP = 0.5  # per axis
 P_AFFINE = 0.5
@@ -42,3 +48,36 @@ def random_affine(rng: np.random.Generator) -> np.ndarray:
     with up to 5 % more per axis."""
     matrix = rotation(np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)))
     return matrix @ np.diag(1.0 / (rng.uniform(*SCALE_RANGE) * rng.uniform(0.95, 1.05, 3)))
+
+
+@dataclass(frozen=True)
+class IntensitySettings:
+    """How crops are normalised.
+
+    ``mode="mr"`` is the public pipeline: z-normalise with the mean/std of voxels > 0. ``mode="ct"``
+    first clips to ``window`` (Hounsfield units) and shifts it so the window's lower end is 0,
+    so air and padding do not enter the statistics.
+    """
+
+    mode: str = "mr"
+    window: Tuple[float, float] = (-160.0, 240.0)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("mr", "ct"):
+            raise ValueError(f"intensity mode must be 'mr' or 'ct', got {self.mode!r}")
+        if not self.window[0] < self.window[1]:
+            raise ValueError(f"CT window must be (low, high) with low < high, got {self.window}")
+
+
+def normalize_crop(array: np.ndarray, settings: IntensitySettings = IntensitySettings()) -> np.ndarray:
+    """Z-normalise a crop over its foreground (voxels > 0); a crop with no foreground is returned zeroed."""
+    values = array.astype(np.float32, copy=True)
+    if settings.mode == "ct":
+        low, high = settings.window
+        values = np.clip(values, low, high) - low
+    foreground = values > 0
+    if not foreground.any():
+        return np.zeros_like(values)
+    selected = values[foreground]
+    mean, std = float(selected.mean()), float(selected.std())
+    return (values - mean) / max(std, 1e-8)

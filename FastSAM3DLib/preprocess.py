@@ -20,10 +20,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .crops import CROP_SIZE, CROP_SPACING
+from .crops import CANONICAL_DIRECTION, CROP_SIZE, CROP_SPACING, IntensitySettings, normalize_crop
 
-# Index axes pointing to patient Right, Anterior, Superior, written in LPS world coordinates.
-CANONICAL_DIRECTION = np.diag([-1.0, -1.0, 1.0])
 
 
 def image_affine(image: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
@@ -82,39 +80,6 @@ def resample_to_crop(
     """The image on the crop grid: size^3 float32 array in model order (outside the image: ``default``)."""
     resampled = sitk.Resample(image, crop.reference_image(), sitk.Transform(), interpolator, default, sitk.sitkFloat32)
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(resampled).transpose(2, 1, 0))
-
-
-@dataclass(frozen=True)
-class IntensitySettings:
-    """How crops are normalised.
-
-    ``mode="mr"`` is the public pipeline: z-normalise with the mean/std of voxels > 0. ``mode="ct"``
-    first clips to ``window`` (Hounsfield units) and shifts it so the window's lower end is 0,
-    so air and padding do not enter the statistics.
-    """
-
-    mode: str = "mr"
-    window: Tuple[float, float] = (-160.0, 240.0)
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("mr", "ct"):
-            raise ValueError(f"intensity mode must be 'mr' or 'ct', got {self.mode!r}")
-        if not self.window[0] < self.window[1]:
-            raise ValueError(f"CT window must be (low, high) with low < high, got {self.window}")
-
-
-def normalize_crop(array: np.ndarray, settings: IntensitySettings = IntensitySettings()) -> np.ndarray:
-    """Z-normalise a crop over its foreground (voxels > 0); a crop with no foreground is returned zeroed."""
-    values = array.astype(np.float32, copy=True)
-    if settings.mode == "ct":
-        low, high = settings.window
-        values = np.clip(values, low, high) - low
-    foreground = values > 0
-    if not foreground.any():
-        return np.zeros_like(values)
-    selected = values[foreground]
-    mean, std = float(selected.mean()), float(selected.std())
-    return (values - mean) / max(std, 1e-8)
 
 
 def crop_tensor(

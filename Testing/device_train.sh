@@ -3,9 +3,10 @@
 #
 # The device machines lent to this project (see ../.library/device) hold PyTorch, NumPy, SciPy, tqdm,
 # matplotlib and safetensors but not SimpleITK, take at most 64 MiB of working tree (the campaign file is
-# 44 MiB of it) and give back at most 8 files of 16 MiB. So nothing there builds a pool: every crop is
-# made on the GPU from a 5 MB Colin27 pack (FastSAM3DLib/train/live.py), and the result comes back as the
-# exported fp16 model in parts.
+# 44 MiB of it) and give back at most 8 files of 16 MiB. So nothing there builds a pool: the Colin27 crops
+# are made on the GPU from a 5 MB pack (FastSAM3DLib/train/live.py), the procedural phantoms (half of the
+# campaign's pool) by worker processes on the machine's CPU cores (NumPy/SciPy, the pool's recipe), and
+# the result comes back as the exported fp16 model in parts.
 #
 # Here, once:
 #   echo /.device/ >> .git/info/exclude
@@ -33,6 +34,8 @@ MINUTES=${MINUTES:-5}
 BATCH=${BATCH:-16}
 STEPS=${STEPS:-100000}
 LR=${LR:-3e-5}  # the campaign ended near 1e-5 (cosine); 1e-4 from its state lowered the CPU check (campaign card)
+LIVE_PHANTOMS=${LIVE_PHANTOMS:-0.5}  # the pool's share; 0 = pack crops only
+PHANTOM_WORKERS=${PHANTOM_WORKERS:-0}  # 0: the machine's cores less two
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -43,18 +46,20 @@ log="$OUT/train.log"
 
 INIT_ARGS=()
 [ -f "$RUN_DIR/checkpoints/last.pt" ] || INIT_ARGS=(--init "$INIT")
-# The campaign's recipe (Resources/Training/README.md) with a GPU batch, on every structure of the pack. Unlike
-# the campaign's pool there are no phantoms here; the brain is drawn about as rarely as in that pool (4 % of
-# crops, weight 0.55 among 14): with large targets a third of the draws the IoU head learnt to answer every
-# click with the brain (session 6, campaign card).
-"$PYTHON" -m FastSAM3DLib.train.cli interactive --live "$PACK" --live-weights "${LIVE_WEIGHTS:-brain=0.55}" \
+# The campaign's recipe (Resources/Training/README.md) with a GPU batch, on every structure of the pack and
+# phantoms as in its pool. The brain must stay as rare as in that pool (about 4 % of crops): with large
+# targets a third of the draws the IoU head learnt to answer every click with the brain (session 6,
+# campaign card). With phantoms at half of each batch, drawing the 14 structures equally gives that; without
+# phantoms (LIVE_PHANTOMS=0) set LIVE_WEIGHTS=brain=0.55.
+"$PYTHON" -m FastSAM3DLib.train.cli interactive --live "$PACK" --live-weights "${LIVE_WEIGHTS:-brain=1}" \
+  --live-phantoms "$LIVE_PHANTOMS" --phantom-workers "$PHANTOM_WORKERS" \
   --run-dir "$RUN_DIR" --device "$DEVICE" \
   --batch-size "$BATCH" --steps "$STEPS" --max-minutes "$MINUTES" --lr "$LR" --schedule constant --warmup-steps 50 \
   --click-iters 11 --loss dicebalanced --balance-cap 5 --multimask --iou-weight 1 --iou-head-lr-mult 10 \
   --include-heldout --autocast auto --checkpoint-minutes 2 --eval-every 0 --log-every 10 "${INIT_ARGS[@]}" 2>&1 | tee -a "$log"
 
 "$PYTHON" -m FastSAM3DLib.train.cli export "$RUN_DIR/checkpoints/last.pt" --out "$RUN_DIR/export/fastsam3d-gpu.safetensors" \
-  --dtype float16 --notes "GPU continuation of the campaign (Testing/device_train.sh): live Colin27 crops, batch $BATCH, lr $LR, from $INIT" 2>&1 | tee -a "$log"
+  --dtype float16 --notes "GPU continuation of the campaign (Testing/device_train.sh): live Colin27 crops + phantoms (share $LIVE_PHANTOMS), batch $BATCH, lr $LR, from $INIT" 2>&1 | tee -a "$log"
 split -b 16000000 -d "$RUN_DIR/export/fastsam3d-gpu.safetensors" "$OUT/fastsam3d-gpu.safetensors.part"
 cp "$RUN_DIR/export/fastsam3d-gpu.safetensors.sha256" "$RUN_DIR/metrics.json" "$OUT/"
 cp "$RUN_DIR/curves.png" "$OUT/" 2>/dev/null || true

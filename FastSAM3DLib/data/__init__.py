@@ -1,43 +1,31 @@
 """Training and test data: Colin27/AAL from ``mricron-data``, procedural phantoms, nnU-Net-style
-folders of user data, and augmentation."""
+folders of user data, and augmentation.
+
+The phantoms and the augmentation need NumPy and SciPy only; the Colin27 and folder readers
+(SimpleITK) load on first use of one of their names, so phantoms are made where SimpleITK is not
+installed, as on a borrowed GPU machine.
+"""
+
+import importlib
 
 from .augment import augment
-from .colin27 import (
-    ATTRIBUTION,
-    HELDOUT_STRUCTURES,
-    STRUCTURES,
-    TRAIN_STRUCTURES,
-    Colin27,
-    find_mricron_templates,
-    interior_point,
-    label_volume_ml,
-    load_colin27,
-    read_aal_names,
-    write_colin27_sample,
-)
-from .folder import FolderCase, LabelSample, find_cases, grid_mismatch, iter_folder_labels, read_case
-from .phantoms import Phantom, make_phantom, smooth_noise
+from .phantoms import Phantom, PhantomArrays, make_phantom, make_phantom_arrays, smooth_noise
 
-__all__ = [
-    "ATTRIBUTION",
-    "HELDOUT_STRUCTURES",
-    "STRUCTURES",
-    "TRAIN_STRUCTURES",
-    "Colin27",
-    "FolderCase",
-    "LabelSample",
-    "Phantom",
-    "augment",
-    "find_cases",
-    "find_mricron_templates",
-    "grid_mismatch",
-    "interior_point",
-    "iter_folder_labels",
-    "label_volume_ml",
-    "load_colin27",
-    "make_phantom",
-    "read_aal_names",
-    "read_case",
-    "smooth_noise",
-    "write_colin27_sample",
-]
+_ON_FIRST_USE = {
+    **dict.fromkeys(
+        ("ATTRIBUTION", "HELDOUT_STRUCTURES", "STRUCTURES", "TRAIN_STRUCTURES", "Colin27", "find_mricron_templates",
+         "interior_point", "label_volume_ml", "load_colin27", "read_aal_names", "write_colin27_sample"),
+        ".colin27",
+    ),
+    **dict.fromkeys(("FolderCase", "LabelSample", "find_cases", "grid_mismatch", "iter_folder_labels", "read_case"), ".folder"),
+}
+
+__all__ = sorted(["augment", "Phantom", "PhantomArrays", "make_phantom", "make_phantom_arrays", "smooth_noise", *_ON_FIRST_USE])
+
+
+def __getattr__(name: str):
+    if name in _ON_FIRST_USE:
+        value = getattr(importlib.import_module(_ON_FIRST_USE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
+
+if TYPE_CHECKING:  # SimpleITK only for make_phantom: the arrays are made without it (training devices lack it)
+    import SimpleITK as sitk
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,34 @@ class Phantom:
     target_id: int
     kinds: Dict[int, str]
     modality: Modality
+
+
+@dataclass(frozen=True)
+class PhantomArrays:
+    """One procedural phantom as NumPy arrays and its grid (what :class:`Phantom` holds, without SimpleITK).
+
+    Attributes:
+      image: float32 (z, y, x) image (see :class:`Phantom`).
+      instances: uint16 (z, y, x) instance map; the label is ``instances == target_id``.
+      target_id, kinds, modality: as in :class:`Phantom`.
+      spacing: voxel size in mm, SimpleITK (x, y, z) order.
+      origin: LPS mm of voxel (0, 0, 0).
+      direction: 3 x 3, column ``a`` the LPS direction of index axis ``a`` (x, y, z).
+    """
+
+    image: np.ndarray
+    instances: np.ndarray
+    target_id: int
+    kinds: Dict[int, str]
+    modality: Modality
+    spacing: Tuple[float, float, float]
+    origin: Tuple[float, float, float]
+    direction: np.ndarray
+
+    @property
+    def label(self) -> np.ndarray:
+        """uint8 (z, y, x) 0/1 mask of the target."""
+        return (self.instances == self.target_id).astype(np.uint8)
 
 
 def smooth_noise(
@@ -436,7 +466,38 @@ def make_phantom(
     anisotropic: Optional[bool] = None,
     min_target_voxels: int = 1000,
 ) -> Phantom:
-    """Make one random phantom.
+    """Make one random phantom as SimpleITK images (arguments and errors of :func:`make_phantom_arrays`,
+    which draws the same phantom from the same generator state)."""
+    import SimpleITK as sitk
+
+    arrays = make_phantom_arrays(rng, size, modality=modality, anisotropic=anisotropic, min_target_voxels=min_target_voxels)
+
+    def to_image(array: np.ndarray) -> sitk.Image:
+        out = sitk.GetImageFromArray(array)
+        out.SetSpacing(arrays.spacing)
+        out.SetOrigin(arrays.origin)
+        out.SetDirection(tuple(float(d) for d in arrays.direction.ravel()))
+        return out
+
+    return Phantom(
+        image=to_image(arrays.image),
+        label=to_image(arrays.label),
+        instances=to_image(arrays.instances),
+        target_id=arrays.target_id,
+        kinds=arrays.kinds,
+        modality=arrays.modality,
+    )
+
+
+def make_phantom_arrays(
+    rng: np.random.Generator,
+    size: Optional[Tuple[int, int, int]] = (128, 128, 128),
+    *,
+    modality: Optional[Modality] = None,
+    anisotropic: Optional[bool] = None,
+    min_target_voxels: int = 1000,
+) -> PhantomArrays:
+    """Make one random phantom (NumPy and SciPy only).
 
     Arguments:
       rng: the only source of randomness: the same generator state gives the same phantom.
@@ -446,7 +507,7 @@ def make_phantom(
       min_target_voxels: the target object has more voxels than this.
 
     Returns:
-      a ``Phantom`` whose image, label and instance map share spacing, origin and direction.
+      a :class:`PhantomArrays`: the image and instance map on one grid.
 
     Raises:
       ValueError: for a size too small to hold a target of ``min_target_voxels``.
@@ -487,19 +548,14 @@ def make_phantom(
     fov_xyz = np.asarray(size) * np.asarray(spacing_xyz)
     origin = direction @ (-fov_xyz / 2) + rng.uniform(-50.0, 50.0, 3)
 
-    def to_image(array: np.ndarray) -> sitk.Image:
-        out = sitk.GetImageFromArray(array)
-        out.SetSpacing(spacing_xyz)
-        out.SetOrigin(tuple(float(o) for o in origin))
-        out.SetDirection(tuple(float(d) for d in direction.ravel()))
-        return out
-
     kinds = {i: kind for i, kind in scene.kinds.items() if counts[i] > 0}
-    return Phantom(
-        image=to_image(image),
-        label=to_image((scene.instances == target_id).astype(np.uint8)),
-        instances=to_image(scene.instances),
+    return PhantomArrays(
+        image=image,
+        instances=scene.instances,
         target_id=target_id,
         kinds=kinds,
         modality=modality,
+        spacing=spacing_xyz,
+        origin=tuple(float(o) for o in origin),
+        direction=direction,
     )

@@ -26,6 +26,10 @@ def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
                         help="make every crop on the training device from this pack (`fastsam3d train pack`) instead of a pool")
     parser.add_argument("--live-weights", type=_weights, default=None, metavar="NAME=W[,NAME=W...]",
                         help="with --live: how often each named structure is drawn, relative to 1 for the others")
+    parser.add_argument("--live-phantoms", type=float, default=defaults.live_phantoms, metavar="SHARE",
+                        help="with --live: share of each batch made of procedural phantoms by CPU worker processes (0; the pool's is 0.5)")
+    parser.add_argument("--phantom-workers", type=int, default=defaults.phantom_workers,
+                        help="with --live-phantoms: worker processes (0: the machine's cores less two)")
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="build the pool up to this many crops first (0: use as is)")
     parser.add_argument("--model", default=defaults.model, help="architecture of a fresh model (build.CONFIGS name, default: %(default)s)")
     parser.add_argument("--init", default=None, help="weights to start from when there is no checkpoint to resume (e.g. the bundled model)")

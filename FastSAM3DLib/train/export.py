@@ -129,7 +129,9 @@ def export_checkpoint(
         "data": (
             "Colin27 T1 (Debian mricron-data ch2/aal/ch2bet) training structures "
             f"{'(hippocampus, amygdala, thalamus held out)' if recipe.get('heldout', True) else '(all deep structures)'}"
-            + (" made on the training device from a pack (no phantoms in this run)" if recipe.get("live")
+            + ((" made on the training device from a pack" + (
+                f" + procedural MR/CT-like phantoms ({recipe['live_phantoms']:.0%} of each batch on average)"
+                if recipe.get("live_phantoms") else " (no phantoms in this run)")) if recipe.get("live")
                else " + procedural MR/CT-like phantoms")
             + "; crops made like the session's preprocessing, augmented"
         ),

@@ -60,7 +60,7 @@ from ..clicks import next_click_lowres
 from ..modeling import Sam3D, select_by_iou
 from . import ddp
 from .losses import segmentation_loss
-from .live import LiveCrops
+from .live import LiveCrops, PhantomFeed
 from .paths import DEFAULT_CACHE, DEFAULT_POOL
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class InteractiveConfig:
       live: a pack (:func:`FastSAM3DLib.train.live.write_pack`) to make every crop from on the training
         device instead (:class:`~FastSAM3DLib.train.live.LiveCrops`; no pool, no SimpleITK).
       live_weights: with ``live``, how often each named structure is drawn relative to the others (1).
+      live_phantoms: with ``live``, the expected share of each batch that is procedural phantoms, made
+        by ``phantom_workers`` processes on the machine's CPU cores (:class:`~FastSAM3DLib.train.live.PhantomFeed`;
+        0 = the machine's cores less two); the pool's share is a half.
       pool_size: build the pool up to this many entries first if it has fewer (0: use it as it is).
       model: a ``build.CONFIGS`` name for a fresh model.
       init: weights to start from (any file ``load_model`` reads) when there is no checkpoint to resume.
@@ -118,6 +121,8 @@ class InteractiveConfig:
     pool_dir: str = str(DEFAULT_POOL / "train-s0")
     live: Optional[str] = None
     live_weights: Optional[Dict[str, float]] = None
+    live_phantoms: float = 0.0
+    phantom_workers: int = 0
     pool_size: int = 0
     model: str = "fastsam3d-384"
     init: Optional[str] = None
@@ -173,6 +178,10 @@ class InteractiveConfig:
             raise ValueError(f"multimask_bins must be two increasing fractions in (0, 1), got {self.multimask_bins}")
         if self.multimask and self.iou_weight <= 0:
             raise ValueError("multimask training needs iou_weight > 0: the IoU head picks among the candidates")
+        if not 0.0 <= self.live_phantoms <= 1.0:
+            raise ValueError(f"live_phantoms is a share of each batch, in [0, 1]; got {self.live_phantoms}")
+        if self.live_phantoms and not self.live:
+            raise ValueError("live_phantoms needs live (a pack): a pool has its phantoms already")
 
 
 def seed_multimask_tokens(model: Sam3D) -> None:
@@ -613,13 +622,20 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
     window: Dict[str, List[float]] = {"loss": [], "dice_first": [], "dice_last": [], "seconds": []}
     step = start_step
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not info.is_main)
+    phantoms: Optional[PhantomFeed] = None
+    if cfg.live_phantoms and step < cfg.steps:
+        workers = cfg.phantom_workers or max(1, (os.cpu_count() or 1) - 2)
+        phantoms = PhantomFeed(workers, info.device, seed=cfg.seed * 1_000_003 + info.rank * 7_919 + step)  # resumed: new phantoms
+        logger.info("phantom crops from %d worker processes, %.0f %% of each batch on average", workers, 100 * cfg.live_phantoms)
     try:
         while step < cfg.steps:
             t0 = time.time()
             rng = np.random.default_rng((cfg.seed, info.rank, step))
             torch.manual_seed((cfg.seed * 1_000_003 + info.rank * 7_919 + step) % (2**63))
             if live is not None:
-                images, targets, _ = live.sample(cfg.batch_size, rng)
+                from_phantoms = int(rng.binomial(cfg.batch_size, cfg.live_phantoms)) if phantoms is not None else 0
+                parts = [source.sample(n, rng) for source, n in ((live, cfg.batch_size - from_phantoms), (phantoms, from_phantoms)) if n]
+                images, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             else:
                 images, targets, _ = sample_batch(pool_dir, entries, cfg.batch_size, rng)
                 images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
@@ -659,6 +675,9 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
                 break
     finally:
         bar.close()
+        if phantoms is not None:
+            phantoms.close()
+            logger.info("phantom crops: %d made, %d drawn", phantoms.received, phantoms.drawn)
     if info.is_main:
         write_outputs(step, elapsed_before + time.time() - started)
     ddp.barrier()

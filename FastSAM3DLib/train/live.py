@@ -14,11 +14,17 @@ The volumes come from a pack written by :func:`write_pack` (``fastsam3d train pa
 with the image in model order (i, j, k along R, A, S) on a 1 mm grid, its structures as the bits of
 one integer array, their names, which of them are the held-out group of the generalisation check, and
 the LPS position of voxel (0, 0, 0) (pack millimetres ``p`` are at LPS ``origin_lps + (-p0, -p1, p2)``).
+
+Procedural phantoms, the other half of the pool, cannot be packed: :class:`PhantomFeed` makes them
+in worker processes on the training machine's CPU cores (:func:`phantom_crop`: NumPy and SciPy, the
+pool's recipe) and hands them out from a buffer on the device, so the device never waits for them.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import queue
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..crops import (
+    CANONICAL_DIRECTION,
     CROP_SIZE,
     CROP_SPACING,
     ELASTIC_MAX_VOX,
@@ -38,10 +45,13 @@ from ..crops import (
     P_LOW_RESOLUTION,
     P_NOISE,
     P_SCALE_SHIFT,
+    IntensitySettings,
+    normalize_crop,
     random_affine,
 )
 
 PACK_SPACING = 1.0
+PHANTOM_MIN_VOXELS = 500  # label voxels a phantom crop keeps, as in the pool that trained the campaign file
 
 
 def jittered_center(
@@ -274,3 +284,177 @@ def _normalize(image: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(image)
     values = image[foreground]
     return (image - values.mean()) / values.std(unbiased=False).clamp_min(1e-8)
+
+
+# -- phantoms -----------------------------------------------------------------------------------
+
+
+def phantom_crop(
+    rng: np.random.Generator, *, min_voxels: int = PHANTOM_MIN_VOXELS, ct_window_fraction: float = 0.5,
+    augment_crop: bool = True, max_tries: int = 8,
+) -> Tuple[np.ndarray, np.ndarray, str]:
+    """One training crop of a new procedural phantom whose label keeps more than ``min_voxels`` voxels.
+
+    Raises:
+      RuntimeError: ``max_tries`` phantoms in a row left at most ``min_voxels`` label voxels in the crop.
+
+    See :func:`draw_phantom_crop`, which makes each try.
+    """
+    for _ in range(max_tries):
+        image, label, name = draw_phantom_crop(rng, min_voxels=min_voxels, ct_window_fraction=ct_window_fraction, augment_crop=augment_crop)
+        if int(label.sum()) > min_voxels:
+            return image, label, name
+    raise RuntimeError(f"{max_tries} phantoms in a row left at most {min_voxels} label voxels in their crop")
+
+
+def draw_phantom_crop(
+    rng: np.random.Generator, *, min_voxels: int = PHANTOM_MIN_VOXELS, ct_window_fraction: float = 0.5,
+    augment_crop: bool = True,
+) -> Tuple[np.ndarray, np.ndarray, str]:
+    """A crop of a new procedural phantom, made as the pool makes its phantom entries, without SimpleITK.
+
+    The phantom (:func:`~FastSAM3DLib.data.phantoms.make_phantom_arrays`, a target of more than
+    ``min_voxels`` voxels) is resampled onto a session crop grid centred near its target as
+    :func:`jittered_center` places it (linear; the label linear then >= 0.5; edge values up to half
+    a voxel out and zero beyond, as SimpleITK resamples), augmented with
+    :func:`FastSAM3DLib.data.augment`, and normalised with the MR rule or, for a share
+    ``ct_window_fraction`` of CT phantoms, the CT window. The generator is drawn from in the pool's
+    order, so the pool's entries are these crops.
+
+    Returns:
+      (image 128^3 float32 normalised, label 128^3 uint8 0/1, description "phantom:<modality>:<kind>"),
+      model order (i, j, k). The label may have been cropped or augmented down to few voxels.
+    """
+    from scipy import ndimage
+
+    from ..data.augment import augment
+    from ..data.phantoms import make_phantom_arrays
+
+    phantom = make_phantom_arrays(rng, size=None, min_target_voxels=min_voxels)
+    ct = phantom.modality == "ct" and rng.random() < ct_window_fraction
+    label = phantom.label
+    to_lps = phantom.direction * np.asarray(phantom.spacing, dtype=np.float64)[None, :]  # index (x, y, z) -> LPS offset
+    inside = np.nonzero(label)
+    low = np.array([a.min() for a in reversed(inside)], dtype=np.float64)
+    high = np.array([a.max() for a in reversed(inside)], dtype=np.float64)
+    corners = np.array([np.where(b, high, low) for b in np.ndindex(2, 2, 2)]) @ to_lps.T + np.asarray(phantom.origin)
+    center = jittered_center(corners.min(axis=0), corners.max(axis=0), rng)
+    crop_origin = center - CANONICAL_DIRECTION @ np.full(3, CROP_SPACING * (CROP_SIZE // 2))
+    # Crop index u (i, j, k) -> phantom index (x, y, z) = A u + b; the phantom's arrays are indexed (z, y, x).
+    from_lps = np.linalg.inv(to_lps)
+    matrix = (from_lps @ CANONICAL_DIRECTION * CROP_SPACING)[::-1]
+    offset = (from_lps @ (crop_origin - np.asarray(phantom.origin)))[::-1]
+    shape = (CROP_SIZE,) * 3
+    axes = np.arange(CROP_SIZE, dtype=np.float64)
+    within = np.ones(shape, dtype=bool)
+    for a, n in enumerate(label.shape):
+        position = (matrix[a, 0] * axes[:, None, None] + matrix[a, 1] * axes[None, :, None]
+                    + matrix[a, 2] * axes[None, None, :] + offset[a])
+        within &= (position >= -0.5) & (position <= n - 0.5)
+    raw = ndimage.affine_transform(phantom.image, matrix, offset, output_shape=shape, order=1, mode="nearest") * within
+    target = (ndimage.affine_transform(label.astype(np.float32), matrix, offset, output_shape=shape, order=1,
+                                       mode="nearest") >= 0.5) & within
+    if augment_crop:
+        raw, target = augment(raw.astype(np.float32), target, rng)
+    image = normalize_crop(raw, IntensitySettings(mode="ct") if ct else IntensitySettings())
+    return image, target.astype(np.uint8), f"phantom:{phantom.modality}:{phantom.kinds.get(phantom.target_id, '?')}"
+
+
+def _phantom_worker(out: "multiprocessing.Queue", seed: int, worker: int) -> None:
+    """Put phantom crops on ``out`` forever (crop ``n`` of worker ``w`` from the generator (seed, w, n))."""
+    for number in range(2**62):
+        image, label, name = phantom_crop(np.random.default_rng((seed, worker, number)))
+        out.put((image.astype(np.float16), np.packbits(label), name))
+
+
+class PhantomFeed:
+    """Phantom training crops made by worker processes while the device trains.
+
+    Workers (:func:`phantom_crop`, about 0.6 s of one CPU core each) fill a queue; :meth:`sample`
+    moves what has arrived into a buffer of the ``buffer`` newest crops on ``device`` and draws from
+    it, randomly flipped, so a step waits only for the very first crop. While the workers keep up
+    every crop is fresh; when they do not, crops are reused (a note in the log says how often).
+
+    Arguments:
+      workers: worker processes (e.g. the machine's cores less two).
+      device: where the buffer lives and the crops are returned.
+      seed: the workers' crops are reproducible from it (their interleaving is not).
+      buffer: crops kept for reuse.
+
+    Use as a context manager, or call :meth:`close`: the workers are stopped there.
+    """
+
+    def __init__(self, workers: int, device: torch.device | str = "cpu", *, seed: int = 0, buffer: int = 64) -> None:
+        if workers < 1 or buffer < 1:
+            raise ValueError(f"a phantom feed needs at least one worker and a buffer of one crop, got {workers}, {buffer}")
+        self.device = torch.device(device)
+        self.capacity = buffer
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds a CUDA context
+        self._queue = context.Queue(maxsize=2 * workers)
+        self._workers = [context.Process(target=_phantom_worker, args=(self._queue, seed, w), daemon=True) for w in range(workers)]
+        for process in self._workers:
+            process.start()
+        self._crops: List[Tuple[torch.Tensor, torch.Tensor, str]] = []
+        self._next = 0  # the buffer slot the next arrival replaces
+        self.received = 0
+        self.drawn = 0
+
+    def _get(self, block: bool):
+        """The next crop from the queue; None when not blocking and there is none."""
+        waited = 0.0
+        while True:
+            try:
+                return self._queue.get(block=block, timeout=5.0 if block else None)
+            except queue.Empty:
+                if not block:
+                    return None
+            waited += 5.0
+            if not any(process.is_alive() for process in self._workers):
+                codes = ", ".join(str(process.exitcode) for process in self._workers)
+                raise RuntimeError(f"every phantom worker has exited (exit codes {codes}); their errors are printed above")
+            if waited >= 600:
+                raise RuntimeError("no phantom crop arrived in 10 minutes: the feed's workers are stuck")
+
+    def _receive(self, block: bool) -> None:
+        while True:
+            item = self._get(block)
+            if item is None:
+                return
+            image, bits, name = item
+            label = np.unpackbits(bits, count=CROP_SIZE**3).reshape((CROP_SIZE,) * 3)
+            crop = (torch.from_numpy(image).to(self.device), torch.from_numpy(label).to(self.device, torch.bool), name)
+            if len(self._crops) < self.capacity:
+                self._crops.append(crop)
+            else:
+                self._crops[self._next] = crop
+                self._next = (self._next + 1) % self.capacity
+            self.received += 1
+            block = False
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        """``batch_size`` crops: images and 0/1 targets B x 1 x 128^3 (float32, on the device), and their names."""
+        self._receive(block=not self._crops)
+        images, targets, names = [], [], []
+        for _ in range(batch_size):
+            image, target, name = self._crops[int(rng.integers(len(self._crops)))]
+            flips = [axis for axis in range(3) if rng.random() < P_FLIP]
+            images.append(image.flip(flips) if flips else image)
+            targets.append(target.flip(flips) if flips else target)
+            names.append(name)
+        self.drawn += batch_size
+        return torch.stack(images).float()[:, None], torch.stack(targets).float()[:, None], names
+
+    def close(self) -> None:
+        for process in self._workers:
+            if process.is_alive():
+                process.terminate()
+        for process in self._workers:
+            process.join(timeout=10)
+        self._queue.close()
+        self._queue.cancel_join_thread()
+
+    def __enter__(self) -> "PhantomFeed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

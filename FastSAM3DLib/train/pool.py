@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from ..preprocess import CropGrid, IntensitySettings, normalize_crop, resample_to_crop
-from .live import jittered_center
+from .live import draw_phantom_crop, jittered_center
 from .paths import DEFAULT_POOL
 
 logger = logging.getLogger(__name__)
@@ -128,17 +128,14 @@ class _Sources:
 def make_entry(spec: PoolSpec, index: int, max_tries: int = 8) -> Optional[Tuple[np.ndarray, np.ndarray, Dict]]:
     """Entry ``index`` of a pool: (image float32, label uint8, description), or None if every try was too small."""
     from ..data.colin27 import TRAIN_STRUCTURES
-    from ..data.phantoms import make_phantom
 
     rng = np.random.default_rng((spec.seed, index))
     structures = tuple(spec.structures) if spec.structures else TRAIN_STRUCTURES
     for _ in range(max_tries):
         if rng.random() < spec.phantom_fraction:
-            phantom = make_phantom(rng, size=None, min_target_voxels=spec.min_voxels)
-            ct = phantom.modality == "ct" and rng.random() < spec.ct_window_fraction
-            settings = IntensitySettings(mode="ct") if ct else IntensitySettings()
-            image, label = prepare_crop(phantom.image, phantom.label, rng, augment_crop=spec.augment, intensity=settings)
-            info = {"source": "phantom", "structure": f"{phantom.modality}:{phantom.kinds.get(phantom.target_id, '?')}"}
+            image, label, name = draw_phantom_crop(rng, min_voxels=spec.min_voxels, ct_window_fraction=spec.ct_window_fraction,
+                                                   augment_crop=spec.augment)
+            info = {"source": "phantom", "structure": name.split(":", 1)[1]}
         else:
             colin = _Sources.colin27()
             structure = str(structures[int(rng.integers(len(structures)))])

@@ -16,7 +16,9 @@ import torch
 from FastSAM3DLib import preprocess
 from FastSAM3DLib.data.colin27 import HELDOUT_STRUCTURES, find_mricron_templates, load_colin27
 from FastSAM3DLib.train import live
-from FastSAM3DLib.train.live import LiveCrops, write_pack
+from FastSAM3DLib.data.phantoms import make_phantom
+from FastSAM3DLib.preprocess import IntensitySettings
+from FastSAM3DLib.train.live import LiveCrops, draw_phantom_crop, phantom_crop, write_pack
 from FastSAM3DLib.train.pool import prepare_crop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +55,39 @@ def test_live_crop_is_the_pool_crop(pack):
         # The same comparison one voxel off fails it: the check sees a misplaced grid.
         shifted = np.roll(image.numpy(), 1, axis=0)
         assert np.corrcoef(shifted.ravel(), expected_image.ravel())[0, 1] < 0.99, name
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_phantom_crop_is_the_simpleitk_recipe(seed):
+    """A phantom crop made without SimpleITK (the pool's and the device's) is the crop SimpleITK makes of
+    the same phantom with the same draws: resampled with SimpleITK, then augmented and normalised."""
+    image, label, name = draw_phantom_crop(np.random.default_rng(seed), min_voxels=500)
+    rng = np.random.default_rng(seed)
+    phantom = make_phantom(rng, size=None, min_target_voxels=500)
+    ct = phantom.modality == "ct" and rng.random() < 0.5
+    expected_image, expected_label = prepare_crop(phantom.image, phantom.label, rng,
+                                                  intensity=IntensitySettings(mode="ct") if ct else IntensitySettings())
+    assert name == f"phantom:{phantom.modality}:{phantom.kinds[phantom.target_id]}"
+    assert np.array_equal(label, expected_label)
+    np.testing.assert_allclose(image, expected_image, atol=1e-4)
+    plain, _, _ = draw_phantom_crop(np.random.default_rng(seed), min_voxels=500, augment_crop=False)
+    assert not np.allclose(plain, image, atol=1e-2)
+
+
+def test_phantom_crops_keep_enough_of_their_target(monkeypatch):
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        assert phantom_crop(rng, min_voxels=2000)[1].sum() > 2000
+    tries = []
+
+    def cropped_away(rng, **settings):  # a phantom whose target the crop lost (e.g. augmentation moved it out)
+        tries.append(settings)
+        return np.zeros((128,) * 3, np.float32), np.zeros((128,) * 3, np.uint8), "phantom:mr:blob"
+
+    monkeypatch.setattr(live, "draw_phantom_crop", cropped_away)
+    with pytest.raises(RuntimeError, match="3 phantoms in a row left at most 500 label voxels"):
+        phantom_crop(rng, max_tries=3)
+    assert len(tries) == 3
 
 
 def test_live_batches_are_seeded_augmented_and_filtered(pack):
@@ -97,26 +132,45 @@ def test_bad_packs_are_refused_with_the_reason(pack, tmp_path):
 
 
 def test_training_and_export_run_without_simpleitk(pack, tmp_path):
-    """What ``Testing/device_train.sh`` runs on a machine without SimpleITK: 2 steps of a tiny model, then the export."""
+    """What ``Testing/device_train.sh`` runs on a machine without SimpleITK: 2 steps of a tiny model on
+    pack crops and phantoms from a worker process, then the export. SimpleITK is hidden from the
+    workers too (a stand-in module on PYTHONPATH that fails to import)."""
+    hidden = tmp_path / "no-simpleitk"
+    hidden.mkdir()
+    (hidden / "SimpleITK.py").write_text('raise ImportError("SimpleITK is not installed here")\n')
+    batch, share = 3, 0.5
+    # The run draws each step's phantom count from the generator (seed 0, rank 0, step): this mixes both sources.
+    phantom_draws = sum(int(np.random.default_rng((0, 0, step)).binomial(batch, share)) for step in range(2))
+    assert 0 < phantom_draws < 2 * batch
     script = f"""
-import sys
-sys.modules["SimpleITK"] = None  # not installed
 from FastSAM3DLib.train.cli import main
-assert main(["interactive", "--live", {str(pack)!r}, "--live-weights", "brain=0", "--model", "tiny", "--steps", "2", "--run-dir", {str(tmp_path / "run")!r},
+assert main(["interactive", "--live", {str(pack)!r}, "--live-weights", "brain=0", "--live-phantoms", "{share}", "--phantom-workers", "1",
+             "--model", "tiny", "--steps", "2", "--batch-size", "{batch}", "--run-dir", {str(tmp_path / "run")!r},
              "--device", "cpu", "--click-iters", "2", "--eval-every", "0", "--log-every", "1", "--multimask", "--iou-weight", "1"]) == 0
 assert main(["export", {str(tmp_path / "run" / "checkpoints" / "last.pt")!r}, "--out", {str(tmp_path / "m.safetensors")!r}]) == 0
 """
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # progress bars, whatever the locale
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8",  # progress bars, whatever the locale
+           "PYTHONPATH": os.pathsep.join([str(hidden), str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, encoding="utf-8", errors="replace",
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f", {phantom_draws} drawn" in done.stderr, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["step"] == 2 and metrics["config"]["live"] == str(pack)
+    assert metrics["step"] == 2 and metrics["config"]["live"] == str(pack) and metrics["config"]["live_phantoms"] == share
     from FastSAM3DLib.checkpoint import read_model_card
 
     card = read_model_card(tmp_path / "m.safetensors")
     assert card["trained_structures"] == sorted(set(LiveCrops(pack).structures) - {"brain"})
-    assert "no phantoms" in card["data"]
+    assert "phantoms (50% of each batch on average)" in card["data"]
+
+
+def test_phantoms_need_a_pack():
+    from FastSAM3DLib.train.interactive import InteractiveConfig
+
+    with pytest.raises(ValueError, match="live_phantoms needs live"):
+        InteractiveConfig(live_phantoms=0.5).validate()
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        InteractiveConfig(live="pack.npz", live_phantoms=1.5).validate()
 
 
 def test_distillation_refuses_a_pack(pack):
