@@ -1,8 +1,8 @@
 """FastSAM3D engine: the FastSAM3D / SAM-Med3D models, checkpoint loading, interactive sessions.
 
-Plain Python + PyTorch + NumPy + SimpleITK; it never imports Slicer. ``Session`` and
-``IntensitySettings`` (and with them SimpleITK) load on first use, so the models, and training from a
-pack (``fastsam3d train interactive --live``), run where SimpleITK is not installed.
+Plain Python + PyTorch + NumPy + SimpleITK; it never imports Slicer. ``Session`` (and with it
+SimpleITK) loads on first use, so the models, and training from a pack (``fastsam3d train
+interactive --live``), run where SimpleITK is not installed.
 """
 
 import importlib
@@ -11,7 +11,7 @@ from .build import CONFIGS, build_model, count_parameters, infer_config
 from .checkpoint import bundled_model_path, convert_checkpoint, load_image_encoder, load_model, save_model
 from .errors import CheckpointError, FastSAM3DInputError, ImageError, PromptError
 
-_ON_FIRST_USE = {"Session": ".session", "IntensitySettings": ".preprocess"}
+_ON_FIRST_USE = {"Session": ".session", "IntensitySettings": ".crops"}
 
 
 def __getattr__(name: str):

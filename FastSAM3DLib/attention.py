@@ -1,6 +1,8 @@
 """Scaled dot-product attention behind one function, with interchangeable backends.
 
-Every attention layer of the model calls :func:`attention`. Three backends compute the same thing:
+Every attention layer of the model calls :func:`attention` (the fast decoder of
+:mod:`FastSAM3DLib.quantize`, whose attentions have a handful of tokens on one side, writes its
+own). Three backends compute the same thing:
 
 ``"math"``
     The reference: ``softmax(q @ k^T * scale + bias) @ v`` written out in plain tensor operations.

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from .crops import CANONICAL_DIRECTION, CROP_SIZE, CROP_SPACING, IntensitySettings, normalize_crop
 
 
-
 def image_affine(image: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
     """(M, origin) with ``physical = M @ index + origin`` for SimpleITK (x, y, z) indices."""
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)

@@ -50,6 +50,7 @@ model's parameters change in place. ``precision="fp32"`` never touches any of th
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import warnings
 import weakref
@@ -321,17 +322,17 @@ def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return (q @ k.transpose(-1, -2)).mul_(scale).softmax(dim=-1) @ v
 
 
-def _block_order(grid: Tuple[int, int, int], *blocks: int) -> torch.Tensor:
+def _block_order(grid: Tuple[int, int, int], *blocks: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Where each voxel of a (D, H, W) grid is, in an order that lists the grid's voxels block by block.
 
     ``blocks`` are the edge lengths of nested blocks, outermost first (each level splits its parent
     in ``b`` x ``b`` x ``b``); the innermost voxels vary fastest, in (z, y, x) order within a level.
     Returns the 1-D index ``order`` with ``grid_flat = blocked_flat[order]``.
     """
-    coarse = tuple(int(g) // int(torch.tensor(blocks).prod()) for g in grid)
+    coarse = tuple(int(g) // math.prod(blocks) for g in grid)
     levels = len(blocks)
     shape = list(coarse) + [b for b in blocks for _ in range(3)]
-    blocked = torch.arange(int(torch.tensor(shape).prod())).reshape(shape)
+    blocked = torch.arange(math.prod(shape), device=device).reshape(shape)
     # blocked axes: coarse z, y, x, then per level (z, y, x); grid axis a = coarse a, level-1 a, level-2 a, ...
     permutation = [axis for a in range(3) for axis in [a] + [3 + 3 * level + a for level in range(levels)]]
     return blocked.permute(permutation).reshape(-1)
@@ -403,10 +404,10 @@ class FastDecoder(nn.Module):
             for n, conv in enumerate((down[0], down[3]), 1):
                 if conv.kernel_size != (2, 2, 2) or conv.stride != (2, 2, 2):
                     raise ValueError("the fast decoder is written for mask_downscaling with 2x2x2 stride-2 convolutions")
-                self.register_buffer(f"mask_blocks{n}", torch.argsort(_block_order(grid, 2)))
+                self.register_buffer(f"mask_blocks{n}", torch.argsort(_block_order(grid, 2, device=pe.device)))
                 self.register_buffer(f"mask_conv{n}_w", conv.weight.float().permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1))
                 grid = tuple(s // 2 for s in grid)
-            self.register_buffer("mask_order", _block_order(tuple(4 * s for s in prompt.image_embedding_size), 2, 2))
+            self.register_buffer("mask_order", _block_order(tuple(4 * s for s in prompt.image_embedding_size), 2, 2, device=pe.device))
             self.out0 = _linear(layer0.cross_attn_image_to_token.out_proj.weight, layer0.cross_attn_image_to_token.out_proj.bias, kind)
             # Layer 1: one matrix multiply for k (token->image), q (image->token) and v (token->image);
             # v's input lacks the positional encoding, so key_pe @ Wv^T is subtracted afterwards.

@@ -47,11 +47,12 @@ log="$OUT/train.log"
 INIT_ARGS=()
 [ -f "$RUN_DIR/checkpoints/last.pt" ] || INIT_ARGS=(--init "$INIT")
 # The campaign's recipe (Resources/Training/README.md) with a GPU batch, on every structure of the pack and
-# phantoms as in its pool. The brain must stay as rare as in that pool (about 4 % of crops): with large
-# targets a third of the draws the IoU head learnt to answer every click with the brain (session 6,
-# campaign card). With phantoms at half of each batch, drawing the 14 structures equally gives that; without
-# phantoms (LIVE_PHANTOMS=0) set LIVE_WEIGHTS=brain=0.55.
-"$PYTHON" -m FastSAM3DLib.train.cli interactive --live "$PACK" --live-weights "${LIVE_WEIGHTS:-brain=1}" \
+# phantoms as in its pool. The brain must stay as rare as in that pool (half of 1 in 14, 3.6 % of crops):
+# with large targets a third of the draws the IoU head learnt to answer every click with the brain (session
+# 6, campaign card). So its weight among the 14 structures follows the phantoms' share: 1 at a half, 0.48
+# without phantoms.
+BRAIN_WEIGHT=$(awk -v p="$LIVE_PHANTOMS" 'BEGIN { r = (1 / 28) / (1 - p); if (r > 0.9) r = 0.9; printf "%.2f", 13 * r / (1 - r) }')
+"$PYTHON" -m FastSAM3DLib.train.cli interactive --live "$PACK" --live-weights "${LIVE_WEIGHTS:-brain=$BRAIN_WEIGHT}" \
   --live-phantoms "$LIVE_PHANTOMS" --phantom-workers "$PHANTOM_WORKERS" \
   --run-dir "$RUN_DIR" --device "$DEVICE" \
   --batch-size "$BATCH" --steps "$STEPS" --max-minutes "$MINUTES" --lr "$LR" --schedule constant --warmup-steps 50 \

@@ -80,7 +80,7 @@ class InteractiveConfig:
       live_weights: with ``live``, how often each named structure is drawn relative to the others (1).
       live_phantoms: with ``live``, the expected share of each batch that is procedural phantoms, made
         by ``phantom_workers`` processes on the machine's CPU cores (:class:`~FastSAM3DLib.train.live.PhantomFeed`;
-        0 = the machine's cores less two); the pool's share is a half.
+        0 = the machine's cores less two, shared by the ranks on it); the pool's share is a half.
       pool_size: build the pool up to this many entries first if it has fewer (0: use it as it is).
       model: a ``build.CONFIGS`` name for a fresh model.
       init: weights to start from (any file ``load_model`` reads) when there is no checkpoint to resume.
@@ -182,6 +182,8 @@ class InteractiveConfig:
             raise ValueError(f"live_phantoms is a share of each batch, in [0, 1]; got {self.live_phantoms}")
         if self.live_phantoms and not self.live:
             raise ValueError("live_phantoms needs live (a pack): a pool has its phantoms already")
+        if self.phantom_workers < 0:
+            raise ValueError(f"phantom_workers must be 0 (the machine's cores less two) or more, got {self.phantom_workers}")
 
 
 def seed_multimask_tokens(model: Sam3D) -> None:
@@ -624,8 +626,10 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not info.is_main)
     phantoms: Optional[PhantomFeed] = None
     if cfg.live_phantoms and step < cfg.steps:
-        workers = cfg.phantom_workers or max(1, (os.cpu_count() or 1) - 2)
-        phantoms = PhantomFeed(workers, info.device, seed=cfg.seed * 1_000_003 + info.rank * 7_919 + step)  # resumed: new phantoms
+        # The machine's cores less two, shared by the ranks on it.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = cfg.phantom_workers or max(1, (cores - 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        phantoms = PhantomFeed(workers, info.device, seed=(cfg.seed, info.rank, step))  # resumed: new phantoms
         logger.info("phantom crops from %d worker processes, %.0f %% of each batch on average", workers, 100 * cfg.live_phantoms)
     try:
         while step < cfg.steps:

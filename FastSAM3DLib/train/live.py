@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import queue
+import traceback
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -84,7 +86,6 @@ def write_pack(path: str | Path) -> Dict[str, object]:
     import SimpleITK as sitk
 
     from ..data.colin27 import HELDOUT_STRUCTURES, STRUCTURES, load_colin27
-    from ..preprocess import CANONICAL_DIRECTION
     from ..staging import StagedFile, commit_staged
 
     path = Path(path)
@@ -360,11 +361,29 @@ def draw_phantom_crop(
     return image, target.astype(np.uint8), f"phantom:{phantom.modality}:{phantom.kinds.get(phantom.target_id, '?')}"
 
 
-def _phantom_worker(out: "multiprocessing.Queue", seed: int, worker: int) -> None:
-    """Put phantom crops on ``out`` forever (crop ``n`` of worker ``w`` from the generator (seed, w, n))."""
+def _phantom_worker(out: "multiprocessing.Queue", seed: Tuple[int, ...], worker: int) -> None:
+    """Put phantom crops on ``out`` until the parent process is gone (crop ``n`` of worker ``w`` from
+    the generator (*seed, w, n)); a crop that fails is reported and skipped, ten in a row end the worker."""
+    parent = multiprocessing.parent_process()
+    failures = 0
     for number in range(2**62):
-        image, label, name = phantom_crop(np.random.default_rng((seed, worker, number)))
-        out.put((image.astype(np.float16), np.packbits(label), name))
+        try:
+            image, label, name = phantom_crop(np.random.default_rng((*seed, worker, number)))
+        except Exception:  # one bad phantom must not end the feed; ten in a row is a broken worker
+            traceback.print_exc()
+            failures += 1
+            if failures == 10:
+                raise
+            continue
+        failures = 0
+        item = (image.astype(np.float16), np.packbits(label), name)
+        while True:
+            try:
+                out.put(item, timeout=5.0)
+                break
+            except queue.Full:
+                if parent is not None and not parent.is_alive():
+                    return
 
 
 class PhantomFeed:
@@ -372,32 +391,46 @@ class PhantomFeed:
 
     Workers (:func:`phantom_crop`, about 0.6 s of one CPU core each) fill a queue; :meth:`sample`
     moves what has arrived into a buffer of the ``buffer`` newest crops on ``device`` and draws from
-    it, randomly flipped, so a step waits only for the very first crop. While the workers keep up
-    every crop is fresh; when they do not, crops are reused (a note in the log says how often).
+    it (uniformly, randomly flipped), so a step never waits for the workers once the buffer holds
+    a crop per worker. Crops are reused when the workers make fewer than are drawn: ``received`` and
+    ``drawn`` count both.
 
     Arguments:
       workers: worker processes (e.g. the machine's cores less two).
       device: where the buffer lives and the crops are returned.
-      seed: the workers' crops are reproducible from it (their interleaving is not).
+      seed: integers the workers' crops are reproducible from (their interleaving is not).
       buffer: crops kept for reuse.
 
-    Use as a context manager, or call :meth:`close`: the workers are stopped there.
+    Use as a context manager, or call :meth:`close`: the workers are stopped there (and stop by
+    themselves when this process is gone).
     """
 
-    def __init__(self, workers: int, device: torch.device | str = "cpu", *, seed: int = 0, buffer: int = 64) -> None:
+    def __init__(self, workers: int, device: torch.device | str = "cpu", *, seed: Sequence[int] = (0,), buffer: int = 64) -> None:
         if workers < 1 or buffer < 1:
             raise ValueError(f"a phantom feed needs at least one worker and a buffer of one crop, got {workers}, {buffer}")
         self.device = torch.device(device)
         self.capacity = buffer
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds a CUDA context
         self._queue = context.Queue(maxsize=2 * workers)
+        seed = tuple(int(v) for v in seed)
         self._workers = [context.Process(target=_phantom_worker, args=(self._queue, seed, w), daemon=True) for w in range(workers)]
         for process in self._workers:
             process.start()
         self._crops: List[Tuple[torch.Tensor, torch.Tensor, str]] = []
         self._next = 0  # the buffer slot the next arrival replaces
+        self._lost = 0  # workers known to have exited
         self.received = 0
         self.drawn = 0
+
+    def _check_workers(self) -> None:
+        """Raise when every worker has exited; warn once per newly exited one."""
+        exited = [process for process in self._workers if not process.is_alive()]
+        if len(exited) == len(self._workers):
+            codes = ", ".join(str(process.exitcode) for process in self._workers)
+            raise RuntimeError(f"every phantom worker has exited (exit codes {codes}); their errors are printed above")
+        if len(exited) > self._lost:
+            self._lost = len(exited)
+            warnings.warn(f"{len(exited)} of {len(self._workers)} phantom workers have exited; the others go on", RuntimeWarning)
 
     def _get(self, block: bool):
         """The next crop from the queue; None when not blocking and there is none."""
@@ -409,15 +442,14 @@ class PhantomFeed:
                 if not block:
                     return None
             waited += 5.0
-            if not any(process.is_alive() for process in self._workers):
-                codes = ", ".join(str(process.exitcode) for process in self._workers)
-                raise RuntimeError(f"every phantom worker has exited (exit codes {codes}); their errors are printed above")
+            self._check_workers()
             if waited >= 600:
                 raise RuntimeError("no phantom crop arrived in 10 minutes: the feed's workers are stuck")
 
-    def _receive(self, block: bool) -> None:
+    def _receive(self, wanted: int) -> None:
+        """Move every crop that has arrived into the buffer, waiting until it holds ``wanted``."""
         while True:
-            item = self._get(block)
+            item = self._get(block=len(self._crops) < wanted)
             if item is None:
                 return
             image, bits, name = item
@@ -429,11 +461,14 @@ class PhantomFeed:
                 self._crops[self._next] = crop
                 self._next = (self._next + 1) % self.capacity
             self.received += 1
-            block = False
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-        """``batch_size`` crops: images and 0/1 targets B x 1 x 128^3 (float32, on the device), and their names."""
-        self._receive(block=not self._crops)
+        """``batch_size`` crops: images and 0/1 targets B x 1 x 128^3 (float32, on the device), and their names.
+
+        The first call waits for a crop from each worker (or a full buffer), so early batches vary too.
+        """
+        self._check_workers()
+        self._receive(wanted=min(len(self._workers), self.capacity))
         images, targets, names = [], [], []
         for _ in range(batch_size):
             image, target, name = self._crops[int(rng.integers(len(self._crops)))]

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from FastSAM3DLib import preprocess
+from FastSAM3DLib.crops import IntensitySettings
 from FastSAM3DLib.data.colin27 import HELDOUT_STRUCTURES, find_mricron_templates, load_colin27
-from FastSAM3DLib.train import live
 from FastSAM3DLib.data.phantoms import make_phantom
-from FastSAM3DLib.preprocess import IntensitySettings
-from FastSAM3DLib.train.live import LiveCrops, draw_phantom_crop, phantom_crop, write_pack
+from FastSAM3DLib.train import live
+from FastSAM3DLib.train.live import LiveCrops, PhantomFeed, draw_phantom_crop, phantom_crop, write_pack
 from FastSAM3DLib.train.pool import prepare_crop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,6 +88,32 @@ def test_phantom_crops_keep_enough_of_their_target(monkeypatch):
     with pytest.raises(RuntimeError, match="3 phantoms in a row left at most 500 label voxels"):
         phantom_crop(rng, max_tries=3)
     assert len(tries) == 3
+
+
+def test_phantom_feed_buffers_the_newest_crops_and_stops_its_workers():
+    with PhantomFeed(1, seed=(3,), buffer=2) as feed:
+        rng = np.random.default_rng(0)
+        images, targets, names = feed.sample(3, rng)
+        assert images.shape == targets.shape == (3, 1, 128, 128, 128) and images.dtype == torch.float32
+        assert all(name.startswith("phantom:") for name in names) and bool((targets.flatten(1).sum(1) > 500).all())
+        while feed.received < 3:  # a third crop replaces the oldest of the two kept
+            feed.sample(1, rng)
+        assert len(feed._crops) == 2 and feed.drawn >= 4
+        # The crops are the worker's: worker 0's first crop, from the generator (3, 0, 0).
+        first, _, _ = phantom_crop(np.random.default_rng((3, 0, 0)))
+        kept = [crop[0].float().numpy() for crop in feed._crops]
+        assert not any(np.allclose(k, first, atol=1e-2) for k in kept)  # it was replaced
+        workers = list(feed._workers)
+    assert not any(process.is_alive() for process in workers)
+
+
+def test_phantom_feed_says_when_its_workers_are_gone(tmp_path, monkeypatch):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "scipy.py").write_text('raise ImportError("scipy is broken here")\n')
+    monkeypatch.syspath_prepend(str(broken))  # spawned workers start with this process's sys.path
+    with PhantomFeed(1) as feed, pytest.raises(RuntimeError, match=r"every phantom worker has exited \(exit codes 1\)"):
+        feed.sample(1, np.random.default_rng(0))
 
 
 def test_live_batches_are_seeded_augmented_and_filtered(pack):

@@ -14,6 +14,7 @@ import torch
 
 from FastSAM3DLib import Session, build_model
 from FastSAM3DLib.attention import attention, decomposed_rel_pos_bias
+from FastSAM3DLib.modeling import MaskDecoder3D, PromptEncoder3D, Sam3D
 from FastSAM3DLib.paste import CropPaster
 from FastSAM3DLib.preprocess import CropGrid, index_to_physical, sample_crop_logits
 from FastSAM3DLib.quantize import (
@@ -119,6 +120,25 @@ def test_fast_decoder_equals_the_model_decoder(tiny):
                     expected, expected_iou = tiny.decode(embedding, coords, labels, mask, multimask)
                     logits, iou = decoder(embedding, coords, labels, mask, multimask)
                 assert logits.shape == (batch, 3 if multimask else 1, 32, 32, 32)
+                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_decoder_equals_the_model_decoder_on_a_non_cubic_grid(tiny):
+    """The fast decoder's block gathers and reorderings follow the grid: a 2 x 4 x 6 embedding (8 x 16 x 24 masks)."""
+    torch.manual_seed(2)
+    model = Sam3D(tiny.image_encoder, PromptEncoder3D(48, (2, 4, 6), (32, 64, 96)),
+                  MaskDecoder3D(transformer_dim=48, transformer_heads=4, transformer_mlp_dim=64, iou_head_hidden_dim=32)).eval()
+    decoder = FastDecoder(model)
+    embedding = torch.randn(1, 48, 2, 4, 6)
+    for batch in (1, 2):
+        coords, labels = torch.rand(batch, 3, 3) * 30, torch.tensor([[1, 0, 1]]).repeat(batch, 1)
+        for mask in (None, torch.randn(batch, 1, 8, 16, 24), torch.randn(1, 1, 8, 16, 24)):
+            for multimask in (False, True):
+                with torch.inference_mode():
+                    expected, expected_iou = model.decode(embedding, coords, labels, mask, multimask)
+                    logits, iou = decoder(embedding, coords, labels, mask, multimask)
+                assert logits.shape == (batch, 3 if multimask else 1, 8, 16, 24)
                 torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
 
