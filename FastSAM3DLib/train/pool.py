@@ -10,8 +10,10 @@ into a cache folder (outside the repository) and training only reads them:
 
 Every entry is made exactly as the interactive session prepares an image: resampled onto a
 :class:`~FastSAM3DLib.preprocess.CropGrid` (1.5 mm, canonical orientation, 128^3) with
-:func:`~FastSAM3DLib.preprocess.resample_to_crop`, augmented (:func:`FastSAM3DLib.data.augment`),
-then normalised with :func:`~FastSAM3DLib.preprocess.normalize_crop`. Crops are centred near the
+:func:`~FastSAM3DLib.preprocess.resample_to_crop` (phantoms with the same resampling in SciPy,
+:func:`~FastSAM3DLib.train.live.draw_phantom_crop`, which a GPU machine without SimpleITK also runs),
+augmented (:func:`FastSAM3DLib.data.augment`), then normalised with
+:func:`~FastSAM3DLib.preprocess.normalize_crop`. Crops are centred near the
 label, jittered so that its bounding box stays inside. Labels with at most ``min_voxels`` voxels
 in the crop are skipped (DESIGN.md §5). Entry ``i`` is drawn from ``numpy.random.default_rng((seed, i))``,
 so a pool is reproducible and can be extended later by running the builder again.
