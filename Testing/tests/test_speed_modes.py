@@ -109,19 +109,26 @@ def test_int8_linear_is_close_to_fp32():
     assert error < 0.02
 
 
-def test_fast_decoder_equals_the_model_decoder(tiny):
-    embedding = torch.randn(1, 48, 8, 8, 8)
-    decoder = FastDecoder(tiny)
-    for batch in (1, 3):
-        coords, labels = _prompts(batch)
-        for mask in (None, torch.randn(batch, 1, 32, 32, 32)):
+def _assert_fast_decoder_matches(model, embedding: torch.Tensor, batches=(1, 3)) -> None:
+    """FastDecoder against ``model.decode``: each batch, mask prompt (none, per prompt, one broadcast) and output mode."""
+    decoder = FastDecoder(model)
+    grid = tuple(4 * s for s in embedding.shape[2:])
+    for batch in batches:
+        coords = torch.rand(batch, 3, 3) * (torch.tensor(grid, dtype=torch.float32) * 4 - 1)
+        labels = torch.tensor([[1, 0, 1]]).repeat(batch, 1)
+        for mask in (None, torch.randn(batch, 1, *grid), torch.randn(1, 1, *grid)):
             for multimask in (False, True):
                 with torch.inference_mode():
-                    expected, expected_iou = tiny.decode(embedding, coords, labels, mask, multimask)
+                    expected, expected_iou = model.decode(embedding, coords, labels, mask, multimask)
                     logits, iou = decoder(embedding, coords, labels, mask, multimask)
-                assert logits.shape == (batch, 3 if multimask else 1, 32, 32, 32)
+                assert logits.shape == (batch, 3 if multimask else 1, *grid)
                 torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_decoder_equals_the_model_decoder(tiny):
+    torch.manual_seed(1)
+    _assert_fast_decoder_matches(tiny, torch.randn(1, 48, 8, 8, 8))
 
 
 def test_fast_decoder_equals_the_model_decoder_on_a_non_cubic_grid(tiny):
@@ -129,18 +136,7 @@ def test_fast_decoder_equals_the_model_decoder_on_a_non_cubic_grid(tiny):
     torch.manual_seed(2)
     model = Sam3D(tiny.image_encoder, PromptEncoder3D(48, (2, 4, 6), (32, 64, 96)),
                   MaskDecoder3D(transformer_dim=48, transformer_heads=4, transformer_mlp_dim=64, iou_head_hidden_dim=32)).eval()
-    decoder = FastDecoder(model)
-    embedding = torch.randn(1, 48, 2, 4, 6)
-    for batch in (1, 2):
-        coords, labels = torch.rand(batch, 3, 3) * 30, torch.tensor([[1, 0, 1]]).repeat(batch, 1)
-        for mask in (None, torch.randn(batch, 1, 8, 16, 24), torch.randn(1, 1, 8, 16, 24)):
-            for multimask in (False, True):
-                with torch.inference_mode():
-                    expected, expected_iou = model.decode(embedding, coords, labels, mask, multimask)
-                    logits, iou = decoder(embedding, coords, labels, mask, multimask)
-                assert logits.shape == (batch, 3 if multimask else 1, 8, 16, 24)
-                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
+    _assert_fast_decoder_matches(model, torch.randn(1, 48, 2, 4, 6))
 
 
 def test_fast_fp32_encoder_equals_the_model_encoder(tiny):
