@@ -118,6 +118,13 @@ def export_checkpoint(
     model, info = _load_training_model(checkpoint)
     recipe = info.get("recipe", {})
     trained = _trained_structures(recipe)
+    if not recipe.get("live"):
+        source = " + procedural MR/CT-like phantoms"
+    elif recipe.get("live_phantoms"):
+        source = (" made on the training device from a pack + procedural MR/CT-like phantoms "
+                  f"({recipe['live_phantoms']:.0%} of each batch on average)")
+    else:
+        source = " made on the training device from a pack (no phantoms in this run)"
     card: Dict[str, Any] = {
         "name": "fastsam3d-bundled",
         "architecture": model.config.get("name", "custom"),
@@ -129,10 +136,7 @@ def export_checkpoint(
         "data": (
             "Colin27 T1 (Debian mricron-data ch2/aal/ch2bet) training structures "
             f"{'(hippocampus, amygdala, thalamus held out)' if recipe.get('heldout', True) else '(all deep structures)'}"
-            + ((" made on the training device from a pack" + (
-                f" + procedural MR/CT-like phantoms ({recipe['live_phantoms']:.0%} of each batch on average)"
-                if recipe.get("live_phantoms") else " (no phantoms in this run)")) if recipe.get("live")
-               else " + procedural MR/CT-like phantoms")
+            + source
             + "; crops made like the session's preprocessing, augmented"
         ),
         "recipe": recipe,
