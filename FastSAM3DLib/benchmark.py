@@ -12,7 +12,9 @@ Measured:
   the bundled architecture, in every speed mode available on the device;
 * through :class:`Session` on Colin27 with the full-size student: the **first click**
   (``set_image`` + embedding + decode + paste, a fresh session each time) and **later clicks**
-  (decode + paste of the mask in the image grid), per speed mode;
+  (decode + paste of the mask in the image grid), per speed mode; with ``--session-model``, also
+  that trained model and, when it is a narrower student, the same model widened to the full-size
+  architecture (:mod:`FastSAM3DLib.widen`: full-size arithmetic, the trained model's masks);
 * peak resident memory (RSS) after each phase.
 
 Random weights give the right timings for the networks; the paste's cost depends on the mask, so
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 
 from .errors import FastSAM3DInputError
+from .modeling import Sam3D
 
 logger = logging.getLogger(__name__)
 
@@ -421,6 +424,11 @@ def benchmark(
                 report["session_model"] = {"path": str(session_model), "architecture": trained.config.get("embed_dim")}
                 session_items += _session_measurements(trained, image, label, point, session_modes, later_clicks, seed,
                                                        suffix=f" [trained, width {trained.config.get('embed_dim')}]")
+                full_size = _widened_to(trained, student)
+                if full_size is not None:
+                    report["session_model"]["widened_to_full_size"] = full_size.config["name"]
+                    session_items += _session_measurements(full_size, image, label, point, session_modes, later_clicks, seed,
+                                                           suffix=f" [trained, {WIDENED_TAG}]")
             floor = _matmuls(student_flops, dev, native_bf16, rounds)
             run_interleaved(floor + session_items, rounds, dev, progress=progress)
             floor.insert(0, add_fp32_reference(floor))
@@ -498,12 +506,37 @@ def _ratios(results) -> Dict[str, float]:
     return ratios
 
 
+WIDENED_TAG = "widened to full size"
+
+
+def _widened_to(model: Sam3D, full_size: Sam3D) -> Optional[Sam3D]:
+    """``model`` widened (:func:`~FastSAM3DLib.widen.widen_model`) to ``full_size``'s architecture, or None.
+
+    The full-size student's arithmetic with a trained model's masks: its encoder computes what the
+    trained narrower encoder computes, so the paste and later clicks see realistic masks.
+    """
+    from .widen import widen_model
+
+    width, target = model.config.get("embed_dim"), full_size.config.get("embed_dim")
+    if not width or not target or target % width or target == width or model.config.get("window_size"):
+        return None
+    wide = widen_model(model, target // width)
+    shapes = {k: v.shape for k, v in full_size.state_dict().items()}
+    if {k: v.shape for k, v in wide.state_dict().items()} != shapes:
+        return None
+    return wide
+
+
 def _targets(report) -> Dict[str, object]:
     """Issue 7's "done when" checks, from this run's numbers."""
     results = report["results"]
     out: Dict[str, object] = {}
     floor = _find(results, "floor", "matmul fp32")
-    firsts = [r for r in results if r["group"] == "session" and r["name"].startswith("first click") and "[trained" not in r["name"] and "median_s" in r]
+    # The first-click target is stated for the full-size student: its random weights, or a trained
+    # model widened to it (same arithmetic, realistic masks) when one was timed.
+    firsts = [r for r in results if r["group"] == "session" and r["name"].startswith("first click") and "median_s" in r]
+    widened = [r for r in firsts if WIDENED_TAG in r["name"]]
+    firsts = widened or [r for r in firsts if "[trained" not in r["name"]]
     if floor and firsts:
         best = min(firsts, key=lambda r: r.get("paired_ratio", r["median_s"] / floor["median_s"]))
         ratio = best.get("paired_ratio", best["median_s"] / floor["median_s"])
@@ -511,7 +544,8 @@ def _targets(report) -> Dict[str, object]:
                               "target": 0.6, "met": ratio <= 0.6}
     laters = [r for r in results if r["group"] == "session" and r["name"].startswith("later click") and "full-image" not in r["name"] and "median_s" in r]
     trained = [r for r in laters if "[trained" in r["name"]]
-    laters = trained or laters  # realistic masks when a trained model was timed
+    widened = [r for r in trained if WIDENED_TAG in r["name"]]
+    laters = widened or trained or laters  # realistic masks when a trained model was timed
     if laters:
         best = min(laters, key=lambda r: r["median_s"])
         out["later_click"] = {"best_mode": best["name"], "median_ms": best["median_s"] * 1e3, "target_ms": 15.0, "met": best["median_s"] <= 0.015}
@@ -598,7 +632,8 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--structure", default="putamen_l", help="Colin27 structure clicked in the session timings (putamen_l)")
     parser.add_argument("--later-clicks", type=int, default=8, help="corrective clicks timed per session (8)")
     parser.add_argument("--no-session", action="store_true", help="skip the Session / Colin27 timings")
-    parser.add_argument("--session-model", help="also time the session with this trained checkpoint (realistic masks for later clicks)")
+    parser.add_argument("--session-model", help="also time the session with this trained checkpoint (realistic masks); a narrower student is also "
+                        "timed widened to the full-size architecture, and the targets read those rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=cmd_benchmark)

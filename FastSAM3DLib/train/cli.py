@@ -182,6 +182,8 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
     interactive = sub.add_parser("interactive", help="click-simulated interactive training (resumable)")
     _add_interactive_options(interactive, InteractiveConfig())
+    interactive.add_argument("--freeze-encoder", action="store_true",
+                             help="train only the prompt encoder and decoder (the image encoder runs without gradients)")
     interactive.set_defaults(func=_run_interactive)
 
     distill = sub.add_parser("distill", help="layer-wise progressive distillation from a teacher, then the decoder fine-tune")

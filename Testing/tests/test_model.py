@@ -7,6 +7,7 @@ import torch
 
 from FastSAM3DLib import build_model, count_parameters
 from FastSAM3DLib.modeling import Block, ImageEncoderViT3D
+from FastSAM3DLib.widen import widen_model
 
 
 def test_parameter_counts_match_the_public_models():
@@ -110,3 +111,43 @@ def test_padding_tokens_take_part_in_window_attention():
         unpadded = block(x)
     assert padded.shape == unpadded.shape == x.shape
     assert not torch.allclose(padded, unpadded, atol=1e-3)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_widened_model_computes_what_the_narrow_one_does(factor):
+    """Widening (the benchmark's full-size student with a trained model's masks) keeps the function:
+    the encoder output and the decoded logits match the source; every weight moved (relative-position
+    tables included: they start at zero, so they are perturbed first)."""
+    torch.manual_seed(0)
+    narrow = build_model("tiny")
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    wide = widen_model(narrow, factor)
+    assert wide.config["embed_dim"] == factor * narrow.config["embed_dim"] and wide.config["num_heads"] == narrow.config["num_heads"]
+    assert wide.config["widened_from"] == "tiny" and wide.config["name"] == f"tiny widened x{factor}"
+    x = torch.randn(1, 1, 128, 128, 128)
+    coords, labels = torch.tensor([[[40.0, 70.0, 64.0], [80.0, 60.0, 50.0]]]), torch.tensor([[1, 0]])
+    with torch.no_grad():
+        embedding, wide_embedding = narrow.image_encoder(x), wide.image_encoder(x)
+        assert torch.allclose(wide_embedding, embedding, atol=1e-4)
+        logits, iou = narrow.decode(embedding, coords, labels)
+        wide_logits, wide_iou = wide.decode(wide_embedding, coords, labels)
+    assert torch.allclose(wide_logits, logits, atol=1e-3) and torch.allclose(wide_iou, iou, atol=1e-4)
+    # A broken copy rule is visible: without the q scaling the attention sharpens and the output moves.
+    state = wide.state_dict()
+    state["image_encoder.blocks.1.attn.qkv.weight"] *= factor**0.5
+    wide.load_state_dict(state)
+    with torch.no_grad():
+        assert not torch.allclose(wide.image_encoder(x), embedding, atol=1e-2)
+
+
+def test_widening_the_bundled_architecture_gives_the_full_size_student():
+    wide = widen_model(build_model("fastsam3d-384"), 2)
+    shapes = {k: v.shape for k, v in build_model("fastsam3d").state_dict().items()}
+    assert {k: v.shape for k, v in wide.state_dict().items()} == shapes
+    assert count_parameters(wide) == count_parameters(build_model("fastsam3d"))
+    with pytest.raises(ValueError, match="windowed teachers"):
+        widen_model(build_model("tiny-teacher"), 2)
+    with pytest.raises(ValueError, match="whole number"):
+        widen_model(build_model("tiny"), 1.5)

@@ -19,8 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+from FastSAM3DLib import load_model, save_model
 from FastSAM3DLib.build import build_model
 from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
+from FastSAM3DLib.train.cli import main as train_main
 from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
 from FastSAM3DLib.train.interactive import InteractiveConfig, InteractiveStep, load_checkpoint, seed_multimask_tokens, train_interactive
 from FastSAM3DLib.train.pool import INDEX_NAME, _write_entry, read_index
@@ -139,6 +141,26 @@ def test_resume_continues_exactly(tmp_path: Path, one_crop_pool: Path) -> None:
     assert resumed["step"] == straight["step"] == 4
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+@pytest.mark.slow
+def test_freeze_encoder_from_the_command_line_trains_only_the_decoder(tmp_path: Path, one_crop_pool: Path) -> None:
+    torch.manual_seed(0)
+    save_model(build_model("tiny"), tmp_path / "start.safetensors")
+    run = tmp_path / "run"
+    assert train_main(["interactive", "--freeze-encoder", "--pool", str(one_crop_pool), "--model", "tiny", "--init",
+                       str(tmp_path / "start.safetensors"), "--steps", "3", "--click-iters", "2", "--lr", "1e-3",
+                       "--warmup-steps", "1", "--run-dir", str(run), "--device", "cpu", "--threads", "1",
+                       "--eval-every", "0", "--log-every", "1"]) == 0
+    trained = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert trained["step"] == 3 and json.loads(trained["config"])["freeze_encoder"] is True
+    start = load_model(tmp_path / "start.safetensors", device="cpu").state_dict()
+    encoder = [k for k in start if k.startswith("image_encoder.")]
+    decoder = [k for k in start if k.startswith("mask_decoder.") and k.endswith("weight")]
+    assert encoder and decoder
+    for key in encoder:
+        assert torch.equal(trained["model"][key], start[key]), key
+    assert any(not torch.equal(trained["model"][key], start[key]) for key in decoder)
 
 
 @pytest.mark.parametrize("radius, candidate", [(6, 1), (20, 2), (50, 3)])
