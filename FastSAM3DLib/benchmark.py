@@ -47,6 +47,7 @@ from .modeling import Sam3D
 logger = logging.getLogger(__name__)
 
 ENCODER_MODELS = ("fastsam3d", "sam-med3d", "bundled")
+WIDENED_TAG = "widened to full size"  # marks the session rows of a trained model widened to the full-size student
 
 
 # -- machine ------------------------------------------------------------------------------------
@@ -504,9 +505,6 @@ def _ratios(results) -> Dict[str, float]:
             if r["group"] == floor_group and r["name"] != "matmul fp32" and "median_s" in r:
                 ratios[f"{r['name']} ({prefix} run) / fp32 matmul"] = _scaled(r) / floor["median_s"]
     return ratios
-
-
-WIDENED_TAG = "widened to full size"
 
 
 def _widened_to(model: Sam3D, full_size: Sam3D) -> Optional[Sam3D]:

@@ -125,23 +125,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from ..data.colin27 import HELDOUT_STRUCTURES
     from .quick_eval import SEEN_EVAL, evaluate_colin27, summarize
 
-    model = _load_any(args.weights)
+    from .export import load_weights
+
+    model = load_weights(args.weights)
     results = evaluate_colin27(model, list(SEEN_EVAL) + list(HELDOUT_STRUCTURES), clicks=args.clicks, seed=args.seed)
     report = {"weights": str(args.weights), "per_structure": results, "summary": summarize(results, {"seen": SEEN_EVAL, "heldout": HELDOUT_STRUCTURES})}
     print(json.dumps(report, indent=1))
     return 0
-
-
-def _load_any(path: str):
-    """A model from a training checkpoint (``.pt`` with ``model_config``) or anything ``load_model`` reads."""
-    from ..checkpoint import load_model
-    from .interactive import load_checkpoint, model_from_checkpoint
-
-    if str(path).endswith(".pt"):
-        payload = load_checkpoint(path)
-        if isinstance(payload, dict) and "model_config" in payload:
-            return model_from_checkpoint(payload)
-    return load_model(path, device="cpu")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -149,6 +139,14 @@ def _run_export(args: argparse.Namespace) -> int:
 
     digest = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, notes=args.notes, eval_json=args.eval_json)
     logger.info("wrote %s (sha256 %s)", args.out, digest)
+    return 0
+
+
+def _run_average(args: argparse.Namespace) -> int:
+    from .export import average_checkpoints
+
+    digest = average_checkpoints(args.checkpoints, args.out, dtype=args.dtype, notes=args.notes)
+    logger.info("wrote %s, the average of %d files (sha256 %s)", args.out, len(args.checkpoints), digest)
     return 0
 
 
@@ -209,6 +207,13 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
     export.add_argument("--eval-json", default=None, help="a `train eval` report to put in the model card")
     export.add_argument("--notes", default="", help="free text for the model card")
     export.set_defaults(func=_run_export)
+
+    average = sub.add_parser("average", help="write the average of several runs' weights (a model soup) as a safetensors model")
+    average.add_argument("checkpoints", nargs="+", help="training checkpoints (.pt) or weight files of one architecture")
+    average.add_argument("--out", default=str(DEFAULT_EXPORT))
+    average.add_argument("--dtype", choices=("float16", "float32", "auto"), default="auto", help="auto: fp16 if fp32 would exceed 50 MB")
+    average.add_argument("--notes", default="", help="free text for the model card")
+    average.set_defaults(func=_run_average)
     return train
 
 

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..checkpoint import MODELS_DIR, BUNDLED_MODEL_NAME, save_model
+from ..errors import CheckpointError
 from ..modeling import Sam3D
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,39 @@ def _trained_structures(recipe: Dict[str, Any]) -> Optional[List[str]]:
     return sorted({str(e["structure"]) for e in entries if e.get("source") == "colin27"})
 
 
+def _card(model: Sam3D, info: Dict[str, Any], checkpoint_name: str, notes: str) -> Dict[str, Any]:
+    """The model card of a model trained by the run that ``info`` (step, wall time, recipe) describes."""
+    recipe = info.get("recipe", {})
+    trained = _trained_structures(recipe)
+    if not recipe.get("live"):
+        source = " + procedural MR/CT-like phantoms"
+    elif recipe.get("live_phantoms"):
+        source = (" made on the training device from a pack + procedural MR/CT-like phantoms "
+                  f"({recipe['live_phantoms']:.0%} of each batch on average)")
+    else:
+        source = " made on the training device from a pack (no phantoms in this run)"
+    return {
+        "name": "fastsam3d-bundled",
+        "architecture": model.config.get("name", "custom"),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "training_checkpoint": checkpoint_name,
+        "steps": info["step"],
+        "wall_time_hours": round(info["elapsed_s"] / 3600.0, 2),
+        "hardware": _hardware(),
+        "data": (
+            "Colin27 T1 (Debian mricron-data ch2/aal/ch2bet) training structures "
+            f"{'(hippocampus, amygdala, thalamus held out)' if recipe.get('heldout', True) else '(all deep structures)'}"
+            + source
+            + "; crops made like the session's preprocessing, augmented"
+        ),
+        "recipe": recipe,
+        # What `fastsam3d evaluate` marks "seen" (None: the pool could not be read here).
+        "trained_structures": trained,
+        "known_limits": KNOWN_LIMITS,
+        "notes": notes,
+    }
+
+
 def export_model(
     model: Sam3D, out: str | os.PathLike = DEFAULT_EXPORT, dtype: str = "auto", card: Optional[Dict[str, Any]] = None
 ) -> str:
@@ -116,36 +150,69 @@ def export_checkpoint(
       eval_json: a report of ``fastsam3d train eval`` (its summary and per-structure Dice go in the card).
     """
     model, info = _load_training_model(checkpoint)
-    recipe = info.get("recipe", {})
-    trained = _trained_structures(recipe)
-    if not recipe.get("live"):
-        source = " + procedural MR/CT-like phantoms"
-    elif recipe.get("live_phantoms"):
-        source = (" made on the training device from a pack + procedural MR/CT-like phantoms "
-                  f"({recipe['live_phantoms']:.0%} of each batch on average)")
-    else:
-        source = " made on the training device from a pack (no phantoms in this run)"
-    card: Dict[str, Any] = {
-        "name": "fastsam3d-bundled",
-        "architecture": model.config.get("name", "custom"),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "training_checkpoint": Path(checkpoint).name,
-        "steps": info["step"],
-        "wall_time_hours": round(info["elapsed_s"] / 3600.0, 2),
-        "hardware": _hardware(),
-        "data": (
-            "Colin27 T1 (Debian mricron-data ch2/aal/ch2bet) training structures "
-            f"{'(hippocampus, amygdala, thalamus held out)' if recipe.get('heldout', True) else '(all deep structures)'}"
-            + source
-            + "; crops made like the session's preprocessing, augmented"
-        ),
-        "recipe": recipe,
-        # What `fastsam3d evaluate` marks "seen" (None: the pool could not be read here).
-        "trained_structures": trained,
-        "known_limits": KNOWN_LIMITS,
-        "notes": notes,
-    }
+    card = _card(model, info, Path(checkpoint).name, notes)
     if eval_json:
         report = json.loads(Path(eval_json).read_text())
         card["development_dice"] = {"summary": report.get("summary"), "per_structure": report.get("per_structure")}
     return export_model(model, out, dtype, card)
+
+
+def load_weights(path: str | os.PathLike) -> Sam3D:
+    """A model from a training checkpoint (``.pt`` with ``model_config``) or anything ``load_model`` reads."""
+    from ..checkpoint import load_model
+    from .interactive import load_checkpoint, model_from_checkpoint
+
+    if str(path).endswith(".pt"):
+        payload = load_checkpoint(path)
+        if isinstance(payload, dict) and "model_config" in payload:
+            return model_from_checkpoint(payload)
+    return load_model(path, device="cpu")
+
+
+def _architecture(model: Sam3D) -> Dict[str, Any]:
+    return {k: v for k, v in model.config.items() if k not in ("name", "source", "sha256")}
+
+
+def average_checkpoints(
+    checkpoints: List[str | os.PathLike], out: str | os.PathLike = DEFAULT_EXPORT, dtype: str = "auto", notes: str = ""
+) -> str:
+    """Export the uniform average of the weights of several runs (a "model soup"); returns the sha256.
+
+    Runs fine-tuned from the same weights stay in one basin of the loss, and their average is often
+    better than each of them (Wortsman et al., ICML 2022); check it on the development evaluation
+    before keeping it. The card is that of the last checkpoint's run, with ``average_of`` listing
+    every ingredient (file, step, wall time).
+
+    Arguments:
+      checkpoints: two or more training checkpoints (``.pt``) or weight files, all of one architecture.
+      out, dtype, notes: as for :func:`export_checkpoint`.
+
+    Raises:
+      CheckpointError: fewer than two files, or a file whose architecture differs from the first's.
+    """
+    if len(checkpoints) < 2:
+        raise CheckpointError(f"averaging needs at least two checkpoints; got {len(checkpoints)}")
+    ingredients: List[Dict[str, Any]] = []
+    for path in checkpoints:
+        if str(path).endswith(".pt"):
+            model, info = _load_training_model(path)
+        else:
+            model, info = load_weights(path), {"step": None, "elapsed_s": 0.0}
+        ingredients.append({"file": str(path), "model": model, "info": info})
+    first = ingredients[0]["model"]
+    for item in ingredients[1:]:
+        ours, theirs = _architecture(item["model"]), _architecture(first)
+        if ours != theirs:
+            changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise CheckpointError(f"{item['file']}: its architecture differs from {checkpoints[0]} in {', '.join(changed)}; "
+                                  "only runs of one architecture can be averaged")
+    states = [item["model"].state_dict() for item in ingredients]
+    average = {key: sum(state[key].float() for state in states) / len(states) if value.is_floating_point() else value
+               for key, value in states[0].items()}
+    first.load_state_dict(average)
+    last = ingredients[-1]
+    card = _card(first, last["info"], Path(last["file"]).name, notes)
+    card["average_of"] = [{"file": item["file"], "step": item["info"]["step"],
+                           "wall_time_hours": round(item["info"]["elapsed_s"] / 3600.0, 2)} for item in ingredients]
+    card["wall_time_hours"] = round(sum(i["wall_time_hours"] for i in card["average_of"]), 2)
+    return export_model(first, out, dtype, card)

@@ -20,11 +20,15 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from FastSAM3DLib import load_model, save_model
+from FastSAM3DLib.checkpoint import read_model_card
+from FastSAM3DLib.errors import CheckpointError
 from FastSAM3DLib.build import build_model
 from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
 from FastSAM3DLib.train.cli import main as train_main
 from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
-from FastSAM3DLib.train.interactive import InteractiveConfig, InteractiveStep, load_checkpoint, seed_multimask_tokens, train_interactive
+from FastSAM3DLib.train.export import average_checkpoints
+from FastSAM3DLib.train.interactive import (InteractiveConfig, InteractiveStep, _checkpoint_payload, load_checkpoint, save_checkpoint,
+                                           seed_multimask_tokens, train_interactive)
 from FastSAM3DLib.train.pool import INDEX_NAME, _write_entry, read_index
 
 # ----------------------------------------------------------------------------------------------
@@ -280,3 +284,34 @@ def test_balanced_loss_limits_match_its_definition() -> None:
     # cap 1: no reweighting at all, i.e. plain DiceCE (MONAI's when installed).
     assert torch.allclose(DiceBalancedCE(cap=1.0)(logits, target), _DiceCE()(logits, target), atol=1e-5)
     assert torch.allclose(dice_ce_loss()(logits, target), _DiceCE()(logits, target), atol=1e-5)
+
+
+def test_average_of_runs_is_the_mean_of_their_weights(tmp_path: Path) -> None:
+    """``train average`` (the model soup): every weight is the mean of the ingredients', the card lists
+    them, and files of another architecture are refused by name with nothing written."""
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_model("tiny")
+        optimizer = torch.optim.AdamW(model.parameters())
+        path = tmp_path / f"run{seed}.pt"
+        save_checkpoint(path, _checkpoint_payload(model, optimizer, 10 * (seed + 1), InteractiveConfig(model="tiny"), 360.0))
+        paths.append(path)
+    out = tmp_path / "soup.safetensors"
+    assert train_main(["average", *map(str, paths), "--out", str(out), "--dtype", "float32", "--notes", "three seeds"]) == 0
+    soup = load_model(out, device="cpu").state_dict()
+    states = [load_checkpoint(p)["model"] for p in paths]
+    for key, value in soup.items():
+        assert torch.allclose(value, sum(s[key] for s in states) / 3, atol=1e-6), key
+    assert not torch.equal(soup["image_encoder.patch_embed.proj.weight"], states[0]["image_encoder.patch_embed.proj.weight"])
+    card = read_model_card(out)
+    assert [i["step"] for i in card["average_of"]] == [10, 20, 30] and card["wall_time_hours"] == 0.3
+    assert card["notes"] == "three seeds" and card["training_checkpoint"] == "run2.pt"
+
+    torch.manual_seed(0)
+    save_model(build_model("tiny-teacher"), tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match=r"other.safetensors: its architecture differs .* block_kinds"):
+        average_checkpoints([paths[0], tmp_path / "other.safetensors"], tmp_path / "refused.safetensors")
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_checkpoints([paths[0]], tmp_path / "refused.safetensors")
+    assert not (tmp_path / "refused.safetensors").exists()
