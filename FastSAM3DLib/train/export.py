@@ -181,7 +181,7 @@ def average_checkpoints(
     Runs fine-tuned from the same weights stay in one basin of the loss, and their average is often
     better than each of them (Wortsman et al., ICML 2022); check it on the development evaluation
     before keeping it. The card is that of the last checkpoint's run, with ``average_of`` listing
-    every ingredient (file, step, wall time).
+    every ingredient (file, step, wall time) in place of one step count and wall time.
 
     Arguments:
       checkpoints: two or more training checkpoints (``.pt``) or weight files, all of one architecture.
@@ -214,5 +214,5 @@ def average_checkpoints(
     card = _card(first, last["info"], Path(last["file"]).name, notes)
     card["average_of"] = [{"file": item["file"], "step": item["info"]["step"],
                            "wall_time_hours": round(item["info"]["elapsed_s"] / 3600.0, 2)} for item in ingredients]
-    card["wall_time_hours"] = round(sum(i["wall_time_hours"] for i in card["average_of"]), 2)
+    card["steps"] = card["wall_time_hours"] = None  # per ingredient above: runs continued from one another share steps
     return export_model(first, out, dtype, card)
