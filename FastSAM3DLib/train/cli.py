@@ -1,4 +1,4 @@
-"""``fastsam3d train ...``: argparse subcommands ``pool``, ``interactive``, ``distill``, ``eval``, ``export``.
+"""``fastsam3d train ...``: argparse subcommands ``pool``, ``pack``, ``interactive``, ``distill``, ``eval``, ``export``, ``average``.
 
 The top-level CLI hooks these in with :func:`add_train_subparsers` (each subcommand sets
 ``func``, called with the parsed namespace and returning an exit status), or runs

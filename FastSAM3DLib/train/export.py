@@ -6,6 +6,7 @@
 repository's 50 MB budget; ``load_model`` reads them back into the fp32 model (``load_state_dict``
 copies cast). The metadata carries the architecture (``config``) and a ``model_card`` JSON: data,
 recipe, steps, wall time, hardware, the development Dice table if given, and known limits.
+``fastsam3d train average A.pt B.pt ...`` exports the average of several runs' weights the same way.
 """
 
 from __future__ import annotations

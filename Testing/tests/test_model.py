@@ -116,8 +116,8 @@ def test_padding_tokens_take_part_in_window_attention():
 @pytest.mark.parametrize("factor", [2, 3])
 def test_widened_model_computes_what_the_narrow_one_does(factor):
     """Widening (the benchmark's full-size student with a trained model's masks) keeps the function:
-    the encoder output and the decoded logits match the source; every weight moved (relative-position
-    tables included: they start at zero, so they are perturbed first)."""
+    the encoder output and the decoded logits match the source. Every weight is perturbed first, so that
+    the relative-position tables (zero at initialisation) take part."""
     torch.manual_seed(0)
     narrow = build_model("tiny")
     with torch.no_grad():

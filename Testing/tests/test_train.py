@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from FastSAM3DLib import load_model, save_model
-from FastSAM3DLib.checkpoint import read_model_card
-from FastSAM3DLib.errors import CheckpointError
 from FastSAM3DLib.build import build_model
+from FastSAM3DLib.checkpoint import read_model_card
 from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
+from FastSAM3DLib.errors import CheckpointError
 from FastSAM3DLib.train.cli import main as train_main
 from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
 from FastSAM3DLib.train.export import average_checkpoints
