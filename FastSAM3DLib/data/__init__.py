@@ -6,8 +6,7 @@ The phantoms and the augmentation need NumPy and SciPy only; the Colin27 and fol
 installed, as on a borrowed GPU machine.
 """
 
-import importlib
-
+from .. import _getattr_on_first_use
 from .augment import augment
 from .phantoms import Phantom, PhantomArrays, make_phantom, make_phantom_arrays, smooth_noise
 
@@ -21,11 +20,4 @@ _ON_FIRST_USE = {
 }
 
 __all__ = sorted(["augment", "Phantom", "PhantomArrays", "make_phantom", "make_phantom_arrays", "smooth_noise", *_ON_FIRST_USE])
-
-
-def __getattr__(name: str):
-    if name in _ON_FIRST_USE:
-        value = getattr(importlib.import_module(_ON_FIRST_USE[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _getattr_on_first_use(__name__, _ON_FIRST_USE, globals())
