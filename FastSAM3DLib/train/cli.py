@@ -150,6 +150,19 @@ def _run_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_iou_head(args: argparse.Namespace) -> int:
+    from .iou_head import format_report, refit_iou_head
+
+    report = refit_iou_head(
+        args.model, args.pool, args.out, crops=args.crops, first_clicks=args.first_clicks, later_clicks=args.later_clicks,
+        p_interior=args.p_interior, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+        dtype=args.dtype, notes=args.notes,
+    )
+    print("\n".join(format_report(report)))
+    logger.info("wrote %s", args.out)
+    return 0
+
+
 def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``train`` with its subcommands to a top-level CLI's subparsers; returns the ``train`` parser.
 
@@ -214,6 +227,23 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
     average.add_argument("--dtype", choices=("float16", "float32", "auto"), default="auto", help="auto: fp16 if fp32 would exceed 50 MB")
     average.add_argument("--notes", default="", help="free text for the model card")
     average.set_defaults(func=_run_average)
+
+    iou = sub.add_parser("iou-head", help="refit a model's IoU head so that it picks the candidate mask that fits (everything else frozen)")
+    iou.add_argument("--model", required=True, help="the model (safetensors, or a training checkpoint .pt)")
+    iou.add_argument("--pool", default=str(DEFAULT_POOL / "train-s0"), help="pool of prepared crops (default: %(default)s)")
+    iou.add_argument("--out", required=True, help="safetensors file to write")
+    iou.add_argument("--crops", type=int, default=800, help="pool entries to decode (default: %(default)s)")
+    iou.add_argument("--first-clicks", type=int, default=6, help="lone first clicks per crop (default: %(default)s)")
+    iou.add_argument("--later-clicks", type=int, default=2, help="corrective clicks after each first click (default: %(default)s)")
+    iou.add_argument("--p-interior", type=float, default=0.0,
+                     help="probability of a click at the interior-most error voxel (else uniform; default: %(default)s: users click anywhere)")
+    iou.add_argument("--epochs", type=int, default=500)
+    iou.add_argument("--lr", type=float, default=3e-4)
+    iou.add_argument("--weight-decay", type=float, default=0.1)
+    iou.add_argument("--seed", type=int, default=0)
+    iou.add_argument("--dtype", choices=("float16", "float32", "auto"), default="auto", help="auto: fp16 if fp32 would exceed 50 MB")
+    iou.add_argument("--notes", default="", help="free text for the model card")
+    iou.set_defaults(func=_run_iou_head)
     return train
 
 

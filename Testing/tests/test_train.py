@@ -1,6 +1,7 @@
-"""Training pipeline: click simulator, one-sample overfit, exact resume, 2-process DDP, distillation.
+"""Training pipeline: click simulator, one-sample overfit, exact resume, 2-process DDP, distillation,
+model soups and the IoU-head refit.
 
-Everything runs on the "tiny" configurations and a one-crop pool written into a temporary folder,
+Everything runs on the "tiny" configurations and one- or two-crop pools written into temporary folders,
 so the whole file takes well under a minute on two CPU cores.
 """
 
@@ -23,7 +24,7 @@ from FastSAM3DLib import load_model, save_model
 from FastSAM3DLib.build import build_model
 from FastSAM3DLib.checkpoint import read_model_card
 from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
-from FastSAM3DLib.errors import CheckpointError
+from FastSAM3DLib.errors import CheckpointError, FastSAM3DInputError
 from FastSAM3DLib.train.cli import main as train_main
 from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
 from FastSAM3DLib.train.export import average_checkpoints
@@ -316,3 +317,57 @@ def test_average_of_runs_is_the_mean_of_their_weights(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="at least two"):
         average_checkpoints([paths[0]], tmp_path / "refused.safetensors")
     assert not (tmp_path / "refused.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def two_size_pool(tmp_path_factory) -> Path:
+    """A pool of two 128^3 crops: a small ball (radius 7) and a large one (radius 40), each on noise."""
+    pool = tmp_path_factory.mktemp("two-size-pool")
+    rng = np.random.default_rng(1)
+    grid = np.indices((128, 128, 128)).astype(np.float32)
+    lines = []
+    for index, radius in enumerate((7, 40)):
+        label = (((grid - 64.0) ** 2).sum(0) <= radius**2).astype(np.uint8)
+        image = (label * 2.0 + rng.normal(0.0, 0.3, label.shape)).astype(np.float32)
+        entry_id = f"000_{index:06d}"
+        _write_entry(pool, entry_id, image, label)
+        lines.append(json.dumps({"id": entry_id, "index": index, "source": "phantom", "structure": f"ball{radius}", "voxels": int(label.sum())}))
+    (pool / INDEX_NAME).write_text("\n".join(lines) + "\n")
+    return pool
+
+
+def test_iou_head_refit_changes_only_the_head_and_fits_it(tmp_path: Path, two_size_pool: Path) -> None:
+    """``train iou-head``: the exported file differs from its input in the IoU head only, the head's
+    error on the decodes it was fitted to falls, and the card records the refit over the input's card."""
+    from FastSAM3DLib.train.iou_head import collect_samples, pick_quality
+
+    torch.manual_seed(0)
+    start = tmp_path / "start.safetensors"
+    save_model(build_model("tiny"), start, {"model_card": json.dumps({"name": "start", "notes": "input card"})})
+    out = tmp_path / "refit.safetensors"
+    assert train_main(["iou-head", "--model", str(start), "--pool", str(two_size_pool), "--out", str(out), "--crops", "2",
+                       "--first-clicks", "3", "--later-clicks", "1", "--epochs", "300", "--lr", "1e-3", "--dtype", "float32"]) == 0
+    before, after = load_model(start, device="cpu"), load_model(out, device="cpu")
+    head = "mask_decoder.iou_prediction_head."
+    old_state, new_state = before.state_dict(), after.state_dict()
+    for key, value in old_state.items():
+        if not key.startswith(head):
+            assert torch.equal(new_state[key], value), key
+    assert any(not torch.equal(new_state[key], old_state[key]) for key in old_state if key.startswith(head))
+
+    samples = collect_samples(before, two_size_pool, crops=2, first_clicks=3, later_clicks=1, seed=0, progress=False)
+    assert samples.first.sum() == 6 and samples.tokens.shape == (12, 48)
+    every = torch.ones(len(samples.crop), dtype=torch.bool)
+    old_fit = pick_quality(before.mask_decoder.iou_prediction_head, samples, every)
+    new_fit = pick_quality(after.mask_decoder.iou_prediction_head, samples, every)
+    assert new_fit["mse"] < 0.5 * old_fit["mse"], (old_fit, new_fit)
+    assert new_fit["picked"] >= old_fit["picked"] and new_fit["best"] == old_fit["best"]
+
+    card = read_model_card(out)
+    assert card["name"] == "start" and card["notes"] == "input card"
+    refit = card["iou_head_refit"]
+    assert refit["from"] == "start.safetensors" and refit["crops"] == 2 and refit["first_clicks"] == 6
+    assert refit["report"]["after_fit"]["mse"] < refit["report"]["before_fit"]["mse"]
+
+    with pytest.raises(FastSAM3DInputError, match="no pool entries"):
+        collect_samples(before, tmp_path, crops=2, progress=False)
