@@ -17,7 +17,6 @@ IoU before and after, on crops held out of the fit.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,6 @@ from ..modeling import Sam3D
 from .export import export_model, load_weights
 from .interactive import _hard_iou
 from .pool import load_entry, read_index
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
