@@ -1,4 +1,5 @@
-"""``fastsam3d train ...``: argparse subcommands ``pool``, ``pack``, ``interactive``, ``distill``, ``eval``, ``export``, ``average``.
+"""``fastsam3d train ...``: argparse subcommands ``pool``, ``pack``, ``interactive``, ``distill``, ``eval``, ``export``,
+``average``, ``iou-head``.
 
 The top-level CLI hooks these in with :func:`add_train_subparsers` (each subcommand sets
 ``func``, called with the parsed namespace and returning an exit status), or runs

@@ -205,6 +205,22 @@ def seed_multimask_tokens(model: Sam3D) -> None:
     model.config["first_click_multimask"] = True
 
 
+def low_res_targets(targets: torch.Tensor, low: int) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Targets B x 1 x S^3 in {0, 1} on the decoder's L^3 grid (L = ``low``).
+
+    Returns:
+      the coverage of each coarse voxel (B x 1 x L^3), the binary target as float (coverage >= 0.5;
+      any coverage for a thin label that would vanish), and as NumPy bool B x L^3 and B x S^3 (full).
+    """
+    size = targets.shape[-1]
+    soft_low = F.avg_pool3d(targets, kernel_size=size // low) if size != low else targets
+    binary = soft_low >= 0.5
+    empty = binary.flatten(1).sum(1) == 0
+    if empty.any():  # thin labels: any coverage counts on the coarse grid
+        binary[empty] = soft_low[empty] > 0
+    return soft_low, binary.float(), binary[:, 0].cpu().numpy(), targets[:, 0].bool().cpu().numpy()
+
+
 def _hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of ``logits > 0`` (B x M x ...) with a binary target (B x 1 x ...): B x M."""
     hard = (logits > 0).float()
@@ -251,16 +267,6 @@ class InteractiveStep(nn.Module):
         self.model = model
         self.cfg = cfg
         self.loss_fn = segmentation_loss(cfg.loss, cfg.pos_weight, cfg.balance_cap)
-
-    def _targets(self, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-        size = targets.shape[-1]
-        low = self.model.low_res_size[0]
-        soft_low = F.avg_pool3d(targets, kernel_size=size // low) if size != low else targets
-        binary = soft_low >= 0.5
-        empty = binary.flatten(1).sum(1) == 0
-        if empty.any():  # thin labels: any coverage counts on the coarse grid
-            binary[empty] = soft_low[empty] > 0
-        return soft_low, binary.float(), binary[:, 0].cpu().numpy(), targets[:, 0].bool().cpu().numpy()
 
     def _mode(self, rng: np.random.Generator) -> str:
         return "interior" if rng.random() < self.cfg.p_interior else "random"
@@ -311,7 +317,7 @@ class InteractiveStep(nn.Module):
         cfg, model = self.cfg, self.model
         dtype = autocast_dtype(cfg.autocast, images.device)
         batch = images.shape[0]
-        soft_low, binary_low, low_np, full_np = self._targets(targets)
+        soft_low, binary_low, low_np, full_np = low_res_targets(targets, model.low_res_size[0])
         loss_target = soft_low if cfg.loss_grid == "low" else targets
 
         with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):

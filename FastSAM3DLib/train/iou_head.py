@@ -24,7 +24,6 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import read_model_card
@@ -32,7 +31,7 @@ from ..clicks import next_click_lowres
 from ..errors import FastSAM3DInputError
 from ..modeling import Sam3D
 from .export import export_model, load_weights
-from .interactive import _hard_iou
+from .interactive import _hard_iou, low_res_targets
 from .pool import load_entry, read_index
 
 
@@ -93,16 +92,14 @@ def collect_samples(
     try:
         model.eval()
         with torch.no_grad():
+            pe = model.prompt_encoder.get_dense_pe()
             for crop_id, index in enumerate(tqdm(chosen, desc="IoU samples", unit="crop", disable=not progress)):
                 image, label = load_entry(pool_dir, entries[index])
                 x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None, None].to(device)
                 target = torch.from_numpy(np.asarray(label, dtype=np.float32))[None, None]
-                soft = F.avg_pool3d(target, kernel_size=target.shape[-1] // low[0])
-                binary = soft >= 0.5 if (soft >= 0.5).any() else soft > 0
-                low_np, full_np = binary[0, 0].numpy(), target[0, 0].bool().numpy()
-                binary = binary.float().to(device)
+                _, binary, low_np, full_np = low_res_targets(target, low[0])
+                low_np, full_np, binary = low_np[0], full_np[0], binary.to(device)
                 embedding = model.image_encoder(x)
-                pe = model.prompt_encoder.get_dense_pe()
                 for _ in range(first_clicks):
                     mode = "interior" if rng.random() < p_interior else "random"
                     click = next_click_lowres(np.zeros_like(low_np), low_np, full_np, rng, mode)
