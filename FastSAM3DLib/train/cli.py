@@ -46,6 +46,8 @@ def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument("--multimask", action="store_true", help="train the 3 candidate masks on the first click (by target size; the IoU head picks)")
     parser.add_argument("--multimask-bins", type=float, nargs=2, default=defaults.multimask_bins, metavar=("SMALL", "LARGE"),
                         help="target fractions of the crop separating the small/medium/large candidates (default: %(default)s)")
+    parser.add_argument("--best-feedback", type=float, default=defaults.best_feedback, metavar="P",
+                        help="--multimask: probability that the first click feeds back the best-fitting candidate, not the IoU head's pick")
     parser.add_argument("--loss", choices=("dicece", "dicebalanced", "dicefocal"), default=defaults.loss, help="segmentation loss (default: %(default)s)")
     parser.add_argument("--balance-cap", type=float, default=defaults.balance_cap, help="dicebalanced: max background voxels one foreground voxel weighs (0: fully balanced)")
     parser.add_argument("--pos-weight", type=float, default=defaults.pos_weight, help="foreground weight of the cross-entropy")

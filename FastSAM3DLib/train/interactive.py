@@ -19,7 +19,9 @@ steps, and in a tiny-model probe (two nested targets behind the same click) cand
 copies of one trained output had not split under the min-loss rule after 150 steps. The
 single-mask output keeps its own loss, the IoU head learns the IoU of all four outputs, and the
 candidate with the highest predicted IoU is fed back, as the Session picks it
-(:meth:`Sam3D.uses_multimask`).
+(:meth:`Sam3D.uses_multimask`), or with ``best_feedback`` the candidate that fits the target best:
+a head that always picks the small candidate would otherwise leave the corrective clicks no chance
+to learn refining a large first mask, which a user who takes another candidate gives them.
 
 The loss is averaged over the iterations that carry gradients (the first one's two terms counted
 as two with ``multimask``): all of them by default, or the first plus ``grad_iters - 1`` random
@@ -57,7 +59,7 @@ from tqdm import tqdm
 
 from ..build import build_model, count_parameters
 from ..clicks import next_click_lowres
-from ..modeling import Sam3D, select_by_iou
+from ..modeling import Sam3D
 from . import ddp
 from .losses import segmentation_loss
 from .live import LiveCrops, PhantomFeed
@@ -102,6 +104,8 @@ class InteractiveConfig:
         and the smaller half of the phantoms are small; the larger phantoms (up to 5.7 %) and the
         cerebellum (1.8-4.1 %) medium; the brain (15-37 %) large. Needs ``iou_weight`` > 0: the
         IoU head picks the candidate.
+      best_feedback: with ``multimask``, the probability (per crop) that the first click feeds back
+        the candidate with the highest actual IoU instead of the IoU head's pick.
       pos_weight: foreground weight in the cross-entropy (1: MONAI's DiceCELoss).
       loss: "dicebalanced" (default: Dice + class-balanced CE; plain DiceCE and DiceFocal collapsed to
         empty masks on small targets from scratch), "dicece" (MONAI DiceCELoss) or "dicefocal".
@@ -137,6 +141,7 @@ class InteractiveConfig:
     iou_weight: float = 0.0
     multimask: bool = False
     multimask_bins: Tuple[float, float] = (0.003, 0.08)
+    best_feedback: float = 0.0
     pos_weight: float = 1.0
     loss: str = "dicebalanced"
     balance_cap: float = 0.0
@@ -178,6 +183,10 @@ class InteractiveConfig:
             raise ValueError(f"multimask_bins must be two increasing fractions in (0, 1), got {self.multimask_bins}")
         if self.multimask and self.iou_weight <= 0:
             raise ValueError("multimask training needs iou_weight > 0: the IoU head picks among the candidates")
+        if not 0.0 <= self.best_feedback <= 1.0:
+            raise ValueError(f"best_feedback is a probability, in [0, 1]; got {self.best_feedback}")
+        if self.best_feedback and not self.multimask:
+            raise ValueError("best_feedback chooses among the candidate masks: it needs multimask")
         if not 0.0 <= self.live_phantoms <= 1.0:
             raise ValueError(f"live_phantoms is a share of each batch, in [0, 1]; got {self.live_phantoms}")
         if self.live_phantoms and not self.live:
@@ -286,16 +295,18 @@ class InteractiveStep(nn.Module):
     def _first_multimask(
         self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor,
         loss_target: torch.Tensor, binary_low: torch.Tensor, classes: torch.Tensor, dtype: Optional[torch.dtype],
+        best: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The first decode with the candidate masks trained (see the module docstring).
 
         Arguments:
           classes: B candidate indices, from :meth:`size_class`.
+          best: B booleans: feed back the candidate with the highest actual IoU instead of the pick.
 
         Returns:
           the loss (single-mask loss + each sample's size-class candidate loss + the IoU head's
           MSE over all 4 outputs, weighted) and the fed-back logits B x 1 x 32^3: the candidate
-          with the highest predicted IoU, as the Session picks it.
+          with the highest predicted IoU, as the Session picks it (where ``best``: the one that fits).
         """
         model, cfg = self.model, self.cfg
         with torch.autocast(embedding.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -310,8 +321,10 @@ class InteractiveStep(nn.Module):
             + self._mask_loss(candidate, loss_target)
             + cfg.iou_weight * F.mse_loss(iou, actual_iou)
         )
-        chosen, _ = select_by_iou(low[:, 1:], iou[:, 1:])
-        return loss, chosen
+        predicted = iou[:, 1:].argmax(1)
+        fitting = actual_iou[:, 1:].argmax(1)
+        rows = torch.arange(low.shape[0], device=low.device)
+        return loss, low[rows, 1 + torch.where(best, fitting, predicted)].unsqueeze(1)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         cfg, model = self.cfg, self.model
@@ -351,8 +364,11 @@ class InteractiveStep(nn.Module):
             with_grad = it in grad_set and torch.is_grad_enabled()
             if it == 0 and cfg.multimask:
                 classes = self.size_class(targets)
+                # No draw unless asked for: seeded runs of the other recipes keep their random sequence.
+                best = rng.random(batch) < cfg.best_feedback if cfg.best_feedback else np.zeros(batch, dtype=bool)
+                best = torch.from_numpy(best).to(images.device)
                 with torch.set_grad_enabled(with_grad):
-                    loss, low = self._first_multimask(embedding, coords, labels, previous, loss_target, binary_low, classes, dtype)
+                    loss, low = self._first_multimask(embedding, coords, labels, previous, loss_target, binary_low, classes, dtype, best)
                 if with_grad:
                     total = total + loss
                     terms += 2  # mask 0 and the candidate

@@ -28,8 +28,8 @@ from FastSAM3DLib.errors import CheckpointError, FastSAM3DInputError
 from FastSAM3DLib.train.cli import main as train_main
 from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
 from FastSAM3DLib.train.export import average_checkpoints
-from FastSAM3DLib.train.interactive import (InteractiveConfig, InteractiveStep, _checkpoint_payload, load_checkpoint, save_checkpoint,
-                                           seed_multimask_tokens, train_interactive)
+from FastSAM3DLib.train.interactive import (InteractiveConfig, InteractiveStep, _checkpoint_payload, load_checkpoint, low_res_targets,
+                                           save_checkpoint, seed_multimask_tokens, train_interactive)
 from FastSAM3DLib.train.pool import INDEX_NAME, _write_entry, read_index
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +201,56 @@ def test_first_click_trains_the_candidate_of_the_target_size(radius: int, candid
     assert touched == [0, candidate]
     assert model.mask_decoder.iou_prediction_head.layers[-1].weight.grad.abs().sum() > 0
     assert stats["grad_iters"] == 2.0
+
+
+def test_best_feedback_feeds_back_the_fitting_candidate_not_the_pick() -> None:
+    """``best_feedback``: the first click's fed-back mask is the candidate with the highest actual IoU
+    where the draw says so, else the IoU head's pick; without it the random sequence is not touched."""
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    seed_multimask_tokens(model)
+    model.eval()
+    decoder = model.mask_decoder
+    with torch.no_grad():
+        # Candidates of three sizes (the hypernetwork's output bias moves every logit), and a head that
+        # rates the small one best.
+        for k, shift in ((1, -4.0), (2, 0.0), (3, 4.0)):
+            decoder.output_hypernetworks_mlps[k].layers[-1].bias.add_(shift)
+        decoder.iou_prediction_head.layers[-1].bias.copy_(torch.tensor([0.0, 5.0, 0.0, -5.0]))
+    grid = np.indices((128, 128, 128)).astype(np.float32)
+    label = (((grid - 64.0) ** 2).sum(0) <= 40**2).astype(np.float32)
+    image = torch.from_numpy(label + np.random.default_rng(0).normal(0.0, 0.3, label.shape).astype(np.float32))[None, None]
+    target = torch.from_numpy(label)[None, None].expand(2, -1, -1, -1, -1)
+    images = image.expand(2, -1, -1, -1, -1)
+    coords, labels = torch.full((2, 1, 3), 64.0), torch.ones(2, 1)
+    previous = torch.zeros(2, 1, 32, 32, 32)
+
+    step = InteractiveStep(model, InteractiveConfig(model="tiny", multimask=True, iou_weight=1.0, best_feedback=0.5))
+    soft, binary, _, _ = low_res_targets(target, 32)
+    with torch.no_grad():
+        embedding = model.image_encoder(images)
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=previous)
+        low, iou = decoder.predict_masks(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense)
+        actual = [float((((low[0, k] > 0) & (binary[0, 0] > 0)).sum()) / (((low[0, k] > 0) | (binary[0, 0] > 0)).sum())) for k in range(4)]
+        pick, fitting = 1 + int(iou[0, 1:].argmax()), 1 + int(np.argmax(actual[1:]))
+        assert pick == 1 and fitting != pick, (actual, iou)
+        _, fed = step._first_multimask(embedding, coords, labels, previous, soft, binary, step.size_class(target), None,
+                                       torch.tensor([False, True]))
+    torch.testing.assert_close(fed[0, 0], low[0, pick])
+    torch.testing.assert_close(fed[1, 0], low[1, fitting])
+
+    # The option draws from the step's generator (one number per crop) only when it is on.
+    after = []
+    for best_feedback in (0.0, 0.5):
+        rng = np.random.default_rng(7)
+        step = InteractiveStep(model, InteractiveConfig(model="tiny", multimask=True, iou_weight=1.0, best_feedback=best_feedback, click_iters=1))
+        with torch.no_grad():
+            step(image, target[:1], rng)
+        after.append(rng)
+    after[0].random(1)
+    assert after[0].random() == after[1].random()
+    with pytest.raises(ValueError, match="needs multimask"):
+        InteractiveConfig(best_feedback=0.5).validate()
 
 
 @pytest.mark.slow
