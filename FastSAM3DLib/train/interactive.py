@@ -21,7 +21,7 @@ single-mask output keeps its own loss, the IoU head learns the IoU of all four o
 candidate with the highest predicted IoU is fed back, as the Session picks it
 (:meth:`Sam3D.uses_multimask`), or with ``best_feedback`` the candidate that fits the target best:
 a head that always picks the small candidate would otherwise leave the corrective clicks no chance
-to learn refining a large first mask, which a user who takes another candidate gives them.
+to learn refining a large first mask (which users get from a better head, or by taking another candidate).
 
 The loss is averaged over the iterations that carry gradients (the first one's two terms counted
 as two with ``multimask``): all of them by default, or the first plus ``grad_iters - 1`` random

@@ -212,8 +212,8 @@ def test_best_feedback_feeds_back_the_fitting_candidate_not_the_pick() -> None:
     model.eval()
     decoder = model.mask_decoder
     with torch.no_grad():
-        # Candidates of three sizes (the hypernetwork's output bias moves every logit), and a head that
-        # rates the small one best.
+        # Three different candidates (shifted hypernetwork output biases) and a head that rates the first best;
+        # the asserts below check that the best-fitting one is another.
         for k, shift in ((1, -4.0), (2, 0.0), (3, 4.0)):
             decoder.output_hypernetworks_mlps[k].layers[-1].bias.add_(shift)
         decoder.iou_prediction_head.layers[-1].bias.copy_(torch.tensor([0.0, 5.0, 0.0, -5.0]))
