@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from ..build import build_model, count_parameters
 from ..clicks import next_click_lowres
-from ..modeling import Sam3D
+from ..modeling import Sam3D, select_by_iou
 from . import ddp
 from .losses import segmentation_loss
 from .live import LiveCrops, PhantomFeed
@@ -230,6 +230,11 @@ def low_res_targets(targets: torch.Tensor, low: int) -> Tuple[torch.Tensor, torc
     return soft_low, binary.float(), binary[:, 0].cpu().numpy(), targets[:, 0].bool().cpu().numpy()
 
 
+def click_mode(rng: np.random.Generator, p_interior: float) -> str:
+    """A simulated click's kind: "interior" (the interior-most error voxel) with probability ``p_interior``, else "random"."""
+    return "interior" if rng.random() < p_interior else "random"
+
+
 def _hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of ``logits > 0`` (B x M x ...) with a binary target (B x 1 x ...): B x M."""
     hard = (logits > 0).float()
@@ -278,7 +283,7 @@ class InteractiveStep(nn.Module):
         self.loss_fn = segmentation_loss(cfg.loss, cfg.pos_weight, cfg.balance_cap)
 
     def _mode(self, rng: np.random.Generator) -> str:
-        return "interior" if rng.random() < self.cfg.p_interior else "random"
+        return click_mode(rng, self.cfg.p_interior)
 
     def _mask_loss(self, low: torch.Tensor, loss_target: torch.Tensor) -> torch.Tensor:
         """The segmentation loss of B x 1 x 32^3 logits on the loss grid (upsampled to it for "full")."""
@@ -321,10 +326,8 @@ class InteractiveStep(nn.Module):
             + self._mask_loss(candidate, loss_target)
             + cfg.iou_weight * F.mse_loss(iou, actual_iou)
         )
-        predicted = iou[:, 1:].argmax(1)
-        fitting = actual_iou[:, 1:].argmax(1)
-        rows = torch.arange(low.shape[0], device=low.device)
-        return loss, low[rows, 1 + torch.where(best, fitting, predicted)].unsqueeze(1)
+        chosen, _ = select_by_iou(low[:, 1:], torch.where(best[:, None], actual_iou[:, 1:], iou[:, 1:]))
+        return loss, chosen
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         cfg, model = self.cfg, self.model

@@ -31,7 +31,7 @@ from ..clicks import next_click_lowres
 from ..errors import FastSAM3DInputError
 from ..modeling import Sam3D
 from .export import export_model, load_weights
-from .interactive import _hard_iou, low_res_targets
+from .interactive import _hard_iou, click_mode, low_res_targets
 from .pool import load_entry, read_index
 
 
@@ -101,7 +101,7 @@ def collect_samples(
                 low_np, full_np, binary = low_np[0], full_np[0], binary.to(device)
                 embedding = model.image_encoder(x)
                 for _ in range(first_clicks):
-                    mode = "interior" if rng.random() < p_interior else "random"
+                    mode = click_mode(rng, p_interior)
                     click = next_click_lowres(np.zeros_like(low_np), low_np, full_np, rng, mode)
                     if click is None:
                         break
@@ -119,7 +119,7 @@ def collect_samples(
                         crop_ids.append(crop_id)
                         shown = 1 + int(ious[1:].argmax()) if it == 0 else 0
                         previous = logits[:, shown : shown + 1]
-                        mode = "interior" if rng.random() < p_interior else "random"
+                        mode = click_mode(rng, p_interior)
                         click = next_click_lowres((previous[0, 0] > 0).cpu().numpy(), low_np, full_np, rng, mode)
                         if click is None:
                             break
