@@ -32,16 +32,19 @@ less work — algebraically the same computation (equal to float rounding in fp3
   convolution), so per click they cost a rank-16 update; the mask prompt's two strided
   convolutions are gathers of 2x2x2 blocks and matrix multiplies;
 * attention with a handful of tokens on one side is two plain matrix multiplies (the fused kernel
-  and a row-wise softmax over 10 keys are slow at that shape), key-major when the image is the query;
+  and a row-wise softmax over 10 keys are slow at that shape), key-major when the image is the query,
+  and then the values pass through the output projection before the attention weights do: T x C
+  per head instead of an N x internal x C multiply after reordering the N x internal output;
+* the token self-attention projections that share an input are one matrix multiply;
 * the other image-side projections of a layer are one fused matrix multiply;
 * the final token->image attention is computed for the tokens that are read (IoU and mask 0, or
   the three candidates) with keys and values folded into the queries (16 x 512 work instead of
   512 x 384 x 384);
 * the transposed convolutions (kernel = stride = 2) are matrix multiplies whose outputs stay in
   token order until the very end, and only the masks asked for are computed;
-* in the int8 modes its large image-side matrix multiplies are int8 as well, and so are the
-  token-side layers: a handful of tokens against whole weight matrices, so their time is spent
-  reading weights, and int8 weights are a quarter of the bytes.
+* in the int8 modes its large image-side projections and the upscaling are int8 as well, and so
+  are the two-way layers' token-side layers: a handful of tokens against whole weight matrices,
+  so their time is spent reading weights, and int8 weights are a quarter of the bytes.
 
 Fast paths are built once per model and shared (:func:`fast_path`); they are rebuilt when the
 model's parameters change in place. ``precision="fp32"`` never touches any of this.
@@ -369,7 +372,8 @@ class FastDecoder(nn.Module):
 
     Arguments:
       model: the model (its modules are referenced, and fused weights derived from them).
-      int8: int8 matrix multiplies for the large image-side projections and the upscaling.
+      int8: int8 matrix multiplies for the large image-side projections, the upscaling and the
+        two-way layers' token-side layers.
     """
 
     def __init__(self, model: Sam3D, *, int8: bool = False) -> None:
@@ -408,7 +412,20 @@ class FastDecoder(nn.Module):
                 self.register_buffer(f"mask_conv{n}_w", conv.weight.float().permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1))
                 grid = tuple(s // 2 for s in grid)
             self.register_buffer("mask_order", _block_order(tuple(4 * s for s in prompt.image_embedding_size), 2, 2, device=pe.device))
-            self.out0 = _linear(layer0.cross_attn_image_to_token.out_proj.weight, layer0.cross_attn_image_to_token.out_proj.bias, kind)
+            # Image->token attentions: the output projection per head (heads x head dim x C), applied to the values.
+            for n, layer in enumerate((layer0, layer1)):
+                out_proj = layer.cross_attn_image_to_token.out_proj
+                heads = layer.cross_attn_image_to_token.num_heads
+                self.register_buffer(f"i2t_out{n}_w", out_proj.weight.float().T.reshape(heads, -1, out_proj.out_features).contiguous())
+                self.register_buffer(f"i2t_out{n}_b", out_proj.bias.float())
+            # Token self-attention: layer 0 projects one input to q, k, v, layer 1 one input to q, k
+            # (the two layers' attentions have the same widths).
+            attn0, attn1 = layer0.self_attn, layer1.self_attn
+            self.self_qkv0 = _linear(torch.cat([attn0.q_proj.weight, attn0.k_proj.weight, attn0.v_proj.weight]).float(),
+                                     torch.cat([attn0.q_proj.bias, attn0.k_proj.bias, attn0.v_proj.bias]).float(), kind)
+            self.self_qk1 = _linear(torch.cat([attn1.q_proj.weight, attn1.k_proj.weight]).float(),
+                                    torch.cat([attn1.q_proj.bias, attn1.k_proj.bias]).float(), kind)
+            self.split_self = (attn0.q_proj.out_features, attn0.k_proj.out_features, attn0.v_proj.out_features)
             # Layer 1: one matrix multiply for k (token->image), q (image->token) and v (token->image);
             # v's input lacks the positional encoding, so key_pe @ Wv^T is subtracted afterwards.
             t2i, i2t = layer1.cross_attn_token_to_image, layer1.cross_attn_image_to_token
@@ -417,7 +434,6 @@ class FastDecoder(nn.Module):
             self.fused1 = _linear(fused_w, fused_b, kind)
             self.register_buffer("v1_pe", self.key_pe[0] @ t2i.v_proj.weight.float().T)
             self.split1 = (t2i.k_proj.out_features, i2t.q_proj.out_features, t2i.v_proj.out_features)
-            self.out1 = _linear(i2t.out_proj.weight, i2t.out_proj.bias, kind)
             # Output upscaling: ConvTranspose3d(k=2, s=2) == per-token matmul to 8 sub-voxels.
             up1, norm, act1, up2, act2 = decoder.output_upscaling
             self.up1 = _linear(up1.weight.permute(2, 3, 4, 1, 0).reshape(-1, up1.in_channels), up1.bias.repeat(8), kind)
@@ -436,17 +452,15 @@ class FastDecoder(nn.Module):
 
     @staticmethod
     def _token_side_linears(decoder: nn.Module) -> List[nn.Linear]:
-        """The decoder's linear layers that only ever see the prompt and output tokens."""
-        linears: List[nn.Linear] = []
-        for layer in decoder.transformer.layers:
+        """The two-way layers' linear layers that only ever see the prompt and output tokens (a dozen
+        rows), less the self-attention projections fused above. The final attention and the heads
+        see one to four rows, where an fp32 multiply is the faster one (int8's per-call activation
+        quantisation costs more than the weight bytes it saves)."""
+        layers = decoder.transformer.layers
+        linears: List[nn.Linear] = [layers[1].self_attn.v_proj]  # layer 0's is part of its fused q, k, v
+        for layer in layers:
             attn, t2i, i2t = layer.self_attn, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, t2i.q_proj, t2i.out_proj,
-                        i2t.k_proj, i2t.v_proj, layer.mlp.lin1, layer.mlp.lin2]
-        final = decoder.transformer.final_attn_token_to_image
-        linears += [final.q_proj, final.out_proj]
-        for mlp in decoder.output_hypernetworks_mlps:
-            linears += list(mlp.layers)
-        linears += list(decoder.iou_prediction_head.layers)
+            linears += [attn.out_proj, t2i.q_proj, t2i.out_proj, i2t.k_proj, i2t.v_proj, layer.mlp.lin1, layer.mlp.lin2]
         return linears
 
     def _token_layer(self, linear: nn.Linear) -> nn.Module:
@@ -455,13 +469,15 @@ class FastDecoder(nn.Module):
 
     # -- pieces --------------------------------------------------------------------------------
 
-    def _per_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
-        """[x | k0 | v0 | q0] without the mask prompt: 1 x N x sum(split0) (x: the embedding's tokens)."""
+    def _per_embedding(self, embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[x | k0 | v0 | q0] without the mask prompt (x: the embedding's tokens), and the same plus
+        the bias of the mask prompt's rank-16 update: 1 x N x sum(split0) each."""
         layer0 = self.mask_decoder.transformer.layers[0]
         with torch.inference_mode():
             x = embedding.float().flatten(2).transpose(1, 2)  # 1 x N x C
             t2i, i2t = layer0.cross_attn_token_to_image, layer0.cross_attn_image_to_token
-            return torch.cat([x, t2i.k_proj(x + self.key_pe), t2i.v_proj(x), i2t.q_proj(x + self.key_pe)], dim=-1)
+            fused = torch.cat([x, t2i.k_proj(x + self.key_pe), t2i.v_proj(x), i2t.q_proj(x + self.key_pe)], dim=-1)
+            return fused, fused + self.update16_b
 
     def _mask_features(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """The mask prompt's 16 channels before the final 1x1 convolution: B x N x 16."""
@@ -470,7 +486,7 @@ class FastDecoder(nn.Module):
         h = mask_logits.float().reshape(b, -1, 1)  # B x voxels x channels, voxels in grid order
         for blocks, weight, (conv, norm, act) in ((self.mask_blocks1, self.mask_conv1_w, down[0:3]),
                                                   (self.mask_blocks2, self.mask_conv2_w, down[3:6])):
-            h = h[:, blocks].reshape(b, -1, weight.shape[1])  # rows: 2x2x2 blocks, each (sub-voxel, channel)
+            h = h.index_select(1, blocks).reshape(b, -1, weight.shape[1])  # rows: 2x2x2 blocks, each (sub-voxel, channel)
             h = act(F.layer_norm(F.linear(h, weight, conv.bias), (weight.shape[0],), norm.weight, norm.bias, norm.eps))
         return h
 
@@ -479,10 +495,27 @@ class FastDecoder(nn.Module):
         out = _small_attention(_heads(q, module.num_heads), _heads(k, module.num_heads), _heads(v, module.num_heads))
         return self._token_layer(module.out_proj)(_merge(out))
 
-    def _token_attention(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """A decoder Attention among tokens: B x T x C each -> B x T x C."""
-        layer = self._token_layer
-        return self._attend(module, layer(module.q_proj)(q), layer(module.k_proj)(k), layer(module.v_proj)(v))
+    def _image_to_tokens(self, layer: int, q_image: torch.Tensor, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """A two-way layer's image->token attention, output projection included: B x N x C.
+
+        ``softmax(q k^T) v W_o^T = softmax(q k^T) (v W_o^T)``: with T tokens as keys, projecting the
+        values first costs T x C per head, and the image side one N x hT x C multiply instead of
+        an N x internal x C one after a reordering of the N x internal output.
+
+        Arguments:
+          layer: 0 or 1.
+          q_image: the image queries, already projected: B x N x internal.
+          queries, tokens: the layer's token state and the prompt tokens (B x T x C).
+        """
+        module = self.mask_decoder.transformer.layers[layer].cross_attn_image_to_token
+        heads = module.num_heads
+        k = _heads(self._token_layer(module.k_proj)(queries + tokens), heads)  # B x h x T x d
+        v = _heads(self._token_layer(module.v_proj)(queries), heads)
+        q = _heads(q_image, heads)  # B x h x N x d
+        # Key-major scores (see _small_attention): the softmax runs along the long query axis.
+        weights = (k @ q.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).softmax(dim=-2)  # B x h x T x N
+        projected = v @ getattr(self, f"i2t_out{layer}_w")  # B x h x T x C
+        return torch.baddbmm(getattr(self, f"i2t_out{layer}_b"), weights.flatten(1, 2).transpose(1, 2), projected.flatten(1, 2))
 
     def _mlp(self, block, x: torch.Tensor) -> torch.Tensor:
         """A transformer MLPBlock on tokens (no dropout)."""
@@ -516,7 +549,7 @@ class FastDecoder(nn.Module):
         prompt, decoder = self.prompt_encoder, self.mask_decoder
         transformer = decoder.transformer
         layer0, layer1 = transformer.layers
-        cached = self._cache.get(image_embeddings, self._per_embedding)
+        cached, cached_with_bias = self._cache.get(image_embeddings, self._per_embedding)
 
         sparse = prompt._embed_points(coords, labels, pad=True).float()
         batch = sparse.shape[0]
@@ -524,8 +557,11 @@ class FastDecoder(nn.Module):
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)  # B x T x C
         key_pe = self.key_pe
         if mask_logits is not None:
-            update = torch.addmm(self.update16_b, self._mask_features(mask_logits).flatten(0, 1), self.update16_w)
-            fused0 = cached + update.reshape(-1, cached.shape[1], cached.shape[2])
+            features = self._mask_features(mask_logits)  # B' x N x 16
+            if features.shape[0] == 1:
+                fused0 = torch.addmm(cached_with_bias[0], features[0], self.update16_w)[None]
+            else:
+                fused0 = torch.baddbmm(cached_with_bias, features, self.update16_w.expand(features.shape[0], -1, -1))
         else:
             no_mask = prompt.no_mask_embed.weight.float()[0]  # C
             fused0 = cached + torch.cat([no_mask] + [p.weight.float() @ no_mask for p in (
@@ -534,29 +570,23 @@ class FastDecoder(nn.Module):
         keys, k0, v0, q0 = (t.expand(batch, -1, -1) for t in torch.split(fused0, self.split0, dim=-1))
 
         # Layer 0 (its self-attention sees no positional encoding and has no residual).
-        queries = layer0.norm1(self._token_attention(layer0.self_attn, tokens, tokens, tokens))
+        q, k, v = torch.split(self.self_qkv0(tokens), self.split_self, dim=-1)
+        queries = layer0.norm1(self._attend(layer0.self_attn, q, k, v))
         t2i = layer0.cross_attn_token_to_image
         queries = layer0.norm2(queries + self._attend(t2i, self._token_layer(t2i.q_proj)(queries + tokens), k0, v0))
         queries = layer0.norm3(queries + self._mlp(layer0.mlp, queries))
-        i2t = layer0.cross_attn_image_to_token
-        q_tok = queries + tokens
-        k_tok, v_tok = self._token_layer(i2t.k_proj)(q_tok), self._token_layer(i2t.v_proj)(queries)
-        out = _small_attention(_heads(q0, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
-        keys = layer0.norm4(keys + self.out0(_merge(out)))
+        keys = layer0.norm4(keys + self._image_to_tokens(0, q0, queries, tokens))
 
         # Layer 1.
-        q = queries + tokens
-        queries = layer1.norm1(queries + self._token_attention(layer1.self_attn, q, q, queries))
+        q, k = torch.split(self.self_qk1(queries + tokens), self.split_self[:2], dim=-1)
+        v = self._token_layer(layer1.self_attn.v_proj)(queries)
+        queries = layer1.norm1(queries + self._attend(layer1.self_attn, q, k, v))
         k1, q1, v1 = torch.split(self.fused1(keys + key_pe), self.split1, dim=-1)
         v1 = v1 - self.v1_pe
         t2i = layer1.cross_attn_token_to_image
         queries = layer1.norm2(queries + self._attend(t2i, self._token_layer(t2i.q_proj)(queries + tokens), k1, v1))
         queries = layer1.norm3(queries + self._mlp(layer1.mlp, queries))
-        i2t = layer1.cross_attn_image_to_token
-        q_tok = queries + tokens
-        k_tok, v_tok = self._token_layer(i2t.k_proj)(q_tok), self._token_layer(i2t.v_proj)(queries)
-        out = _small_attention(_heads(q1, i2t.num_heads), _heads(k_tok, i2t.num_heads), _heads(v_tok, i2t.num_heads))
-        keys = layer1.norm4(keys + self.out1(_merge(out)))
+        keys = layer1.norm4(keys + self._image_to_tokens(1, q1, queries, tokens))
 
         # Final token->image attention, for the IoU token and the mask tokens asked for only, with
         # the key and value projections folded into those R queries.
@@ -589,7 +619,7 @@ class FastDecoder(nn.Module):
         up = self.act1(F.layer_norm(up, (self.c1,), weight, bias, eps))
         up = self.act2(self.up2(up).reshape(batch, n * 64, self.c2))  # rows (token, sub1, sub2)
         g = prompt.image_embedding_size
-        masks = (up @ hyper)[:, self.mask_order].transpose(1, 2)  # B x M x voxels, in grid order
+        masks = (up @ hyper).index_select(1, self.mask_order).transpose(1, 2)  # B x M x voxels, in grid order
         return masks.reshape(batch, len(outputs), g[0] * 4, g[1] * 4, g[2] * 4), iou
 
 
@@ -632,8 +662,20 @@ _paths_lock = threading.Lock()
 
 
 def _parameter_version(model: nn.Module) -> int:
-    """Changes whenever a parameter is modified in place (optimizer steps, load_state_dict)."""
-    return sum(p._version for p in model.parameters())
+    """Changes whenever a parameter is modified in place (optimizer steps, load_state_dict).
+
+    Called on every click, so it walks the module tree itself: ``model.parameters()`` costs about
+    0.35 ms for the full-size student (its generator keeps a memo of names), this a fifth of that.
+    """
+    total = 0
+    modules = [model]
+    while modules:
+        module = modules.pop()
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                total += parameter._version
+        modules.extend(child for child in module._modules.values() if child is not None)
+    return total
 
 
 def runs_fast_path(mode: str, device: torch.device) -> bool:
