@@ -156,6 +156,7 @@ def _add_prompts(session, image, args: argparse.Namespace) -> List[Dict[str, obj
 def cmd_segment(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
+    from .paste import BoundaryRefinement
     from .session import Session
     from .visualize import overlay_png
 
@@ -168,7 +169,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = _load_model(args)
     model_s = time.perf_counter() - started
-    with Session(model, precision=args.precision, intensity=intensity, click_mode=args.click_mode, prefetch=False) as session:
+    refinement = None if args.no_refine else BoundaryRefinement()
+    with Session(model, precision=args.precision, intensity=intensity, click_mode=args.click_mode, prefetch=False,
+                 refinement=refinement) as session:
         started = time.perf_counter()
         session.set_image(args.image)  # reads and validates the file once
         image = session.image
@@ -248,6 +251,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.voxel = args.ras = False
     args.ct_window = None
     args.click_mode = "all"
+    args.no_refine = False
+    args.candidate = None
     print(f"segmenting {info.get('structure', 'the sample structure')} in {image_path.name} from one click at LPS {info['click_point_lps_mm']} mm")
     status = cmd_segment(args)
     label_path = sample / info["label"] if info.get("label") else None
@@ -357,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--json", action="store_true", help="print one JSON object describing the result")
     segment.add_argument("--ct-window", metavar="LOW,HIGH", help="CT intensity window in HU (default: MR z-normalisation)")
     segment.add_argument("--click-mode", default="all", choices=["all", "newest"], help="decode with all clicks or only the newest")
+    segment.add_argument("--no-refine", action="store_true",
+                         help="the model's mask without the boundary refinement (near the boundary the image's intensities help decide)")
     model_options(segment)
     segment.set_defaults(func=cmd_segment, prompts=[])
 

@@ -56,6 +56,19 @@ def test_segment_colin27_writes_mask_on_the_input_grid_and_json(model_path, tmp_
         assert array[z, y, x] == value
 
 
+def test_demo_with_a_checkpoint_segments_the_sample(model_path, tmp_path, capsys):
+    """The README's first command, given a checkpoint (an install without bundled weights): the mask
+    on the sample's grid, the overlay, and the Dice against the sample's label."""
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--model", str(model_path), "--out-dir", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "Dice against the atlas label:" in printed
+    sample = sitk.ReadImage(str(Path(__file__).resolve().parents[2] / "Resources" / "Sample" / "colin27_t1.nii.gz"))
+    mask = sitk.ReadImage(str(out_dir / "demo_mask.nii.gz"))
+    assert mask.GetSize() == sample.GetSize() and np.allclose(mask.GetOrigin(), sample.GetOrigin())
+    assert (out_dir / "demo_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _write(image: sitk.Image, path: Path) -> Path:
     sitk.WriteImage(image, str(path))
     return path
