@@ -168,15 +168,17 @@ class ModelInteractor(Interactor):
 
     name = "model"
 
-    def __init__(self, model, precision: str = "auto", click_mode: str = "all") -> None:
-        self.model, self.precision, self.click_mode = model, precision, click_mode
+    def __init__(self, model, precision: str = "auto", click_mode: str = "all", refine: bool = True) -> None:
+        self.model, self.precision, self.click_mode, self.refine = model, precision, click_mode, refine
         self.session = None
         self.resolved_precision: Optional[str] = None
 
     def start(self, image: sitk.Image) -> None:
+        from .paste import BoundaryRefinement
         from .session import Session
 
-        self.session = Session(self.model, precision=self.precision, click_mode=self.click_mode, prefetch=False)
+        self.session = Session(self.model, precision=self.precision, click_mode=self.click_mode, prefetch=False,
+                               refinement=BoundaryRefinement() if self.refine else None)
         self.resolved_precision = self.session.precision
         self.session.set_image(image)
 
@@ -624,10 +626,12 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     make_interactor: Optional[Callable[[Variant], Interactor]] = None,
+    refine: bool = True,
 ) -> List[CaseResult]:
     """Run every variant on every case; returns the results in (variant, case) order.
 
-    ``make_interactor`` overrides how a variant's method is built (tests use it for stand-ins).
+    ``make_interactor`` overrides how a variant's method is built (tests use it for stand-ins);
+    ``refine=False`` evaluates the model's masks without the session's boundary refinement.
     """
     from tqdm import tqdm
 
@@ -643,7 +647,7 @@ def evaluate(
                 if make_interactor is not None:
                     interactor: Interactor = make_interactor(variant)
                 elif variant.method == "model":
-                    interactor = ModelInteractor(model, variant.precision, variant.click_mode)
+                    interactor = ModelInteractor(model, variant.precision, variant.click_mode, refine=refine)
                 else:
                     interactor = WatershedInteractor()
                 result = run_case(interactor, case, variant, clicks, seed)
@@ -719,7 +723,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model_info = {"source": model.config.get("source"), "sha256": model.config.get("sha256"),
                       "architecture": model.config.get("name"), "parameters": count_parameters(model)}
     started = time.time()
-    results = evaluate(cases, variants, model=model, clicks=args.clicks, seed=args.seed, progress=not args.no_progress)
+    results = evaluate(cases, variants, model=model, clicks=args.clicks, seed=args.seed, progress=not args.no_progress,
+                       refine=not args.no_refine)
     summaries = summaries_by_variant(results)
     groups = {c.name: c.group for c in cases}
     meta = {
@@ -764,6 +769,8 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--method", nargs="+", default=["model"], choices=list(METHODS), help="what to evaluate (model, watershed)")
     parser.add_argument("--baseline", choices=["watershed"], help="also evaluate the classical baseline (same as adding --method watershed)")
     parser.add_argument("--prompt", nargs="+", default=["point"], choices=list(PROMPTS), help="first interaction: a click at the interior-most voxel, or the bounding box")
+    parser.add_argument("--no-refine", action="store_true",
+                        help="the model's masks without the boundary refinement (see FastSAM3DLib.paste.BoundaryRefinement)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", required=True, help="output folder (CSV, JSON, PNG)")

@@ -22,11 +22,18 @@ image whose direction is a signed permutation, which includes Colin27 and most s
 Any other grid (oblique)
     The user's voxels are cut into 4^3 blocks whose support windows are classified the same
     way, and the voxels of mixed blocks are sampled with ``grid_sample``.
+
+With a :class:`BoundaryRefinement` the answer near the boundary also reads the image: a voxel whose
+interpolated logit is within ``band`` of 0 is decided by that logit plus a weighted intensity
+log-likelihood ratio; the cells are then classified against ``band`` and ``-band`` instead of 0, so
+the incremental update and the whole-region pass still compute the same thing.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -41,6 +48,36 @@ BLOCK = 4  # user voxels per block side (oblique path)
 _CELL_BUDGET = 1 << 21  # voxels evaluated per chunk of cells (bounds temporary memory)
 _FULL_FRACTION = 0.3  # above this fraction of the region to update, evaluate the whole region
 _NEG, _POS, _MIXED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class BoundaryRefinement:
+    """Where the model is unsure of its boundary, the image decides.
+
+    The decoder's logits lie on a lattice four crop voxels apart (6 mm at the usual 1.5 mm crop
+    spacing), so the boundary it draws is only as sharp as that lattice. Within ``band`` of its zero
+    level set (|logit| < 4: a probability between 2 % and 98 %) each voxel's logit gets ``alpha``
+    times the log-likelihood ratio of its intensity under two histograms estimated from the same
+    prediction: the object's (logit > band) and its surroundings' (-3 band < logit < -band). Farther
+    out the model decides alone, and where the object and its surroundings share their intensities
+    the ratio, and the change, are about 0. The intensities are the user's image on its own grid.
+
+    Attributes:
+      alpha: weight of the log-likelihood ratio, in logits per nat.
+      band: the |logit| below which a voxel reads its intensity; 0 would turn the refinement off.
+      bins: intensity histogram bins (between the 0.5th and 99.5th percentiles of the region).
+      samples: at most this many voxels, on a regular lattice over the object and its surroundings,
+        estimate the histograms (bounds the work per click).
+    """
+
+    alpha: float = 1.0
+    band: float = 4.0
+    bins: int = 32
+    samples: int = 1 << 17
+
+    def __post_init__(self) -> None:
+        if not (self.alpha >= 0 and self.band > 0 and 2 <= self.bins <= 256 and self.samples > 0):
+            raise ValueError(f"BoundaryRefinement needs alpha >= 0, band > 0, 2 <= bins <= 256 and samples > 0; got {self}")
 
 
 class _AxisTable:
@@ -97,18 +134,23 @@ class CropPaster:
 
     Arguments:
       crop: the model crop.
-      image: the user's image (only its geometry is used).
+      image: the user's image (its geometry; its intensities too with a refinement).
       low_res_size: side of the decoder's logit grid (32).
+      refinement: decide the voxels near the boundary with the image as well (None: the logits alone).
 
     ``mask`` / ``update`` keep the previous answer to update it incrementally (``update`` also says
     where it changed); calls are serialised by a lock, and any sequence of logits (several objects
     sharing one crop) gives exact answers.
     """
 
-    def __init__(self, crop: CropGrid, image: sitk.Image, low_res_size: int = 32) -> None:
+    def __init__(self, crop: CropGrid, image: sitk.Image, low_res_size: int = 32,
+                 refinement: Optional[BoundaryRefinement] = None) -> None:
         self.crop = crop
         self.region: Region = crop_region_in_image(crop, image)
         self.low_res_size = low_res_size
+        self.refinement = refinement if refinement is not None and not self.region.empty else None
+        # Per region voxel ((z, y, x) order), its intensity's histogram bin.
+        self._bins: Optional[np.ndarray] = self._intensity_bins(image) if self.refinement is not None else None
         matrix, origin = image_affine(image)
         crop_inverse = np.linalg.inv(crop.matrix)
         # Continuous crop index (model order) = to_crop @ user index (x, y, z) + offset.
@@ -196,6 +238,45 @@ class CropPaster:
 
     # -- shared helpers --------------------------------------------------------------------------
 
+    def _intensity_bins(self, image: sitk.Image) -> np.ndarray:
+        """The region's voxels' intensity bins, uint8 (z, y, x), between the region's 0.5th and 99.5th percentiles."""
+        array = sitk.GetArrayViewFromImage(image)[self.region.slices()]
+        step = max(1, math.ceil((array.size / 1e6) ** (1 / 3)))  # percentiles of about a million voxels
+        low, high = np.percentile(array[::step, ::step, ::step], [0.5, 99.5])
+        bins = self.refinement.bins
+        scale = bins / (high - low) if high > low else 0.0
+        index = (array.astype(np.float32) - np.float32(low)) * np.float32(scale)
+        return np.clip(index, 0, bins - 1).astype(np.uint8)
+
+    def _correction(self, logits_at: np.ndarray, bins_at: np.ndarray) -> Optional[np.ndarray]:
+        """Per intensity bin, ``alpha`` times the log-likelihood ratio of object and surroundings,
+        from sampled logits and their voxels' bins; None without a refinement."""
+        refinement = self.refinement
+        if refinement is None:
+            return None
+        band = refinement.band
+        smooth = np.array([0.25, 0.5, 0.25])
+        counts = [np.convolve(np.bincount(samples, minlength=refinement.bins).astype(np.float64), smooth, mode="same")
+                  for samples in (bins_at[logits_at > band], bins_at[(logits_at < -band) & (logits_at > -3 * band)])]
+        inside, around = counts
+        if inside.sum() == 0 or around.sum() == 0:
+            return np.zeros(refinement.bins, dtype=np.float32)
+        ratio = np.log((inside + 0.5) / inside.sum()) - np.log((around + 0.5) / around.sum())
+        # Shrunk toward 0 where a bin holds few samples: an intensity seen rarely on either side says little.
+        evidence = inside + around
+        return (refinement.alpha * ratio * evidence / (evidence + 10.0)).astype(np.float32)
+
+    def _refine(self, values: np.ndarray, bins: np.ndarray, correction: Optional[np.ndarray]) -> None:
+        """In place: the voxels with |value| < band get their bin's correction."""
+        if correction is None:
+            return
+        near = np.abs(values) < self.refinement.band
+        values[near] += correction[bins[near]]
+
+    def _threshold(self) -> float:
+        """Cells whose corners all lie above this (or all at or below minus it) need no interpolation."""
+        return self.refinement.band if self.refinement is not None else 0.0
+
     @staticmethod
     def _field(low_res: torch.Tensor) -> np.ndarray:
         field = np.clip(low_res.detach().reshape(*low_res.shape[-3:]).float().cpu().numpy(), -1e30, 1e30)
@@ -209,21 +290,28 @@ class CropPaster:
     # -- axis-aligned path -------------------------------------------------------------------------
 
     @staticmethod
-    def _cell_states(padded: np.ndarray) -> np.ndarray:
-        """Per cell of a field: _POS where all 8 corners > 0, _NEG where all <= 0, _MIXED otherwise."""
+    def _corner_range(padded: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Per cell of a field, the lowest and the highest of its 8 corners."""
         low = high = None
         n0, n1, n2 = (n - 1 for n in padded.shape)
         for dz, dy, dx in np.ndindex(2, 2, 2):
             view = padded[dz : dz + n0, dy : dy + n1, dx : dx + n2]
             low = view.copy() if low is None else np.minimum(low, view, out=low)
             high = view.copy() if high is None else np.maximum(high, view, out=high)
+        return low, high
+
+    @staticmethod
+    def _cell_states(low: np.ndarray, high: np.ndarray, threshold: float) -> np.ndarray:
+        """_POS where all 8 corners > threshold, _NEG where all <= -threshold, _MIXED otherwise."""
         states = np.full(low.shape, _MIXED, dtype=np.uint8)
-        states[low > 0] = _POS
-        states[high <= 0] = _NEG
+        states[low > threshold] = _POS
+        states[high <= -threshold] = _NEG
         return states
 
-    def _write_cells(self, padded: np.ndarray, cells: np.ndarray, out_flat: np.ndarray) -> None:
-        """Write ``trilinear > 0`` at every voxel of the given cells of the edge-padded field (K x 3, array order).
+    def _write_cells(self, padded: np.ndarray, cells: np.ndarray, out_flat: np.ndarray, correction: Optional[np.ndarray]) -> Region:
+        """Write ``trilinear > 0`` (refined, with a correction) at every voxel of the given cells of
+        the edge-padded field (K x 3, array order); returns the region-local box of the voxels whose
+        value changed.
 
         The K cells are the last, contiguous axis of every temporary, and the short loops over a
         run's voxels keep each NumPy call a plain contiguous loop (broadcasting over small middle
@@ -233,6 +321,7 @@ class CropPaster:
         tz, ty, tx = self._axes
         rz, ry, rx = tz.run_w0.shape[0], ty.run_w0.shape[0], tx.run_w0.shape[0]
         step = max(1, _CELL_BUDGET // (rz * ry * rx))
+        changed = Region((0, 0, 0), (0, 0, 0))
         for begin in range(0, len(cells), step):
             a, b, c = cells[begin : begin + step].T
             k = len(a)
@@ -257,11 +346,37 @@ class CropPaster:
                 np.multiply(hy[1], wx1[i], out=upper)
                 inside[i] += upper
                 np.add(zy, xoff[i], out=flat[i])
-            out_flat[flat.reshape(-1)] = (inside > 0).reshape(-1)
+            if correction is not None:
+                self._refine(inside, self._bins.reshape(-1)[flat], correction)
+            flat, answer = flat.reshape(-1), (inside > 0).reshape(-1)
+            moved = flat[out_flat[flat] != answer]
+            out_flat[flat] = answer
+            if moved.size:
+                zyx = np.unravel_index(moved, tuple(len(t.cell) for t in self._axes))
+                changed = changed.union(Region(tuple(int(a.min()) for a in zyx[::-1]), tuple(int(a.max()) + 1 for a in zyx[::-1])))
+        return changed
+
+    def _separable_correction(self, field: np.ndarray, high: np.ndarray) -> Optional[np.ndarray]:
+        """The refinement's per-bin correction, from a lattice of voxels over the cells whose
+        highest corner exceeds -3 band (the object and its surroundings); None without a refinement."""
+        if self.refinement is None:
+            return None
+        near = np.nonzero(high > -3 * self.refinement.band)
+        spans = []
+        for axis, table in enumerate(self._axes):
+            cells = np.arange(near[axis].min(), near[axis].max() + 1) if len(near[0]) else np.zeros(0, dtype=np.int64)
+            voxels = table.runs[cells[table.has[cells]]]
+            spans.append((int(voxels.min()), int(voxels.max()) + 1) if voxels.size else (0, 0))
+        step = max(1, math.ceil((math.prod(b - a for a, b in spans) / self.refinement.samples) ** (1 / 3)))
+        picks = [np.arange(a, b, step) for a, b in spans]
+        return self._correction(self._interpolate(field, picks), self._bins[np.ix_(*picks)])
 
     def _update_separable(self, logits: torch.Tensor) -> Region:
-        padded = np.pad(self._oriented(self._field(logits)), 1, mode="edge")
-        states = self._cell_states(padded)
+        field = self._oriented(self._field(logits))
+        padded = np.pad(field, 1, mode="edge")
+        low, high = self._corner_range(padded)
+        states = self._cell_states(low, high, self._threshold())
+        correction = self._separable_correction(field, high)
         tz, ty, tx = self._axes
         shape = tuple(len(t.cell) for t in self._axes)
         size = int(np.prod(shape))
@@ -278,23 +393,18 @@ class CropPaster:
             # cheaper than the cell-wise update, and equal to it.
             if first:
                 self._cached_mask = np.empty(size, dtype=np.uint8)
-            np.greater(self._values_separable(logits), 0, out=self._cached_mask.reshape(shape), casting="unsafe")
+            values = self._interpolate(field)
+            self._refine(values, self._bins, correction)
+            np.greater(values, 0, out=self._cached_mask.reshape(shape), casting="unsafe")
             changed = self._whole
         elif first:
             # Start from the answer of the cells whose corners all agree (a gather of one byte per
             # voxel), then interpolate the mixed cells along the zero level set.
             self._cached_mask = self._fill_cells(states == _POS)
-            self._write_cells(padded, cells, self._cached_mask)
+            self._write_cells(padded, cells, self._cached_mask, correction)
             changed = self._whole
         elif len(cells):
-            self._write_cells(padded, cells, self._cached_mask)
-            # The voxels of the updated cells, per array axis (z, y, x): their bounding box.
-            low, high = [], []
-            for axis, table in enumerate(self._axes):
-                voxels = table.runs[np.unique(cells[:, axis])]
-                low.append(int(voxels.min()))
-                high.append(int(voxels.max()) + 1)
-            changed = Region(tuple(low[::-1]), tuple(high[::-1]))
+            changed = self._write_cells(padded, cells, self._cached_mask, correction)
         else:
             changed = Region((0, 0, 0), (0, 0, 0))
         self._cached_state = states
@@ -309,18 +419,25 @@ class CropPaster:
         return np.take(rows, tx.voxel_cell, axis=2).reshape(-1)
 
     def _values_separable(self, low_res: torch.Tensor) -> np.ndarray:
-        field = self._oriented(self._field(low_res))
-        tz, ty, tx = self._axes
-        g = field[tz.cell] * tz.w0[:, None, None] + field[tz.cell + 1] * tz.w1[:, None, None]  # nz x L x L
-        g = g[:, ty.cell] * ty.w0[None, :, None] + g[:, ty.cell + 1] * ty.w1[None, :, None]  # nz x ny x L
-        out = np.take(g, tx.cell, axis=2)
-        out *= tx.w0
-        upper = np.take(g, tx.cell + 1, axis=2)
-        upper *= tx.w1
+        return self._interpolate(self._oriented(self._field(low_res)))
+
+    def _interpolate(self, field: np.ndarray, picks: Optional[List[np.ndarray]] = None) -> np.ndarray:
+        """Trilinear values of an oriented field at every region voxel, or at the voxels of the
+        lattice ``picks`` (per array axis z, y, x, the voxel indices); -inf outside the crop."""
+        (cz, wz0, wz1, vz), (cy, wy0, wy1, vy), (cx, wx0, wx1, vx) = (
+            (t.cell, t.w0, t.w1, t.valid) if picks is None else (t.cell[p], t.w0[p], t.w1[p], t.valid[p])
+            for t, p in zip(self._axes, picks or [None] * 3)
+        )
+        g = field[cz] * wz0[:, None, None] + field[cz + 1] * wz1[:, None, None]  # nz x L x L
+        g = g[:, cy] * wy0[None, :, None] + g[:, cy + 1] * wy1[None, :, None]  # nz x ny x L
+        out = np.take(g, cx, axis=2)
+        out *= wx0
+        upper = np.take(g, cx + 1, axis=2)
+        upper *= wx1
         out += upper
-        out[~tz.valid] = -np.inf
-        out[:, ~ty.valid] = -np.inf
-        out[:, :, ~tx.valid] = -np.inf
+        out[~vz] = -np.inf
+        out[:, ~vy] = -np.inf
+        out[:, :, ~vx] = -np.inf
         return out
 
     # -- oblique path ------------------------------------------------------------------------------
@@ -356,8 +473,9 @@ class CropPaster:
         block_min = window_min[s[:, 0], s[:, 1], s[:, 2]]
         block_max = window_max[s[:, 0], s[:, 1], s[:, 2]]
         # Blocks reaching outside the crop are never filled wholesale: their outside voxels stay 0.
-        positive = (block_min > 0) & self._inside
-        mixed = (block_max > 0) & ~positive
+        threshold = self._threshold()
+        positive = (block_min > threshold) & self._inside
+        mixed = (block_max > -threshold) & ~positive
 
         nbx, nby, nbz = self._blocks
         block_values = positive.reshape(nbx, nby, nbz).astype(np.uint8)
@@ -365,11 +483,23 @@ class CropPaster:
         mixed_ids = np.flatnonzero(mixed)
         if mixed_ids.size:
             voxels = self._block_voxels(mixed_ids)
-            full[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = (
-                self._sample(torch.from_numpy(values), voxels) > 0
-            ).astype(np.uint8)
+            sampled = self._sample(torch.from_numpy(values), voxels)
+            if self.refinement is not None:
+                clipped = np.minimum(voxels, np.asarray(size) - 1)  # blocks overhang the region; that part is cut below
+                self._refine(sampled, self._bins[clipped[:, 2], clipped[:, 1], clipped[:, 0]], self._oblique_correction(values))
+            full[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = (sampled > 0).astype(np.uint8)
         full = full[: size[0], : size[1], : size[2]]
         return np.ascontiguousarray(full.transpose(2, 1, 0))
+
+    def _oblique_correction(self, field: np.ndarray) -> Optional[np.ndarray]:
+        """The refinement's per-bin correction from a regular lattice of the region's voxels."""
+        if self.refinement is None:
+            return None
+        step = max(1, math.ceil((math.prod(self.region.size) / self.refinement.samples) ** (1 / 3)))
+        axes = [np.arange(0, n, step) for n in self.region.size]
+        local = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+        values = self._sample(torch.from_numpy(field), local)
+        return self._correction(values, self._bins[local[:, 2], local[:, 1], local[:, 0]])
 
     def _values_oblique(self, low_res: torch.Tensor) -> np.ndarray:
         size = self.region.size
@@ -452,6 +582,21 @@ class CropPaster:
         if self._axes is not None:
             return self._values_separable(low_res)
         return self._values_oblique(low_res)
+
+    def decision_values(self, low_res: torch.Tensor) -> np.ndarray:
+        """What the mask thresholds at 0: :meth:`values`, plus the refinement's correction near the
+        boundary when there is one (``mask(logits) == (decision_values(logits) > 0)``)."""
+        values = self.values(low_res)
+        if self.refinement is None or self.region.empty:
+            return values
+        field = self._field(low_res)
+        if self._axes is not None:
+            oriented = self._oriented(field)
+            correction = self._separable_correction(oriented, self._corner_range(np.pad(oriented, 1, mode="edge"))[1])
+        else:
+            correction = self._oblique_correction(field)
+        self._refine(values, self._bins, correction)
+        return values
 
     def local_index(self, user_index: Tuple[int, int, int]) -> Tuple[int, int, int]:
         """A user (x, y, z) index relative to the region start."""

@@ -30,7 +30,7 @@ from .checkpoint import resolve_device
 from .errors import PromptError
 from .io import ImageLike, load_image
 from .modeling import Sam3D, select_by_iou
-from .paste import CropPaster
+from .paste import BoundaryRefinement, CropPaster
 from .quantize import check_mode, fast_path, resolve_precision, runs_fast_path
 from .preprocess import (
     CropGrid,
@@ -159,6 +159,9 @@ class Session:
       prefetch: start embedding the crop at the image centre as soon as an image is set.
       mc_dropout_rate: dropout rate for MC-dropout uncertainty when the model was trained without
         dropout (its configured rate is used otherwise).
+      refinement: where the logits are within a band of 0 the image's intensities help decide
+        (:class:`~FastSAM3DLib.paste.BoundaryRefinement`); None: the logits alone. Masks only:
+        ``predict_proba`` and ``uncertainty`` are the model's own.
       progress_callback: called as ``callback(stage, fraction)`` from the embedding thread.
     """
 
@@ -173,6 +176,7 @@ class Session:
         click_mode: str = "all",
         prefetch: bool = True,
         mc_dropout_rate: float = 0.1,
+        refinement: Optional[BoundaryRefinement] = BoundaryRefinement(),
         progress_callback: Optional[ProgressCallback] = None,
     ) -> None:
         if precision not in PRECISIONS:
@@ -192,6 +196,7 @@ class Session:
         self.click_mode = click_mode
         self.prefetch = prefetch
         self.mc_dropout_rate = mc_dropout_rate
+        self.refinement = refinement
         self.progress_callback = progress_callback
         _install_cancel_hooks(model)
 
@@ -553,7 +558,7 @@ class Session:
         with self._lock:
             paster = self._pasters.get(crop)
             if paster is None:
-                paster = self._pasters[crop] = CropPaster(crop, self.image, self.model.low_res_size[0])
+                paster = self._pasters[crop] = CropPaster(crop, self.image, self.model.low_res_size[0], self.refinement)
             return paster
 
     # -- results ---------------------------------------------------------------------------------

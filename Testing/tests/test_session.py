@@ -60,7 +60,9 @@ def test_sphere_comes_back_in_the_image_geometry(name):
     size = params.pop("size", (48, 48, 32))
     image = _image(size=size, **params)
     model, _ = sphere_oracle_model(12.0)
-    session = Session(model, prefetch=False)
+    # The logits alone: this is the geometry's exact sphere (the boundary refinement would read the
+    # noise image's intensities; it is tested in test_speed_modes.py).
+    session = Session(model, prefetch=False, refinement=None)
     session.set_image(image)
     center_index = (np.asarray(image.GetSize()) - 1) / 2.0
     center = index_to_physical(image, center_index)
@@ -86,7 +88,8 @@ def test_sphere_comes_back_in_the_image_geometry(name):
 
 
 def test_mask_matches_direct_sampling_everywhere(tiny):
-    """The block-wise paste-back equals interpolating every voxel (no shortcut changes an answer)."""
+    """The block-wise paste-back equals interpolating every voxel, with the boundary refinement
+    applied to each (no shortcut changes an answer)."""
     image = _image(size=(60, 50, 40), spacing=(0.8, 1.1, 2.0), direction=_rotation(0.2, 0.1, -0.3))
     session = Session(tiny, prefetch=False)
     session.set_image(image)
@@ -95,7 +98,7 @@ def test_mask_matches_direct_sampling_everywhere(tiny):
     state = session._objects[0]
     crop = state.crops[0]
     paster = session._paster(crop)
-    direct = (paster.values(state.logits[crop]) > 0).astype(np.uint8)
+    direct = (paster.decision_values(state.logits[crop]) > 0).astype(np.uint8)
     full = np.zeros_like(mask)
     full[paster.region.slices()] = direct
     differing = np.argwhere(full != mask)
@@ -297,7 +300,8 @@ def test_predict_changes_touches_only_what_changed():
 
     center = index_to_physical(image, (60, 60, 50))
     session.add_point(center)
-    region, _ = session.predict_region()
+    region, local = session.predict_region()
+    view[region.slices()] = local
     session.add_point(index_to_physical(image, (60, 60, 50)) + np.array([6.0, 0.0, 0.0]), positive=False)
     box = step()
     assert not box.empty and np.prod(box.size) < 0.02 * np.prod(region.size), (box, region)  # the band and the clicked voxel

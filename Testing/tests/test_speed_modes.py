@@ -15,8 +15,8 @@ import torch
 from FastSAM3DLib import Session, build_model
 from FastSAM3DLib.attention import attention, decomposed_rel_pos_bias
 from FastSAM3DLib.modeling import MaskDecoder3D, PromptEncoder3D, Sam3D
-from FastSAM3DLib.paste import CropPaster
-from FastSAM3DLib.preprocess import CropGrid, index_to_physical, sample_crop_logits
+from FastSAM3DLib.paste import BoundaryRefinement, CropPaster
+from FastSAM3DLib.preprocess import CropGrid, image_affine, index_to_physical, sample_crop_logits
 from FastSAM3DLib.quantize import (
     FAST_MODES,
     Bf16Linear,
@@ -327,6 +327,74 @@ def test_oblique_paste_still_matches():
     finite = np.isfinite(direct)
     np.testing.assert_allclose(values[finite], direct[finite], rtol=0, atol=2e-5)
     assert np.array_equal(paster.mask(logits), (values > 0).astype(np.uint8))
+
+
+def _distance_mm(image: sitk.Image, center_index) -> np.ndarray:
+    """Each voxel's distance (mm) from a voxel index, (z, y, x) array."""
+    zs, ys, xs = np.indices(image.GetSize()[::-1])
+    matrix, origin = image_affine(image)
+    index = np.stack([xs, ys, zs], -1).reshape(-1, 3).astype(np.float64)
+    distance = np.linalg.norm((index - np.asarray(center_index, dtype=np.float64)) @ matrix.T, axis=1)
+    return distance.reshape(image.GetSize()[::-1])
+
+
+def _ball_image(base: sitk.Image, center_index, radius_mm: float, seed: int = 0) -> sitk.Image:
+    """``base``'s grid holding a bright ball (200) on a darker background (100), both with noise (sd 10)."""
+    inside = _distance_mm(base, center_index).reshape(-1) < radius_mm
+    array = np.where(inside, 200.0, 100.0) + np.random.default_rng(seed).normal(0, 10, inside.size)
+    image = sitk.GetImageFromArray(array.reshape(base.GetSize()[::-1]).astype(np.float32))
+    image.CopyInformation(base)
+    return image
+
+
+@pytest.mark.parametrize("name", ["lps_1mm", "permuted", "oblique"])
+def test_refined_paste_is_exact_and_incremental(name):
+    """With the boundary refinement, every path (first paste, cell-wise update, whole-region pass,
+    oblique blocks) answers decision_values() > 0, and update() boxes every voxel that changed."""
+    geometry = dict(spacing=(1.0, 1.2, 1.5), direction=(0.8660254, -0.5, 0, 0.5, 0.8660254, 0, 0, 0, 1)) if name == "oblique" \
+        else AXIS_ALIGNED[name]
+    image = _ball_image(_grid_image(size=(120, 112, 88), **geometry), (60, 56, 44), 14.0)
+    crop = CropGrid.around(index_to_physical(image, (60, 56, 44)))
+    paster = CropPaster(crop, image, 32, BoundaryRefinement())
+    assert paster.axis_aligned == (name != "oblique")
+    noise = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(5))
+    previous = None
+    for seed, shift in enumerate([(0, 0, 0), (0.4, -0.3, 0.2), (2, 1, -1), None, (0, 0, 0)]):
+        # 4 logits per low-res cell: the refined band is about a cell wide, so small shifts take the cell-wise update.
+        logits = noise * 6 if shift is None else 4.0 * (_field(seed % 3, shift) - 4.0)
+        box = paster.update(logits)
+        mask = paster.read()
+        assert np.array_equal(mask, (paster.decision_values(logits) > 0).astype(np.uint8))
+        assert np.array_equal(mask, CropPaster(crop, image, 32, BoundaryRefinement()).mask(logits))
+        if previous is not None:
+            outside = np.ones(mask.shape, dtype=bool)
+            outside[box.slices()] = False
+            assert np.array_equal(mask[outside], previous[outside])
+        previous = mask.copy()
+
+
+def test_refinement_moves_the_boundary_to_the_intensity_edge():
+    """Logits whose zero level set lies 4.5 mm outside a bright ball: refined, the mask follows the
+    ball's edge; on an image without an edge (noise only) it stays the logits' own."""
+    base = _grid_image(spacing=(1.0, 1.0, 1.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), size=(80, 80, 80))
+    center = (40, 40, 40)
+    crop = CropGrid.around(index_to_physical(base, center))
+    grid = torch.stack(torch.meshgrid(*[torch.arange(32.0)] * 3, indexing="ij"), -1)
+    low_res_center = torch.tensor((crop.to_index(index_to_physical(base, center))[0] + 0.5) / 4 - 0.5, dtype=torch.float32)
+    logits = (4.0 * (3.0 - (grid - low_res_center).norm(dim=-1)))[None, None]  # radius 3 cells = 18 mm, 4 logits per 6 mm
+    ball = _ball_image(base, center, 13.5)
+    truth = _distance_mm(base, center) < 13.5
+
+    def dice(mask):
+        return 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+
+    plain = CropPaster(crop, ball, 32).mask(logits) > 0
+    refined = CropPaster(crop, ball, 32, BoundaryRefinement()).mask(logits) > 0
+    assert dice(plain) < 0.8 and dice(refined) > 0.95, (dice(plain), dice(refined))
+    flat = _ball_image(base, center, 0.0)  # noise, no ball
+    unrefined_flat = CropPaster(crop, flat, 32).mask(logits)
+    refined_flat = CropPaster(crop, flat, 32, BoundaryRefinement()).mask(logits)
+    assert (unrefined_flat != refined_flat).mean() < 0.002
 
 
 # -- bf16 on CPUs -----------------------------------------------------------------------------------
