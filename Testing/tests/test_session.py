@@ -304,7 +304,7 @@ def test_predict_changes_touches_only_what_changed():
     view[region.slices()] = local
     session.add_point(index_to_physical(image, (60, 60, 50)) + np.array([6.0, 0.0, 0.0]), positive=False)
     box = step()
-    assert not box.empty and np.prod(box.size) < 0.02 * np.prod(region.size), (box, region)  # the band and the clicked voxel
+    assert not box.empty and np.prod(box.size) < 0.02 * np.prod(region.size), (box, region)  # the voxels that changed
     assert view[50, 60, 66] == 0  # the negative click's voxel, inside the sphere
     assert step().empty  # nothing new: nothing to write
 
