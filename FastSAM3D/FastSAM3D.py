@@ -182,6 +182,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.uncertaintyVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.liveUpdateCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.refineBoundaryCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.uncertaintySamplesSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.modelSourceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
@@ -198,6 +199,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
         self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
         self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.onShowUncertaintyToggled)
+        self.ui.refineBoundaryCheckBox.connect("toggled(bool)", self.onRefineBoundaryToggled)
         self.ui.modelSourceComboBox.connect("currentIndexChanged(int)", self.onModelSettingsChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onModelSettingsChanged)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingsChanged)
@@ -279,6 +281,9 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.roiPlaceWidget.setCurrentNode(self._reference("ROI"))
             self.ui.uncertaintyVolumeSelector.setCurrentNode(self._reference("Uncertainty"))
             self.ui.liveUpdateCheckBox.checked = get("LiveUpdate")
+            self.ui.refineBoundaryCheckBox.checked = get("RefineBoundary")
+            if self.logic.refineBoundary != get("RefineBoundary"):  # e.g. a saved scene's setting
+                self.logic.setRefineBoundary(get("RefineBoundary"))
             self.ui.showUncertaintyCheckBox.checked = get("ShowUncertainty")
             self.ui.uncertaintySamplesSpinBox.value = get("UncertaintySamples")
             self.ui.modelSourceComboBox.setCurrentIndex(max(0, self.ui.modelSourceComboBox.findData(get("ModelSource"))))
@@ -311,6 +316,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.SetNodeReferenceID(REFERENCE_ROLES["ROI"], self.ui.roiSelector.currentNodeID)
             node.SetNodeReferenceID(REFERENCE_ROLES["Uncertainty"], self.ui.uncertaintyVolumeSelector.currentNodeID)
             self.logic.setParameter(node, "LiveUpdate", self.ui.liveUpdateCheckBox.checked)
+            self.logic.setParameter(node, "RefineBoundary", self.ui.refineBoundaryCheckBox.checked)
             self.logic.setParameter(node, "ShowUncertainty", self.ui.showUncertaintyCheckBox.checked)
             self.logic.setParameter(node, "UncertaintySamples", self.ui.uncertaintySamplesSpinBox.value)
             self.logic.setParameter(node, "ModelSource", self.ui.modelSourceComboBox.currentData or "bundled")
@@ -481,6 +487,14 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._reference("Uncertainty") is None:
             self._parameterNode.SetNodeReferenceID(REFERENCE_ROLES["Uncertainty"], overlay.GetID())
         slicer.util.setSliceViewerLayers(foreground=overlay, foregroundOpacity=0.5)
+
+    def onRefineBoundaryToggled(self, checked):
+        """The same clicks, decided with or without the volume's intensities near the boundary."""
+        if self._updatingGUIFromParameterNode:
+            return
+        self.logic.setRefineBoundary(checked)
+        if self.ui.liveUpdateCheckBox.checked:
+            self.requestSegmentation(force=True)
 
     def onShowUncertaintyToggled(self, checked):
         if self._updatingGUIFromParameterNode:

@@ -605,6 +605,7 @@ PARAMETERS: Dict[str, Tuple[type, Any]] = {
     "ShowUncertainty": (bool, False),
     "UncertaintySamples": (int, 16),
     "Candidate": (int, -1),  # the candidate mask shown for a lone click; -1: the model's pick
+    "RefineBoundary": (bool, True),  # near the model's boundary the volume's intensities help decide
 }
 MODEL_SOURCES = ("bundled", "checkpoint", "public")
 DEVICES = ("auto", "cpu", "cuda")
@@ -655,6 +656,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         the bundled weights on first use (``loadModel`` chooses others).
       device: "auto", "cpu", "cuda" (where the model runs).
       precision: the session's precision (FastSAM3DLib.session.PRECISIONS; "auto" by default).
+      refineBoundary: let the volume's intensities decide where the model is unsure of its boundary
+        (``FastSAM3DLib.paste.BoundaryRefinement``); ``setRefineBoundary`` changes it later.
       sessionFactory: ``factory(model) -> Session``; the default creates ``FastSAM3DLib.Session``.
       maxUndo: how many earlier labelmaps are kept per segment.
 
@@ -669,6 +672,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         model=None,
         device: str = "auto",
         precision: str = "auto",
+        refineBoundary: bool = True,
         sessionFactory: Optional[Callable[[Any], Any]] = None,
         maxUndo: int = 20,
     ) -> None:
@@ -677,6 +681,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._model = model
         self.device = device
         self.precision = precision
+        self.refineBoundary = bool(refineBoundary)
         self.sessionFactory = sessionFactory
         self.maxUndo = int(maxUndo)
         self._volumes: Dict[str, _VolumeState] = {}
@@ -777,7 +782,19 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def _newSession(self):
         if self.sessionFactory is not None:
             return self.sessionFactory(self.model)
-        return _engine().Session(self.model, device=self.device, precision=self.precision)
+        return _engine().Session(self.model, device=self.device, precision=self.precision, refinement=self._refinement())
+
+    def _refinement(self):
+        return _engine().BoundaryRefinement() if self.refineBoundary else None
+
+    def setRefineBoundary(self, enabled: bool) -> None:
+        """Turn the boundary refinement on or off for every open session, keeping their embeddings
+        and prompts: the next segmentation of each object answers with the new setting."""
+        self.refineBoundary = bool(enabled)
+        for state in list(self._volumes.values()):
+            with state.lock:
+                if state.session is not None and hasattr(state.session, "refinement"):
+                    state.session.refinement = self._refinement()
 
     @staticmethod
     def _volumeSignature(volumeNode) -> tuple:

@@ -27,12 +27,13 @@ def _getattr_on_first_use(package: str, sources: Mapping[str, str], namespace: D
     return getattr_
 
 
-_ON_FIRST_USE = {"Session": ".session", "IntensitySettings": ".crops"}
+_ON_FIRST_USE = {"Session": ".session", "IntensitySettings": ".crops", "BoundaryRefinement": ".paste"}
 __getattr__ = _getattr_on_first_use(__name__, _ON_FIRST_USE, globals())
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoundaryRefinement",
     "CONFIGS",
     "CheckpointError",
     "FastSAM3DInputError",

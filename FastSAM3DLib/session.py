@@ -196,7 +196,7 @@ class Session:
         self.click_mode = click_mode
         self.prefetch = prefetch
         self.mc_dropout_rate = mc_dropout_rate
-        self.refinement = refinement
+        self._refinement = refinement
         self.progress_callback = progress_callback
         _install_cancel_hooks(model)
 
@@ -219,6 +219,20 @@ class Session:
         self._delivered: Dict[int, _Delivery] = {}
         self._click_voxels: Dict[Prompt, Optional[Tuple[int, int, int]]] = {}
         self._next_object = 0
+
+    @property
+    def refinement(self) -> Optional[BoundaryRefinement]:
+        """The boundary refinement of the masks (None: the logits alone)."""
+        return self._refinement
+
+    @refinement.setter
+    def refinement(self, value: Optional[BoundaryRefinement]) -> None:
+        """Change it keeping everything else (embeddings, prompts, logits): the next ``predict*``
+        answers with the new rule, and ``predict_changes`` covers each object's whole region once
+        (the crops' pasters are made anew)."""
+        with self._lock:
+            self._refinement = value
+            self._pasters.clear()
 
     # -- image -----------------------------------------------------------------------------------
 
@@ -558,7 +572,7 @@ class Session:
         with self._lock:
             paster = self._pasters.get(crop)
             if paster is None:
-                paster = self._pasters[crop] = CropPaster(crop, self.image, self.model.low_res_size[0], self.refinement)
+                paster = self._pasters[crop] = CropPaster(crop, self.image, self.model.low_res_size[0], self._refinement)
             return paster
 
     # -- results ---------------------------------------------------------------------------------

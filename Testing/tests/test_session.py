@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from FastSAM3DLib import ImageError, PromptError, Session, build_model
+from FastSAM3DLib.paste import BoundaryRefinement
 from FastSAM3DLib.preprocess import index_to_physical
 from FastSAM3DLib.quantize import fast_path
 from oracles import sphere_oracle_model
@@ -104,6 +105,45 @@ def test_mask_matches_direct_sampling_everywhere(tiny):
     differing = np.argwhere(full != mask)
     # Only the clicked voxel may differ (click consistency is enforced there).
     assert len(differing) <= 1
+
+
+def test_changing_the_refinement_keeps_the_work_and_updates_the_view():
+    """Turning the boundary refinement off and on again re-decides the mask from the kept logits:
+    no new embedding, the answer a fresh session with that setting gives, and a live view kept by
+    predict_changes stays equal to predict."""
+    image = _ball_image_for_session()
+    model, _ = sphere_oracle_model(30.0)
+    session = Session(model, prefetch=False)
+    session.set_image(image)
+    session.add_point(index_to_physical(image, (60, 60, 50)))
+    view = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+    region, local = session.predict_region()
+    view[region.slices()] = local
+    calls = session.encoder_calls
+    for refinement in (None, BoundaryRefinement()):
+        session.refinement = refinement
+        box, delta = session.predict_changes()
+        view[box.slices()] = delta
+        fresh = Session(model, prefetch=False, refinement=refinement)
+        fresh.set_image(image)
+        fresh.add_point(index_to_physical(image, (60, 60, 50)))
+        expected = sitk.GetArrayFromImage(fresh.predict())
+        assert np.array_equal(view, expected) and np.array_equal(sitk.GetArrayFromImage(session.predict()), expected)
+        fresh.close()
+    assert session.encoder_calls == calls
+    session.refinement = None
+    without = sitk.GetArrayFromImage(session.predict())
+    # The setting matters here: the oracle's 30 mm sphere, refined, shrinks to the image's 24 mm ball.
+    assert without.sum() > 1.5 * view.sum()
+    session.close()
+
+
+def _ball_image_for_session() -> sitk.Image:
+    """120 x 120 x 100 voxels of 1 mm: a bright ball of radius 24 mm (200) in a darker background (100), noise sd 10."""
+    zs, ys, xs = np.indices((100, 120, 120))
+    inside = (xs - 60) ** 2 + (ys - 60) ** 2 + (zs - 50) ** 2 < 24.0**2
+    array = np.where(inside, 200.0, 100.0) + np.random.default_rng(3).normal(0, 10, inside.shape)
+    return sitk.GetImageFromArray(array.astype(np.float32))
 
 
 def test_later_clicks_in_the_crop_do_not_re_embed(tiny):

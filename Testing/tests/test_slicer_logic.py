@@ -865,3 +865,32 @@ def test_bundled_model_segments_the_left_putamen(ch2_node_data, putamen):
     assert 0.5 < got.sum() / truth.sum() < 2.0
     assert np.linalg.norm(centroid(got) - centroid(truth)) < 5.0
     assert layer_bytes(segmentation, other) == before
+
+
+@needs_colin
+def test_refine_boundary_is_a_setting_of_the_open_sessions(ch2_node_data, putamen):
+    """The boundary refinement on and off through the Logic: the same click answers differently on
+    Colin27 (a 30 mm sphere oracle, its boundary moved by the intensities), the open session keeps its
+    embedding, and the setting gives what a Logic created with it gives."""
+    from oracles import sphere_oracle_model
+
+    model, _ = sphere_oracle_model(30.0)
+    click = [ras(putamen[1])]
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    logic = FL.FastSAM3DLogic(model=model, device="cpu", precision="fp32")
+    logic.segmentFromPoints(volume, segmentation, target, click, [1])
+    refined = logic.segmentArray(segmentation, target).copy()
+    session = logic._volumes[volume.GetID()].session
+    calls = session.encoder_calls
+    logic.setRefineBoundary(False)
+    assert session.refinement is None
+    logic.segmentFromPoints(volume, segmentation, target, click, [1])
+    plain = logic.segmentArray(segmentation, target).copy()
+    assert session.encoder_calls == calls
+    # The oracle's sphere, against its boundary moved by the anatomy's intensities.
+    assert abs(int(plain.sum()) - int(refined.sum())) > 0.2 * int(plain.sum())
+
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    without = FL.FastSAM3DLogic(model=model, device="cpu", precision="fp32", refineBoundary=False)
+    without.segmentFromPoints(volume, segmentation, target, click, [1])
+    assert np.array_equal(without.segmentArray(segmentation, target), plain)
