@@ -790,11 +790,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def setRefineBoundary(self, enabled: bool) -> None:
         """Turn the boundary refinement on or off for every open session, keeping their embeddings
         and prompts: the next segmentation of each object answers with the new setting."""
+        if bool(enabled) == self.refineBoundary:
+            return
         self.refineBoundary = bool(enabled)
         for state in list(self._volumes.values()):
-            with state.lock:
-                if state.session is not None and hasattr(state.session, "refinement"):
-                    state.session.refinement = self._refinement()
+            session = state.session  # the session's setter is thread-safe: no wait for a running update
+            if session is not None and hasattr(session, "refinement"):
+                session.refinement = self._refinement()
 
     @staticmethod
     def _volumeSignature(volumeNode) -> tuple:

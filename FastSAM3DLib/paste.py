@@ -66,8 +66,8 @@ class BoundaryRefinement:
       alpha: weight of the log-likelihood ratio, in logits per nat.
       band: the |logit| below which a voxel reads its intensity (> 0; no refinement is ``None``).
       bins: intensity histogram bins (between the 0.5th and 99.5th percentiles of the region).
-      samples: at most this many voxels, on a regular lattice over the object and its surroundings,
-        estimate the histograms (bounds the work per click).
+      samples: about this many voxels, on a regular lattice over the object and its surroundings
+        (over the whole region on oblique grids), estimate the histograms (bounds the work per click).
     """
 
     alpha: float = 1.0
@@ -242,7 +242,10 @@ class CropPaster:
         """The region's voxels' intensity bins, uint8 (z, y, x), between the region's 0.5th and 99.5th percentiles."""
         array = sitk.GetArrayViewFromImage(image)[self.region.slices()]
         step = max(1, math.ceil((array.size / 2e5) ** (1 / 3)))  # percentiles of about 200,000 voxels
-        low, high = np.percentile(array[::step, ::step, ::step], [0.5, 99.5])
+        sample = array[::step, ::step, ::step]
+        low, high = np.percentile(sample, [0.5, 99.5])
+        if high <= low:  # e.g. a zero background around a small object: the full range instead
+            low, high = float(sample.min()), float(sample.max())
         bins = self.refinement.bins
         index = array.astype(np.float32)  # a copy, worked on in place
         index -= np.float32(low)
@@ -276,8 +279,12 @@ class CropPaster:
         values[near] += correction[bins[near]]
 
     def _threshold(self) -> float:
-        """Cells whose corners all lie above this (or all at or below minus it) need no interpolation."""
-        return self.refinement.band if self.refinement is not None else 0.0
+        """Cells whose corners all lie above this (or all at or below minus it) need no interpolation.
+
+        With a refinement, a little beyond ``band``: an interpolated value of corners all at -band
+        may round to just above it, inside the band, where the voxel-wise answer reads its intensity.
+        """
+        return self.refinement.band * (1 + 1e-5) if self.refinement is not None else 0.0
 
     @staticmethod
     def _field(low_res: torch.Tensor) -> np.ndarray:

@@ -527,7 +527,7 @@ class FastDecoder(nn.Module):
     def _head(self, mlp, x: torch.Tensor) -> torch.Tensor:
         """A mask-decoder MLP (ReLU between layers) on tokens."""
         for i, layer in enumerate(mlp.layers):
-            x = self._token_layer(layer)(x)
+            x = layer(x)
             if i < len(mlp.layers) - 1:
                 x = F.relu(x)
         return x
@@ -597,7 +597,7 @@ class FastDecoder(nn.Module):
         read_tokens = [0] + [1 + k for k in outputs]
         final = transformer.final_attn_token_to_image
         read = (queries + tokens)[:, read_tokens]
-        q = _heads(self._token_layer(final.q_proj)(read), final.num_heads)  # B x h x R x d
+        q = _heads(final.q_proj(read), final.num_heads)  # B x h x R x d
         heads, dim = q.shape[1], q.shape[-1]
         wk = final.k_proj.weight.reshape(heads, dim, -1)  # h x d x C
         bk = final.k_proj.bias.reshape(heads, dim)
@@ -609,7 +609,7 @@ class FastDecoder(nn.Module):
         weights = (logits * dim**-0.5).softmax(dim=-1)  # B x hR x N
         pooled = (weights @ keys).reshape(batch, heads, rows, -1)  # B x h x R x C
         out = torch.einsum("bhqc,hdc->bhqd", pooled, wv) + bv[None, :, None]
-        read = transformer.norm_final_attn(queries[:, read_tokens] + self._token_layer(final.out_proj)(_merge(out)))
+        read = transformer.norm_final_attn(queries[:, read_tokens] + final.out_proj(_merge(out)))
         iou = self._head(decoder.iou_prediction_head, read[:, 0])[:, outputs]
         hyper = torch.stack(
             [self._head(decoder.output_hypernetworks_mlps[k], read[:, 1 + j]) for j, k in enumerate(outputs)], dim=-1

@@ -609,10 +609,12 @@ class Session:
         self._update(state)
         crops = [c for c in state.crops if c in state.logits]
         start = time.perf_counter()
+        # The pasters once: a concurrent change of the refinement replaces them, for the next call.
+        pasters = {crop: self._paster(crop) for crop in crops}
         region = Region((0, 0, 0), (0, 0, 0))
         changed = Region((0, 0, 0), (0, 0, 0))
         for crop in crops:
-            paster = self._paster(crop)
+            paster = pasters[crop]
             region = region.union(paster.region)
             if paster.region.empty:
                 continue
@@ -635,7 +637,7 @@ class Session:
         out = changed if changes_only else region
         parts = []  # (overlap with the box, that crop's mask there)
         for crop in crops:
-            paster = self._paster(crop)
+            paster = pasters[crop]
             overlap = out.intersection(paster.region)
             if not overlap.empty:
                 parts.append((overlap, paster.read(overlap.relative_to(paster.region.start))))
@@ -647,7 +649,7 @@ class Session:
                 mask[overlap.relative_to(out.start).slices()] |= part
         if not out.empty:
             self._apply_boxes(state, out, mask)
-            self._enforce_clicks(state, out, mask, enforced)
+            self._enforce_clicks(state, out, mask, enforced, pasters)
         timings, self._next_timings = self._next_timings, {}
         timings["paste_s"] = time.perf_counter() - start
         timings["total_s"] = time.perf_counter() - start_total + earlier
@@ -690,10 +692,12 @@ class Session:
                 self._click_voxels[prompt] = tuple(int(v) for v in index) if inside else None
             return self._click_voxels[prompt]
 
-    def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray, enforced: Dict[Tuple[int, int, int], int]) -> None:
+    def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray, enforced: Dict[Tuple[int, int, int], int],
+                        pasters: Dict[CropGrid, CropPaster]) -> None:
         """A positive click's voxel is always in the mask, a negative one's never (later clicks win).
 
-        How often the model's own answer disagreed is counted once per click.
+        How often the model's own answer disagreed is counted once per click (``pasters``: this
+        paste's, per decoded crop).
         """
         for number, prompt in enumerate(state.prompts):
             index = self._click_voxel(prompt) if number >= state.checked else None
@@ -701,9 +705,8 @@ class Session:
                 continue
             voxel = Region(index, tuple(v + 1 for v in index))
             answer = np.zeros((1, 1, 1), dtype=np.uint8)  # the model's own answer there, before any correction
-            for crop in state.crops:
-                paster = self._pasters.get(crop)
-                if crop in state.logits and paster is not None and not voxel.intersection(paster.region).empty:
+            for paster in pasters.values():
+                if not voxel.intersection(paster.region).empty:
                     answer |= paster.read(voxel.relative_to(paster.region.start))
             self._apply_boxes(state, voxel, answer)
             self.clicks_checked += 1

@@ -138,6 +138,34 @@ def test_changing_the_refinement_keeps_the_work_and_updates_the_view():
     session.close()
 
 
+def test_a_refinement_change_during_a_prediction_affects_only_the_next():
+    """The setter may run on another thread while a prediction pastes: that prediction finishes with
+    the pasters it started with (a whole mask, not the empty one of a paster made mid-way), the next
+    answers with the new setting."""
+    image = _ball_image_for_session()
+    model, _ = sphere_oracle_model(30.0)
+    session = Session(model, prefetch=False)
+    session.set_image(image)
+    session.add_point(index_to_physical(image, (60, 60, 50)))
+    enforced = session._enforced
+
+    def change_midway(state):  # runs between the paste's update and its read, as a setter on another thread could
+        session.refinement = None
+        session._enforced = enforced
+        return enforced(state)
+
+    session._enforced = change_midway
+    _, during = session.predict_region()
+    _, after = session.predict_region()
+    reference = Session(model, prefetch=False)
+    reference.set_image(image)
+    reference.add_point(index_to_physical(image, (60, 60, 50)))
+    assert np.array_equal(during, reference.predict_region()[1])  # refined, as when it started
+    assert after.sum() > 1.5 * during.sum() and session.click_violations == 0
+    session.close()
+    reference.close()
+
+
 def _ball_image_for_session() -> sitk.Image:
     """120 x 120 x 100 voxels of 1 mm: a bright ball of radius 24 mm (200) in a darker background (100), noise sd 10."""
     zs, ys, xs = np.indices((100, 120, 120))

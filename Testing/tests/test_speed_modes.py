@@ -373,6 +373,25 @@ def test_refined_paste_is_exact_and_incremental(name):
         previous = mask.copy()
 
 
+def test_refined_cells_at_exactly_minus_band_agree_with_the_voxelwise_answer():
+    """Corners all at -band interpolate to values that may round to just above it, inside the band:
+    the cell classification keeps a margin, so the cell-wise answer is still decision_values() > 0
+    (band 3.0, whose multiples are not exact in binary, and bright voxels there)."""
+    base = _grid_image(size=(90, 84, 70), **AXIS_ALIGNED["ras_flip"])
+    crop = CropGrid.around(index_to_physical(base, (45, 42, 35)))
+    field = np.full((32, 32, 32), -5.0, np.float32)
+    field[12:20, 12:20, 12:20] = 5.0
+    field[:, :, 24:] = -3.0  # a slab exactly at -band
+    logits = torch.from_numpy(field)
+    values = CropPaster(crop, base, 32).values(logits)
+    rounded_into_band = (np.abs(values) < 3) & (values < -2.9)
+    assert rounded_into_band.any()
+    image = sitk.GetImageFromArray(np.where((values > 3) | rounded_into_band, 200.0, 100.0).astype(np.float32))
+    image.CopyInformation(base)
+    paster = CropPaster(crop, image, 32, BoundaryRefinement(band=3.0))
+    assert np.array_equal(paster.mask(logits), (paster.decision_values(logits) > 0).astype(np.uint8))
+
+
 def test_refinement_moves_the_boundary_to_the_intensity_edge():
     """Logits whose zero level set lies 4.5 mm outside a bright ball: refined, the mask follows the
     ball's edge; on an image without an edge (noise only) it stays the logits' own."""
