@@ -298,8 +298,7 @@ def _session_measurements(model, image, label, first_point, modes: Sequence[str]
     """First click (fresh session each round) and later clicks per speed mode, through Session."""
     import SimpleITK as sitk
 
-    from .clicks import next_click
-    from .evaluate import _bounding_box
+    from .evaluate import simulated_click
     from .session import Session
 
     gt = sitk.GetArrayViewFromImage(label) > 0
@@ -327,14 +326,11 @@ def _session_measurements(model, image, label, first_point, modes: Sequence[str]
                 rng = np.random.default_rng(seed)
                 times, cpus, times_full, voxels = [], [], [], []
                 for number in range(later_clicks):
-                    box = _bounding_box(gt, pred)
-                    click = next_click(pred[box], gt[box], rng, "interior" if number < 1 else "random")
+                    click = simulated_click(image, gt, pred, rng, "interior" if number < 1 else "random")
                     if click is None:
                         break
-                    zyx = [int(i + s.start) for i, s in zip(click.index, box)]
-                    point = image.TransformIndexToPhysicalPoint(zyx[::-1])
                     t, c = time.perf_counter(), time.process_time()
-                    session.add_point(point, click.positive)
+                    session.add_point(click.point_lps, click.positive)
                     changed, delta = session.predict_changes()
                     wall, cpu_ = time.perf_counter() - t, time.process_time() - c
                     if session.last_timings.get("wait_embed_s", 0.0) > 1e-3:

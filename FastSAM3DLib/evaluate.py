@@ -358,6 +358,27 @@ def _bounding_box(*masks: np.ndarray) -> Tuple[slice, ...]:
     return tuple(slices)
 
 
+@dataclass(frozen=True)
+class ImageClick:
+    """A simulated click on an image: its voxel (x, y, z), its LPS point and its polarity."""
+
+    index_xyz: Tuple[int, int, int]
+    point_lps: Tuple[float, float, float]
+    positive: bool
+
+
+def simulated_click(image: sitk.Image, gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator, mode: str) -> Optional[ImageClick]:
+    """The next click of the protocol (:func:`~FastSAM3DLib.clicks.next_click`, ``mode`` "interior" or
+    "random") for a prediction ``pred`` of ``gt`` (bool (z, y, x) arrays on ``image``'s grid),
+    computed on the bounding box of the two; None when the prediction has no error."""
+    box = _bounding_box(gt, pred)
+    click = next_click(pred[box], gt[box], rng, mode)
+    if click is None:
+        return None
+    index = tuple(int(i + s.start) for i, s in zip(click.index, box))[::-1]
+    return ImageClick(index, tuple(image.TransformIndexToPhysicalPoint(index)), bool(click.positive))
+
+
 def label_box_lps(label: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
     """Two opposite corners (LPS mm) of the label's bounding box, at the outer faces of its voxels."""
     nonzero = np.nonzero(sitk.GetArrayViewFromImage(label))
@@ -386,16 +407,13 @@ def run_case(interactor: Interactor, case: Case, variant: Variant, clicks: int, 
                 result.clicks.append({"box_lps": [a.tolist(), b.tolist()]})
             else:
                 corrective = number - (1 if variant.prompt == "box" else 0)
-                box = _bounding_box(gt, pred)
-                click = next_click(pred[box], gt[box], rng, "interior" if corrective < 2 else "random")
+                click = simulated_click(case.image, gt, pred, rng, "interior" if corrective < 2 else "random")
                 if click is None:  # perfect already: the simulated user stops clicking
                     result.dice.append(result.dice[-1] if result.dice else 1.0)
                     result.seconds.append(0.0)
                     continue
-                zyx = [int(i + s.start) for i, s in zip(click.index, box)]
-                point = case.image.TransformIndexToPhysicalPoint(zyx[::-1])
-                interactor.add_point(point, click.positive)
-                result.clicks.append({"index_xyz": zyx[::-1], "point_lps": list(point), "positive": bool(click.positive)})
+                interactor.add_point(click.point_lps, click.positive)
+                result.clicks.append({"index_xyz": list(click.index_xyz), "point_lps": list(click.point_lps), "positive": click.positive})
             pred = interactor.predict() > 0
             result.seconds.append(time.perf_counter() - start)
             box = _bounding_box(gt, pred)

@@ -27,9 +27,8 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from FastSAM3DLib import Session, load_model  # noqa: E402
-from FastSAM3DLib.clicks import next_click  # noqa: E402
 from FastSAM3DLib.data import interior_point, load_colin27  # noqa: E402
-from FastSAM3DLib.evaluate import _bounding_box  # noqa: E402
+from FastSAM3DLib.evaluate import simulated_click  # noqa: E402
 from FastSAM3DLib.paste import BoundaryRefinement  # noqa: E402
 
 VARIANTS = {"refined (default)": BoundaryRefinement(), "model only": None}
@@ -49,13 +48,11 @@ def one_session(model, image, gt, first_point, precision, refinement, clicks, se
         rng = np.random.default_rng(seed)
         later, paste = [], []
         for number in range(clicks):
-            box = _bounding_box(gt, pred)
-            click = next_click(pred[box], gt[box], rng, "interior" if number < 1 else "random")
+            click = simulated_click(image, gt, pred, rng, "interior" if number < 1 else "random")
             if click is None:
                 break
-            zyx = [int(i + s.start) for i, s in zip(click.index, box)]
             start = time.perf_counter()
-            session.add_point(image.TransformIndexToPhysicalPoint(zyx[::-1]), click.positive)
+            session.add_point(click.point_lps, click.positive)
             changed, delta = session.predict_changes()
             later.append(time.perf_counter() - start)
             paste.append(session.last_timings["paste_s"])

@@ -112,10 +112,7 @@ def test_changing_the_refinement_keeps_the_work_and_updates_the_view():
     no new embedding, the answer a fresh session with that setting gives, and a live view kept by
     predict_changes stays equal to predict."""
     image = _ball_image_for_session()
-    model, _ = sphere_oracle_model(30.0)
-    session = Session(model, prefetch=False)
-    session.set_image(image)
-    session.add_point(index_to_physical(image, (60, 60, 50)))
+    session = _clicked_ball_session(image)
     view = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
     region, local = session.predict_region()
     view[region.slices()] = local
@@ -124,9 +121,7 @@ def test_changing_the_refinement_keeps_the_work_and_updates_the_view():
         session.refinement = refinement
         box, delta = session.predict_changes()
         view[box.slices()] = delta
-        fresh = Session(model, prefetch=False, refinement=refinement)
-        fresh.set_image(image)
-        fresh.add_point(index_to_physical(image, (60, 60, 50)))
+        fresh = _clicked_ball_session(image, refinement=refinement)
         expected = sitk.GetArrayFromImage(fresh.predict())
         assert np.array_equal(view, expected) and np.array_equal(sitk.GetArrayFromImage(session.predict()), expected)
         fresh.close()
@@ -143,10 +138,7 @@ def test_a_refinement_change_during_a_prediction_affects_only_the_next():
     the pasters it started with (a whole mask, not the empty one of a paster made mid-way), the next
     answers with the new setting."""
     image = _ball_image_for_session()
-    model, _ = sphere_oracle_model(30.0)
-    session = Session(model, prefetch=False)
-    session.set_image(image)
-    session.add_point(index_to_physical(image, (60, 60, 50)))
+    session = _clicked_ball_session(image)
     enforced = session._enforced
 
     def change_midway(state):  # runs between the paste's update and its read, as a setter on another thread could
@@ -157,13 +149,20 @@ def test_a_refinement_change_during_a_prediction_affects_only_the_next():
     session._enforced = change_midway
     _, during = session.predict_region()
     _, after = session.predict_region()
-    reference = Session(model, prefetch=False)
-    reference.set_image(image)
-    reference.add_point(index_to_physical(image, (60, 60, 50)))
+    reference = _clicked_ball_session(image)
     assert np.array_equal(during, reference.predict_region()[1])  # refined, as when it started
     assert after.sum() > 1.5 * during.sum() and session.click_violations == 0
     session.close()
     reference.close()
+
+
+def _clicked_ball_session(image: sitk.Image, **options) -> Session:
+    """A session on ``image`` with a 30 mm sphere oracle, clicked at the centre (60, 60, 50)."""
+    model, _ = sphere_oracle_model(30.0)
+    session = Session(model, prefetch=False, **options)
+    session.set_image(image)
+    session.add_point(index_to_physical(image, (60, 60, 50)))
+    return session
 
 
 def _ball_image_for_session() -> sitk.Image:
