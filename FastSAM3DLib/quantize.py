@@ -43,8 +43,9 @@ less work — algebraically the same computation (equal to float rounding in fp3
 * the transposed convolutions (kernel = stride = 2) are matrix multiplies whose outputs stay in
   token order until the very end, and only the masks asked for are computed;
 * in the int8 modes its large image-side projections are int8 as well (not the upscaling, whose
-  outputs are the logits' inputs), and so are the two-way layers' token-side layers: a handful of tokens against whole weight matrices,
-  so their time is spent reading weights, and int8 weights are a quarter of the bytes.
+  outputs are the logits' inputs), and so are the two-way layers' token-side layers: a handful of
+  tokens against whole weight matrices, so their time is spent reading weights, and int8 weights
+  are a quarter of the bytes.
 
 Fast paths are built once per model and shared (:func:`fast_path`); they are rebuilt when the
 model's parameters change in place. ``precision="fp32"`` never touches any of this.
