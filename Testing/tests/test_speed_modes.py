@@ -332,7 +332,7 @@ def test_oblique_paste_still_matches():
 def _distance_mm(image: sitk.Image, center_index) -> np.ndarray:
     """Each voxel's distance (mm) from a voxel index, (z, y, x) array."""
     zs, ys, xs = np.indices(image.GetSize()[::-1])
-    matrix, origin = image_affine(image)
+    matrix, _ = image_affine(image)
     index = np.stack([xs, ys, zs], -1).reshape(-1, 3).astype(np.float64)
     distance = np.linalg.norm((index - np.asarray(center_index, dtype=np.float64)) @ matrix.T, axis=1)
     return distance.reshape(image.GetSize()[::-1])
