@@ -427,9 +427,6 @@ class CropPaster:
         rows = values[tz.voxel_cell][:, ty.voxel_cell]  # nz x ny x cells
         return np.take(rows, tx.voxel_cell, axis=2).reshape(-1)
 
-    def _values_separable(self, low_res: torch.Tensor) -> np.ndarray:
-        return self._interpolate(self._oriented(self._field(low_res)))
-
     def _interpolate(self, field: np.ndarray, picks: Optional[List[np.ndarray]] = None) -> np.ndarray:
         """Trilinear values of an oriented field at every region voxel, or at the voxels of the
         lattice ``picks`` (per array axis z, y, x, the voxel indices); -inf outside the crop."""
@@ -589,7 +586,7 @@ class CropPaster:
         if self.region.empty:
             return np.zeros(tuple(reversed(self.region.size)), dtype=np.float32)
         if self._axes is not None:
-            return self._values_separable(low_res)
+            return self._interpolate(self._oriented(self._field(low_res)))
         return self._values_oblique(low_res)
 
     def decision_values(self, low_res: torch.Tensor) -> np.ndarray:

@@ -312,7 +312,14 @@ def test_first_paste_interpolates_only_the_boundary_cells(name, monkeypatch):
     logits = _field(0, noise=0.0) - 4.0  # a sphere of radius 3 low-res voxels
     expected = (CropPaster(crop, image, 32).values(logits) > 0).astype(np.uint8)
     assert 0 < expected.sum() < expected.size
-    monkeypatch.setattr(CropPaster, "_values_separable", lambda *_: pytest.fail("the whole region was interpolated"))
+    interpolate = CropPaster._interpolate
+
+    def lattice_only(self, field, picks=None):
+        if picks is None:
+            pytest.fail("the whole region was interpolated")
+        return interpolate(self, field, picks)
+
+    monkeypatch.setattr(CropPaster, "_interpolate", lattice_only)
     assert np.array_equal(CropPaster(crop, image, 32).mask(logits), expected)
 
 
