@@ -556,6 +556,8 @@ class FastDecoder(nn.Module):
         cached, cached_with_bias = self._cache.get(image_embeddings, self._per_embedding)
 
         sparse = prompt._embed_points(coords, labels, pad=True).float()
+        if mask_logits is not None and sparse.shape[0] == 1:  # one prompt set for several masks, as the model broadcasts it
+            sparse = sparse.expand(mask_logits.shape[0], -1, -1)
         batch = sparse.shape[0]
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).float()
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)  # B x T x C

@@ -110,18 +110,20 @@ def test_int8_linear_is_close_to_fp32():
 
 
 def _assert_fast_decoder_matches(model, embedding: torch.Tensor, batches=(1, 3)) -> None:
-    """FastDecoder against ``model.decode``: each batch, mask prompt (none, per prompt, one broadcast) and output mode."""
+    """FastDecoder against ``model.decode``: each batch, mask prompt (none, per prompt, one broadcast to
+    the prompts, one prompt set broadcast to several masks) and output mode."""
     decoder = FastDecoder(model)
     grid = tuple(4 * s for s in embedding.shape[2:])
     for batch in batches:
         coords = torch.rand(batch, 3, 3) * (torch.tensor(grid, dtype=torch.float32) * 4 - 1)
         labels = torch.tensor([[1, 0, 1]]).repeat(batch, 1)
-        for mask in (None, torch.randn(batch, 1, *grid), torch.randn(1, 1, *grid)):
+        masks = [None, torch.randn(batch, 1, *grid), torch.randn(1, 1, *grid)] + ([torch.randn(2, 1, *grid)] if batch == 1 else [])
+        for mask in masks:
             for multimask in (False, True):
                 with torch.inference_mode():
                     expected, expected_iou = model.decode(embedding, coords, labels, mask, multimask)
                     logits, iou = decoder(embedding, coords, labels, mask, multimask)
-                assert logits.shape == (batch, 3 if multimask else 1, *grid)
+                assert logits.shape == (max(batch, 1 if mask is None else mask.shape[0]), 3 if multimask else 1, *grid)
                 torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
 
