@@ -10,6 +10,11 @@ Measured:
 
 * encoder per 128^3 crop for the full-size student ("fastsam3d"), the teacher ("sam-med3d") and
   the bundled architecture, in every speed mode available on the device;
+* the **decoder** alone (prompt encoder + mask decoder of the full-size student, a later click's
+  network work: previous logits and a few points) per speed mode: a click's figure that needs no
+  image, so it runs where SimpleITK is missing (the lent GPU machines);
+* on CUDA, the student's encoder and decoder also replayed as CUDA graphs (one launch instead of
+  hundreds: what a GPU session could gain from capturing them);
 * through :class:`Session` on Colin27 with the full-size student: the **first click**
   (``set_image`` + embedding + decode + paste, a fresh session each time) and **later clicks**
   (decode + paste of the mask in the image grid), per speed mode; with ``--session-model``, also
@@ -133,8 +138,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_interleaved(measurements: Sequence[Measurement], rounds: int, device: torch.device, warmup: bool = True, progress: bool = True) -> None:
-    """Time every measurement once per round, round after round (after one untimed warm-up call)."""
+def run_interleaved(measurements: Sequence[Measurement], rounds: int, device: torch.device, warmup: bool = True, progress: bool = True,
+                    tolerate_failures: bool = False) -> None:
+    """Time every measurement once per round, round after round (after one untimed warm-up call).
+
+    ``tolerate_failures``: a measurement whose warm-up raises is dropped and its error kept in
+    ``extra["failed"]`` (the report lists it) instead of ending the run.
+    """
     from tqdm import tqdm
 
     active = [m for m in measurements if not m.passive]
@@ -142,9 +152,16 @@ def run_interleaved(measurements: Sequence[Measurement], rounds: int, device: to
     bar = tqdm(total=total, desc="benchmark", unit="run", disable=not progress, leave=False)
     try:
         if warmup:
-            for m in active:
+            for m in list(active):
                 bar.set_postfix_str(f"warm-up {m.group}: {m.name}")
-                m.run()
+                try:
+                    m.run()
+                except Exception as error:
+                    if not tolerate_failures:
+                        raise
+                    m.extra["failed"] = f"{type(error).__name__}: {error}"
+                    active.remove(m)
+                    logger.warning("benchmark: %s: %s failed: %s", m.group, m.name, m.extra["failed"])
                 _sync(device)
                 bar.update()
             for m in measurements:  # forget what the warm-up recorded
@@ -207,8 +224,8 @@ def _matmuls(flops: float, device: torch.device, native_bf16: bool, rounds: int)
     out.append(Measurement("floor", "matmul fp32 (square)", lambda: a @ b, flops=exact, note=f"{m}x{k} @ {k}x{n}"))
     emulated_bf16 = device.type == "cpu" and not native_bf16
     if emulated_bf16:
-        # Emulated bf16 is ~30x slower than fp32: time 1/64 of the work and scale (noted).
-        n16 = max(1, n // 64)
+        # Emulated bf16 is ~50x slower than fp32: time 1/512 of the work and scale (noted).
+        n16 = max(1, n // 512)
         ab, bb = a.bfloat16(), torch.randn(k, n16, device=device).bfloat16()
         scale = n / n16
         out.append(Measurement("floor", "matmul bf16", lambda: ab @ bb, rounds=min(rounds, 3), flops=2.0 * m * k * n16,
@@ -281,6 +298,80 @@ def _encoder_measurements(names: Sequence[str], modes: Sequence[str], device: to
 
             out.append(Measurement("encoder", f"{name} {mode}", run, rounds=1 if slow else (heavy_rounds if teacher else None), flops=flops,
                                    note=note + ("; bf16 emulated (no native bf16)" if slow else "")))
+            if device.type == "cuda" and name == "fastsam3d":
+
+                def captured(encoder=encoder, autocast=autocast):
+                    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast, cache_enabled=False):
+                        return encoder(x)
+
+                out.append(_graph_measurement("encoder", f"{name} {mode}", captured, device, flops=flops, note=note))
+    return out
+
+
+def _cuda_graphed(run: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``run`` captured once as a CUDA graph; the returned callable replays it (same inputs and
+    output buffers: a timing, not an API). ``run`` must not use autocast's weight cache."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+def _graph_measurement(group: str, name: str, run: Callable[[], object], device: torch.device, **kwargs) -> Measurement:
+    """``run`` replayed as a CUDA graph, named ``name + " (CUDA graph)"``; a capture that fails is
+    reported in the row (no timing) rather than ending the run."""
+    try:
+        replay = _cuda_graphed(run, device)
+    except Exception as error:  # noqa: BLE001 - recorded in the report
+        logger.warning("benchmark: CUDA graph of %s failed: %s", name, error)
+        return Measurement(group, f"{name} (CUDA graph)", lambda: None, passive=True,
+                           extra={"failed": f"{type(error).__name__}: {error}"})
+    return Measurement(group, f"{name} (CUDA graph)", replay, **kwargs)
+
+
+def _decoder_measurements(modes: Sequence[str], device: torch.device, native_bf16: bool, points: int = 5) -> List[Measurement]:
+    """A later click's network work per speed mode: the full-size student's prompt encoder and mask
+    decoder with ``points`` clicks and the previous low-res logits as the mask prompt (random weights
+    and inputs: its cost does not depend on them). On CUDA each mode is also timed as a CUDA graph."""
+    from .build import build_model
+    from .quantize import check_mode, fast_path, runs_fast_path
+
+    torch.manual_seed(0)
+    model = build_model("fastsam3d").to(device).eval()
+    grid = tuple(int(s) for s in model.prompt_encoder.image_embedding_size)
+    embedding = torch.randn(1, model.prompt_encoder.embed_dim, *grid, device=device)
+    coords = torch.rand(1, points, 3, device=device) * (model.img_size - 1)
+    labels = (torch.arange(points, device=device) % 3 != 1).long()[None]  # positive and negative clicks
+    previous = torch.randn(1, 1, *model.low_res_size, device=device) * 4.0
+    out = []
+    for mode in modes:
+        if mode == "bf16" and not native_bf16:
+            continue  # emulated bf16 says nothing about a machine that has it
+        fast = runs_fast_path(mode, device)
+        if fast:
+            try:
+                check_mode(model, mode)
+            except ValueError:
+                continue
+            decode = fast_path(model, mode).decode
+        else:
+            decode = model.decode
+        autocast = mode == "bf16" and not fast
+
+        def run(decode=decode, autocast=autocast, model=model):  # the fast path holds the model weakly
+            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast, cache_enabled=False):
+                return decode(embedding, coords, labels, previous)
+
+        note = f"prompt encoder + mask decoder, {points} points + previous logits, random weights"
+        out.append(Measurement("decoder", f"decoder {mode}", run, note=note))
+        if device.type == "cuda":
+            out.append(_graph_measurement("decoder", f"decoder {mode}", run, device, note=note))
     return out
 
 
@@ -427,17 +518,19 @@ def benchmark(
                     session_items += _session_measurements(full_size, image, label, point, session_modes, later_clicks, seed,
                                                            suffix=f" [trained, {WIDENED_TAG}]")
             floor = _matmuls(student_flops, dev, native_bf16, rounds)
-            run_interleaved(floor + session_items, rounds, dev, progress=progress)
+            run_interleaved(floor + session_items, rounds, dev, progress=progress, tolerate_failures=dev.type == "cuda")
             floor.insert(0, add_fp32_reference(floor))
             paired_ratios(floor + session_items, floor[0])
             measurements += floor + session_items
             peaks["after session runs (student, Colin27)"] = peak_rss_mb()
             del student
         encoder_items = _encoder_measurements([e for e in encoders if e in ENCODER_MODELS], modes, dev, native_bf16, rounds, heavy_rounds)
+        encoder_items += _decoder_measurements(modes, dev, native_bf16)
         floor2 = _matmuls(student_flops, dev, native_bf16, rounds)
         for m in floor2:
             m.group = "floor (encoder run)"
-        run_interleaved(floor2 + encoder_items, rounds, dev, progress=progress)
+        # A lent GPU machine is spent on one call: there a mode that fails is reported, not fatal.
+        run_interleaved(floor2 + encoder_items, rounds, dev, progress=progress, tolerate_failures=dev.type == "cuda")
         floor2.insert(0, add_fp32_reference(floor2))
         paired_ratios(floor2 + encoder_items, floor2[0])
         measurements += floor2 + encoder_items
@@ -488,15 +581,16 @@ def paired_ratios(measurements: Sequence[Measurement], floor: Measurement) -> No
 
 
 def _ratios(results) -> Dict[str, float]:
-    """Each session / encoder median over the fp32 matmul of the student's FLOPs timed in the same run."""
+    """Each session / encoder / decoder median over the fp32 matmul of the student's FLOPs timed in the same run."""
     ratios = {}
-    for prefix, floor_group in (("session", "floor"), ("encoder", "floor (encoder run)")):
+    for prefixes, floor_group in ((("session",), "floor"), (("encoder", "decoder"), "floor (encoder run)")):
         floor = next((r for r in results if r["group"] == floor_group and r["name"] == "matmul fp32" and "median_s" in r), None)
         if floor is None:
             continue
         for r in results:
-            if r["group"] == prefix and "median_s" in r:
+            if r["group"] in prefixes and "median_s" in r:
                 ratios[f"{r['name']} / fp32 matmul"] = r["median_s"] / floor["median_s"]
+        prefix = prefixes[0]
         for r in results:
             if r["group"] == floor_group and r["name"] != "matmul fp32" and "median_s" in r:
                 ratios[f"{r['name']} ({prefix} run) / fp32 matmul"] = _scaled(r) / floor["median_s"]
@@ -580,6 +674,9 @@ def format_report(report: Dict[str, object]) -> str:
         name = f"{r['group']}: {r['name']}"
         paired = f"{r['paired_ratio'] * scale:.3f}" if "paired_ratio" in r else ""
         lines.append(f"{name:52s} {median * factor:8.1f}{unit:>2s} {q1 * factor:8.1f}-{q3 * factor:<8.1f}{unit:2s} {ratio:>12s} {paired:>7s}  {r.get('note', '')}")
+    for r in report["results"]:
+        if "failed" in r:
+            lines.append(f"{r['group'] + ': ' + r['name']:52s} failed: {r['failed']}")
     lines.append("")
     for name, peak in report["peak_rss_mb"].items():
         lines.append(f"peak RSS {name}: {peak:.0f} MB")
@@ -594,12 +691,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if args.json else None
     if json_path is not None and not json_path.parent.is_dir():
         raise FastSAM3DInputError(f"--json {json_path}: its folder {json_path.parent} does not exist")
-    from .session import PRECISIONS
+    from .quantize import FAST_MODES
 
     modes = args.modes
+    speed_modes = ("fp32",) + FAST_MODES  # not the session's list: that module needs SimpleITK, the GPU machines lack it
     for mode in modes or []:
-        if mode not in PRECISIONS or mode == "auto":
-            raise FastSAM3DInputError(f"--modes: {mode!r} is not a speed mode ({', '.join(p for p in PRECISIONS if p != 'auto')})")
+        if mode not in speed_modes:
+            raise FastSAM3DInputError(f"--modes: {mode!r} is not a speed mode ({', '.join(speed_modes)})")
     report = benchmark(
         device=args.device, rounds=args.rounds, heavy_rounds=min(args.rounds, args.heavy_repeats), threads=args.threads,
         modes=modes, encoders=args.encoders, structure=args.structure, later_clicks=args.later_clicks,

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Continue the bundled model's training campaign on a borrowed GPU machine: one call, crops made on the GPU.
+# First (BENCH=1, about a minute) the GPU figures of issue 7: `fastsam3d benchmark --device cuda --no-session`
+# (encoders, the decoder alone, and both as CUDA graphs; the session rows need SimpleITK, absent there).
 #
 # The device machines lent to this project (see ../.library/device) hold PyTorch, NumPy, SciPy, tqdm,
 # matplotlib and safetensors but not SimpleITK, take at most 64 MiB of working tree (the campaign file is
@@ -21,7 +23,7 @@
 # (over several click seeds: one seed moves by +-0.03).
 #
 # A second call while the machine is still warm resumes from the same run folder (RUN_DIR, on the device).
-# Locally, as a dry run: DEVICE=cpu BATCH=1 STEPS=2 OUT=/tmp/out bash Testing/device_train.sh
+# Locally, as a dry run: DEVICE=cpu BATCH=1 STEPS=2 BENCH_REPEATS=1 OUT=/tmp/out bash Testing/device_train.sh (BENCH=0 skips the benchmark)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,12 +39,19 @@ LR=${LR:-3e-5}  # the campaign ended near 1e-5 (cosine); 1e-4 from its state low
 LIVE_PHANTOMS=${LIVE_PHANTOMS:-0.5}  # the pool's share; 0 = pack crops only
 PHANTOM_WORKERS=${PHANTOM_WORKERS:-0}  # 0: the machine's cores less two
 PYTHON=${PYTHON:-python3}
+BENCH=${BENCH:-1}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 [ -f "$PACK" ] || { echo "no pack at $PACK: make it here with 'python -m FastSAM3DLib.train.cli pack --out $PACK' and carry .device" >&2; exit 2; }
 mkdir -p "$OUT" "$RUN_DIR"
 log="$OUT/train.log"
 { date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true; "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } | tee -a "$log"
+
+if [ "$BENCH" = 1 ]; then
+  # Its failure must not cost the training run: the device time is spent either way.
+  "$PYTHON" -m FastSAM3DLib.cli benchmark --device "$DEVICE" --no-session --repeats "${BENCH_REPEATS:-10}" --heavy-repeats 5 \
+    --no-progress --json "$OUT/benchmark-gpu.json" 2>&1 | tee -a "$log" || echo "benchmark failed (see above); training goes on" | tee -a "$log"
+fi
 
 INIT_ARGS=()
 [ -f "$RUN_DIR/checkpoints/last.pt" ] || INIT_ARGS=(--init "$INIT")

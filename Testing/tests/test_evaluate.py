@@ -11,6 +11,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +22,16 @@ import SimpleITK as sitk
 import torch
 
 from FastSAM3DLib import build_model, save_model
-from FastSAM3DLib.benchmark import Measurement, _targets, add_fp32_reference, encoder_flops, format_report, paired_ratios
+from FastSAM3DLib.benchmark import (
+    Measurement,
+    _graph_measurement,
+    _targets,
+    add_fp32_reference,
+    encoder_flops,
+    format_report,
+    paired_ratios,
+    run_interleaved,
+)
 from FastSAM3DLib.cli import main
 from FastSAM3DLib.evaluate import (
     Case,
@@ -250,6 +263,54 @@ def test_benchmark_helpers():
     targets = _targets(report)
     assert targets["first_click"]["best_mode"] == "first click int8 [trained, widened to full size]" and not targets["first_click"]["met"]
     assert targets["later_click"]["best_mode"] == "later click int8 [trained, widened to full size]" and not targets["later_click"]["met"]
+
+
+def test_benchmark_runs_without_simpleitk(tmp_path):
+    """What a lent GPU machine (no SimpleITK there) can run: ``fastsam3d benchmark --no-session``, with
+    the decoder rows that give a click's network time without an image. SimpleITK is hidden by a
+    stand-in module on PYTHONPATH that fails to import."""
+    hidden = tmp_path / "no-simpleitk"
+    hidden.mkdir()
+    (hidden / "SimpleITK.py").write_text('raise ImportError("SimpleITK is not installed here")\n')
+    out = tmp_path / "bench.json"
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), str(repo), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "FastSAM3DLib.cli", "benchmark", "--no-session", "--modes", "fp32-fast",
+                           "--encoders", "fastsam3d", "--repeats", "1", "--no-progress", "--json", str(out)],
+                          cwd=repo, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["group"], r["name"]): r for r in report["results"]}
+    decoder = rows[("decoder", "decoder fp32-fast")]
+    assert decoder["n"] == 1 and 0 < decoder["median_s"] < rows[("encoder", "fastsam3d fp32-fast")]["median_s"]
+    assert "decoder fp32-fast / fp32 matmul" in report["ratios"]
+    assert not any("failed" in r for r in report["results"])
+    assert "decoder: decoder fp32-fast" in done.stdout
+
+
+def test_benchmark_reports_what_failed_where_asked_to():
+    """On a GPU a failing mode or CUDA-graph capture is reported and the run goes on; elsewhere it raises."""
+    def broken():
+        raise RuntimeError("no kernel for this mode")
+
+    calls = []
+    fine = Measurement("decoder", "decoder fp32", lambda: calls.append(1))
+    failing = Measurement("decoder", "decoder odd", broken)
+    run_interleaved([fine, failing], 2, torch.device("cpu"), progress=False, tolerate_failures=True)
+    assert len(fine.seconds) == 2 and len(calls) == 3 and failing.seconds == []
+    assert failing.extra["failed"] == "RuntimeError: no kernel for this mode"
+    with pytest.raises(RuntimeError, match="no kernel"):
+        run_interleaved([Measurement("decoder", "decoder odd", broken)], 1, torch.device("cpu"), progress=False)
+    # A CUDA graph cannot be captured here: the row says why instead of a timing.
+    graphed = _graph_measurement("encoder", "fastsam3d fp32", lambda: None, torch.device("cpu"))
+    assert graphed.name == "fastsam3d fp32 (CUDA graph)" and graphed.passive and graphed.extra["failed"]
+    report = {"machine": {"cpu": {"model": "x", "cores": 2, "extensions": [], "native_bf16": False}, "device": "cpu", "torch": "t",
+                          "threads": 2, "load_average_start": None},
+              "student_encoder_gflop": 49.6, "auto_mode": "int8", "peak_rss_mb": {},
+              "results": [fine.summary(), failing.summary(), graphed.summary()]}
+    table = format_report(report)
+    assert "decoder: decoder odd" in table and "failed: RuntimeError: no kernel for this mode" in table
+    assert "encoder: fastsam3d fp32 (CUDA graph)" in table
 
 
 def test_fp32_reference_is_the_faster_shape_per_round():
