@@ -686,8 +686,16 @@ def format_report(report: Dict[str, object]) -> str:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_device
+
     if args.rounds < 1:
         raise FastSAM3DInputError(f"--repeats must be at least 1, got {args.rounds}")
+    if args.threads < 1:
+        raise FastSAM3DInputError(f"--threads must be at least 1, got {args.threads}")
+    try:
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        raise FastSAM3DInputError(f"--device {args.device}: {error}") from None
     json_path = Path(args.json) if args.json else None
     if json_path is not None and not json_path.parent.is_dir():
         raise FastSAM3DInputError(f"--json {json_path}: its folder {json_path.parent} does not exist")

@@ -146,7 +146,10 @@ def _read_torch(path: Path) -> Any:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError, OverflowError, struct.error) as error:
         # Garbage bytes reach the weights-only unpickler's opcode loop, which fails in these ways
         # (e.g. IndexError on an empty stack for about 6 % of random 4 KiB files).
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or truncated/corrupt: {error}") from None
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (.pth/.pt) nor a safetensors file, or a truncated/corrupt one "
+            f"(reading it stopped with {type(error).__name__}: {error})"
+        ) from None
 
 
 def _extract_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
@@ -335,6 +338,11 @@ def load_model(
     state, metadata = read_state_dict(path)
     digest = digest or sha256_file(path)
 
+    if decoder_path is not None and not _is_encoder_only(state):
+        raise CheckpointError(
+            f"{decoder_path}: a decoder checkpoint (--decoder) completes an encoder-only checkpoint, but {path} "
+            "already holds a whole model (its own prompt encoder and mask decoder); leave --decoder out"
+        )
     if _is_encoder_only(state):
         if decoder_path is None:
             raise CheckpointError(
@@ -416,8 +424,14 @@ def save_safetensors(
     meta.setdefault("format", "pt")
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     digest = sha256_file(path)
-    _atomic_write(_checksum_path(path), lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n"))
+    write_checksum_file(path, digest)
     return digest
+
+
+def write_checksum_file(path: str | os.PathLike, digest: str) -> None:
+    """Write ``<file>.sha256`` (``sha256sum`` format) for ``path`` atomically."""
+    path = Path(path)
+    _atomic_write(_checksum_path(path), lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n"))
 
 
 def save_model(model: Sam3D, path: str | os.PathLike, metadata: Optional[Mapping[str, Any]] = None) -> str:

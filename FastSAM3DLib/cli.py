@@ -41,7 +41,7 @@ def _triple(text: str, what: str, count: int = 3) -> Tuple[float, ...]:
     except ValueError:
         values = ()
     if len(values) != count or not all(np.isfinite(values)):
-        example = ",".join(["12.5", "-30", "8"] if count == 3 else ["0", "0", "0", "10", "10", "10"])
+        example = {2: "-160,240", 3: "12.5,-30,8"}.get(count, "0,0,0,10,10,10")
         raise UsageError(f"{what}: expected {count} comma-separated numbers like {example}, got {text!r}")
     return values
 
@@ -63,11 +63,29 @@ def _check_output_path(path: Optional[str], what: str, suffixes: Sequence[str]) 
         raise UsageError(f"{what} {out}: is a folder; expected a file name")
     if not out.parent.exists():
         raise UsageError(f"{what} {out}: its folder {out.parent} does not exist")
-    if not out.name.lower().endswith(tuple(suffixes)):
-        raise UsageError(f"{what} {out}: expected a file name ending in one of {', '.join(suffixes)}")
+    if not out.name.endswith(tuple(suffixes)):
+        hint = " (in lower case: the image writers go by it)" if out.name.lower().endswith(tuple(suffixes)) else ""
+        raise UsageError(f"{what} {out}: expected a file name ending in one of {', '.join(suffixes)}{hint}")
     if not os.access(out.parent, os.W_OK):
         raise UsageError(f"{what} {out}: its folder is not writable")
     return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _check_distinct_outputs(image: str, outputs: Dict[str, Optional[Path]]) -> None:
+    """No output may be the input image or another output: the last write would silently win."""
+    given = [(what, path) for what, path in outputs.items() if path is not None]
+    for i, (what, path) in enumerate(given):
+        if _same_file(path, Path(image)):
+            raise UsageError(f"{what} {path}: is the input image; choose another file name (the image would be overwritten)")
+        for other, other_path in given[:i]:
+            if _same_file(path, other_path):
+                raise UsageError(f"{what} {path}: is also given as {other}; each output needs its own file")
 
 
 class _Outputs:
@@ -97,9 +115,19 @@ class _Outputs:
                 stage.discard()
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    from .checkpoint import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"--device {args.device}: {error}") from None
+
+
 def _load_model(args: argparse.Namespace):
     from .checkpoint import load_model
 
+    _check_device(args)
     return load_model(args.model, device=args.device, decoder_path=getattr(args, "decoder", None))
 
 
@@ -126,6 +154,17 @@ def _intensity(args: argparse.Namespace):
         raise UsageError(f"--ct-window: {error}") from None
 
 
+def _parse_prompts(args: argparse.Namespace) -> List[Tuple[str, Tuple[float, ...]]]:
+    """The prompts as (kind, numbers), checked before anything is loaded."""
+    prompts = getattr(args, "prompts", None) or []
+    if not prompts:
+        raise UsageError("give at least one prompt: --point x,y,z (or --box x1,y1,z1,x2,y2,z2)")
+    parsed = [(kind, _triple(text, f"--{kind}", 6 if kind == "box" else 3)) for kind, text in prompts]
+    if args.candidate is not None and [kind for kind, _ in parsed] != ["point"]:
+        raise UsageError("--candidate chooses among the masks of a lone first click: give exactly one --point and nothing else")
+    return parsed
+
+
 def _add_prompts(session, image, args: argparse.Namespace) -> List[Dict[str, object]]:
     from .preprocess import index_to_physical
 
@@ -136,24 +175,21 @@ def _add_prompts(session, image, args: argparse.Namespace) -> List[Dict[str, obj
             return np.asarray([-values[0], -values[1], values[2]])
         return np.asarray(values)
 
-    prompts = getattr(args, "prompts", None) or []
-    if not prompts:
-        raise UsageError("give at least one prompt: --point x,y,z (or --box x1,y1,z1,x2,y2,z2)")
     record = []
-    for kind, text in prompts:
+    for kind, values in _parse_prompts(args):
         if kind == "box":
-            values = _triple(text, "--box", 6)
             a, b = to_lps(values[:3]), to_lps(values[3:])
             session.add_box(a, b)
             record.append({"box_lps": [a.tolist(), b.tolist()]})
         else:
-            point = to_lps(_triple(text, f"--{kind}"))
+            point = to_lps(values)
             session.add_point(point, positive=kind == "point")
             record.append({"point_lps": point.tolist(), "positive": kind == "point"})
     return record
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
+def _segment(args: argparse.Namespace) -> Dict[str, object]:
+    """Run ``segment`` and write its outputs; returns the report ``--json`` prints."""
     import SimpleITK as sitk
 
     from .paste import BoundaryRefinement
@@ -163,8 +199,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out = _check_output_path(args.out, "--out", IMAGE_SUFFIXES)
     uncertainty_out = _check_output_path(args.uncertainty, "--uncertainty", IMAGE_SUFFIXES)
     png_out = _check_output_path(args.png, "--png", (".png",))
+    _check_distinct_outputs(args.image, {"--out": out, "--uncertainty": uncertainty_out, "--png": png_out})
     if args.voxel and args.ras:
         raise UsageError("--voxel and --ras cannot be combined: points are either voxel indices or RAS millimetres")
+    if uncertainty_out is not None and args.uncertainty_n < 2:
+        raise UsageError(f"--uncertainty-n {args.uncertainty_n}: needs at least 2 stochastic decodes to measure a spread")
+    _parse_prompts(args)
     intensity = _intensity(args)
     started = time.perf_counter()
     model = _load_model(args)
@@ -198,25 +238,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
         outputs.commit()
         array = sitk.GetArrayViewFromImage(mask)
         voxels = int(np.count_nonzero(array))
-        if args.json:
-            report = {
-                "image": str(args.image),
-                "output": str(out),
-                "voxels": voxels,
-                "volume_ml": voxels * float(np.prod(image.GetSpacing())) / 1000.0,
-                "bounding_box_voxels": _bounding_box(array),
-                "predicted_iou": session.predicted_iou(),
-                "candidates": dict(zip(("predicted_iou", "shown"), session.candidates())),
-                "prompts": prompts,
-                "click_consistency": {"clicks": session.clicks_checked, "raw_model_violations": session.click_violations},
-                "timings_s": timings,
-                "model": _model_summary(model),
-                "device": str(session.device),
-                "precision": session.precision,
-            }
-            print(json.dumps(report, indent=2))
-        else:
-            print(f"wrote {out}: {voxels} voxels, {voxels * float(np.prod(image.GetSpacing())) / 1000.0:.2f} ml")
+        return {
+            "image": str(args.image),
+            "output": str(out),
+            "voxels": voxels,
+            "volume_ml": voxels * float(np.prod(image.GetSpacing())) / 1000.0,
+            "bounding_box_voxels": _bounding_box(array),
+            "predicted_iou": session.predicted_iou(),
+            "candidates": dict(zip(("predicted_iou", "shown"), session.candidates())),
+            "prompts": prompts,
+            "click_consistency": {"clicks": session.clicks_checked, "raw_model_violations": session.click_violations},
+            "timings_s": timings,
+            "model": _model_summary(model),
+            "device": str(session.device),
+            "precision": session.precision,
+        }
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    report = _segment(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"wrote {report['output']}: {report['voxels']} voxels, {report['volume_ml']:.2f} ml")
     return 0
 
 
@@ -233,6 +277,7 @@ def _bounding_box(array: np.ndarray) -> Optional[Dict[str, List[int]]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
+    from .checkpoint import BUNDLED_MODEL_NAME, MODELS_DIR, CheckpointError, bundled_model_path
     from .io import load_image
 
     sample = Path(args.sample) if args.sample else SAMPLE_DIR
@@ -241,6 +286,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"{info_path}: the demo sample is missing from this install")
     info = json.loads(info_path.read_text())
     out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir}: is a file; expected a folder (it is created if missing)")
+    if args.model is None and bundled_model_path() is None:
+        raise CheckpointError(
+            f"no bundled model weights in this install (looked for {MODELS_DIR / BUNDLED_MODEL_NAME}): "
+            "run the demo with a checkpoint, `fastsam3d demo --model PATH`"
+        )
+    _check_device(args)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     image_path = sample / info["image"]
     args.image = str(image_path)
@@ -253,18 +307,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.click_mode = "all"
     args.no_refine = False
     args.candidate = None
-    print(f"segmenting {info.get('structure', 'the sample structure')} in {image_path.name} from one click at LPS {info['click_point_lps_mm']} mm")
-    status = cmd_segment(args)
+    # With --json, stdout is the JSON object alone; the narration goes to stderr.
+    narrate = sys.stderr if args.json else sys.stdout
+    print(f"segmenting {info.get('structure', 'the sample structure')} in {image_path.name} from one click at LPS "
+          f"{info['click_point_lps_mm']} mm", file=narrate)
+    try:
+        report = _segment(args)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing was written: leave no empty folder behind
+        raise
     label_path = sample / info["label"] if info.get("label") else None
-    if status == 0 and label_path is not None and label_path.exists():
+    if label_path is not None and label_path.exists():
         truth = sitk.GetArrayFromImage(load_image(label_path)) > 0
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(args.out)) > 0
-        dice = 2.0 * np.logical_and(truth, predicted).sum() / max(truth.sum() + predicted.sum(), 1)
-        print(f"Dice against the atlas label: {dice:.3f}")
+        report["dice_against_label"] = float(2.0 * np.logical_and(truth, predicted).sum() / max(truth.sum() + predicted.sum(), 1))
+    report.update(structure=info.get("structure"), overlay=args.png, data=info.get("attribution"))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"wrote {report['output']}: {report['voxels']} voxels, {report['volume_ml']:.2f} ml")
+    if "dice_against_label" in report:
+        print(f"Dice against the atlas label: {report['dice_against_label']:.3f}")
     print(f"overlay: {args.png}")
     if info.get("attribution"):
         print(f"data: {info['attribution']}")
-    return status
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -298,7 +366,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         expected = read_checksum_file(path) if path.exists() else None
         if expected is not None:
             model_info["checksum_verified"] = expected == model_info["sha256"]
-        if args.model or path.exists():
+        if model_info.get("checksum_verified") is False:
+            # Report it rather than stop at load_model's refusal: this is where a user looks for why.
+            model_info["error"] = f"the file's sha256 is not the one its {path.name}.sha256 records: it changed or is incomplete"
+        elif args.model or path.exists():
             model = _load_model(args)
             model_info.update(_model_summary(model))
             model_info["block_kinds"] = model.config.get("block_kinds")
@@ -310,7 +381,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         width = max(len(k) for k in report)
         for key, value in report.items():
             print(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
-    return 0
+    return 2 if isinstance(report["model"], dict) and "error" in report["model"] else 0
 
 
 def _cpu_bf16() -> bool:
@@ -322,14 +393,31 @@ def _cpu_bf16() -> bool:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_checkpoint, load_model
+    import uuid
+
+    from .checkpoint import CheckpointError, convert_checkpoint, load_model, write_checksum_file
 
     out = Path(args.output)
     if out.suffix != ".safetensors":
         raise UsageError(f"OUT {out}: expected a .safetensors file name")
-    digest = convert_checkpoint(args.input, out, trust=args.trust)
-    load_model(out, device="cpu")  # proves the result is a complete, loadable model
-    print(f"wrote {out} (sha256 {digest}) and {out.name}.sha256")
+    if out.is_dir() or not out.parent.is_dir():
+        raise UsageError(f"OUT {out}: " + ("is a folder; expected a file name" if out.is_dir() else f"its folder {out.parent} does not exist"))
+    # Converted beside OUT under a hidden name and checked to load as a complete model before it
+    # replaces anything: a failed conversion leaves an existing OUT (and its checksum) untouched.
+    staged = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:8]}.safetensors")
+    try:
+        digest = convert_checkpoint(args.input, staged, trust=args.trust)
+        try:
+            load_model(staged, device="cpu")
+        except CheckpointError as error:
+            reason = str(error).replace(f"{staged}: ", "", 1)
+            raise CheckpointError(f"{args.input}: converted, but the weights are not a complete model: {reason}") from None
+        os.replace(staged, out)
+        write_checksum_file(out, digest)
+    finally:
+        for leftover in (staged, staged.with_name(staged.name + ".sha256")):
+            leftover.unlink(missing_ok=True)
+    print(f"wrote {out} (sha256 {digest}) and {out}.sha256")
     return 0
 
 
@@ -406,7 +494,8 @@ _VALUE_OPTIONS = ("--point", "--negative", "--box", "--ct-window")
 def _join_negative_values(argv: Sequence[str]) -> List[str]:
     """``--point -60,20,-170`` -> ``--point=-60,20,-170``: argparse would take the value for an option.
 
-    LPS coordinates are negative half of the time, so this must just work.
+    LPS coordinates are negative half of the time, so this must just work, also for an abbreviated
+    option (``--neg``) and for values that are not numbers (which then get the option's own error).
     """
     joined: List[str] = []
     tokens = list(argv)
@@ -414,8 +503,9 @@ def _join_negative_values(argv: Sequence[str]) -> List[str]:
     while i < len(tokens):
         token = tokens[i]
         following = tokens[i + 1] if i + 1 < len(tokens) else ""
-        if token in _VALUE_OPTIONS and len(following) > 1 and following[0] == "-" and (following[1].isdigit() or following[1] == "."):
-            joined.append(f"{token}={following}")
+        options = [o for o in _VALUE_OPTIONS if o.startswith(token)] if token.startswith("--") and len(token) > 3 else []
+        if len(options) == 1 and following.startswith("-") and ("," in following or following[1:2].isdigit() or following[1:2] == "."):
+            joined.append(f"{options[0]}={following}")
             i += 2
             continue
         joined.append(token)

@@ -1,4 +1,4 @@
-"""The interactive evaluation protocol (DESIGN.md §6), run through the real :class:`Session`.
+"""The interactive evaluation protocol (simulated clicks, Dice after each), run through the real :class:`Session`.
 
 For every case (one binary target on one image) and every **variant** (a method — the model or
 the classical marker-watershed baseline — with its speed mode, click mode and first prompt):
@@ -12,9 +12,9 @@ the classical marker-watershed baseline — with its speed mode, click mode and 
 3. the prediction is the session's mask on the image's grid; Dice against the target is
    computed there after every interaction.
 
-Reported per case and overall: Dice after 1, 3, 5 and 10 interactions, and NoC@80 / NoC@90 (the
-number of interactions to reach Dice 0.8 / 0.9; a case that never does counts as the click budget
-and is also counted as a failure). Colin27 structures are marked "seen" or "held-out" by the
+Reported per case and overall: Dice after 1, 3, 5 and 10 interactions (those within the run's
+budget), and NoC@80 / NoC@90 (the number of interactions to reach Dice 0.8 / 0.9; a case that never
+does counts as the click budget, the usual convention, and is also counted as not reached). Colin27 structures are marked "seen" or "held-out" by the
 ``trained_structures`` of the model's card (our exports list the Colin27 structures of the training
 pool); without one, and on other data, "unknown". The MNI152 template's targets (``--data mni152``)
 are the group "new subject": no training run of ours sees that template.
@@ -329,7 +329,9 @@ class CaseResult:
     resolved_precision: Optional[str] = None
 
     def dice_at(self, k: int) -> float:
-        return self.dice[min(k, len(self.dice)) - 1]
+        if not 1 <= k <= len(self.dice):
+            raise ValueError(f"case {self.case}: Dice@{k} asked for, but it ran {len(self.dice)} interactions")
+        return self.dice[k - 1]
 
     def noc(self, threshold: float) -> Tuple[int, bool]:
         """(interactions to reach ``threshold``, whether it was reached within the budget)."""
@@ -428,12 +430,15 @@ def run_case(interactor: Interactor, case: Case, variant: Variant, clicks: int, 
 
 
 def summarize(results: Sequence[CaseResult]) -> Dict[str, float]:
-    """Mean Dice@k, mean NoC@t, failures@t over a set of case results."""
+    """Mean Dice@k (for the k of ``DICE_AT`` within the budget), mean NoC@t and failures@t (not
+    reached within the budget) over a set of case results."""
     summary: Dict[str, float] = {"cases": len(results)}
     if not results:
         return summary
+    budget = min(len(r.dice) for r in results)
     for k in DICE_AT:
-        summary[f"dice@{k}"] = float(np.mean([r.dice_at(k) for r in results]))
+        if k <= budget:
+            summary[f"dice@{k}"] = float(np.mean([r.dice_at(k) for r in results]))
     for t in NOC_AT:
         nocs = [r.noc(t) for r in results]
         summary[f"noc@{int(t * 100)}"] = float(np.mean([n for n, _ in nocs]))
@@ -459,6 +464,11 @@ def summaries_by_variant(results: Sequence[CaseResult]) -> Dict[Variant, Dict[st
     return out
 
 
+def _dice_key(summary: Dict[str, float], preferred: int = 5) -> str:
+    """``dice@5``, or the latest Dice@k the run has when its budget was below 5 clicks."""
+    return f"dice@{max(k for k in DICE_AT if k <= preferred and f'dice@{k}' in summary)}"
+
+
 def compare_click_modes(summaries: Dict[Variant, Dict[str, Dict[str, float]]]) -> List[dict]:
     """For each model configuration evaluated with both click modes: which measured better.
 
@@ -473,19 +483,21 @@ def compare_click_modes(summaries: Dict[Variant, Dict[str, Dict[str, float]]]) -
         if other not in summaries:
             continue
         a, b = summaries[variant]["overall"], summaries[other]["overall"]
+        key = _dice_key(a)
         auc_a, auc_b = float(np.mean(a["mean_dice_curve"])), float(np.mean(b["mean_dice_curve"]))
-        better = "all" if (auc_a, a["dice@5"]) >= (auc_b, b["dice@5"]) else "newest"
+        better = "all" if (auc_a, a[key]) >= (auc_b, b[key]) else "newest"
         verdicts.append({
             "precision": variant.precision, "prompt": variant.prompt,
-            "all": {"mean_dice": auc_a, "dice@5": a["dice@5"]},
-            "newest": {"mean_dice": auc_b, "dice@5": b["dice@5"]},
+            "all": {"mean_dice": auc_a, key: a[key]},
+            "newest": {"mean_dice": auc_b, key: b[key]},
             "better": better,
         })
     return verdicts
 
 
 def precision_costs(summaries: Dict[Variant, Dict[str, Dict[str, float]]]) -> List[dict]:
-    """Dice@5 cost (fp32 minus mode) of each speed mode evaluated beside precision fp32."""
+    """Dice@5 cost (fp32 minus mode) of each speed mode evaluated beside precision fp32 (Dice@k with
+    the budget's last k of ``DICE_AT`` when it was under 5 clicks; ``at`` says which)."""
     costs = []
     for variant, table in summaries.items():
         if variant.method != "model" or variant.precision == "fp32":
@@ -493,27 +505,38 @@ def precision_costs(summaries: Dict[Variant, Dict[str, Dict[str, float]]]) -> Li
         reference = Variant("model", "fp32", variant.click_mode, variant.prompt)
         if reference not in summaries:
             continue
-        ref = summaries[reference]["overall"]
+        ref, own = summaries[reference]["overall"], table["overall"]
+        key = _dice_key(ref)
         costs.append({
-            "precision": variant.precision, "click_mode": variant.click_mode, "prompt": variant.prompt,
-            "dice@5": table["overall"]["dice@5"], "fp32_dice@5": ref["dice@5"],
-            "dice@5_cost": ref["dice@5"] - table["overall"]["dice@5"],
-            "mean_dice_cost": float(np.mean(ref["mean_dice_curve"]) - np.mean(table["overall"]["mean_dice_curve"])),
+            "precision": variant.precision, "click_mode": variant.click_mode, "prompt": variant.prompt, "at": int(key[5:]),
+            key: own[key], f"fp32_{key}": ref[key], f"{key}_cost": ref[key] - own[key],
+            "mean_dice_cost": float(np.mean(ref["mean_dice_curve"]) - np.mean(own["mean_dice_curve"])),
         })
     return costs
 
 
 def format_table(summaries: Dict[Variant, Dict[str, Dict[str, float]]], groups: Dict[str, str], per_case: bool = True) -> str:
-    """A plain-text table: one row per (variant, case / group)."""
+    """A plain-text table: one row per (variant, case / group).
+
+    Dice@k beyond the run's budget is "-"; NoC@t is marked ">N" for a case that never reached t
+    within its N interactions, and a group's mean is followed by how many of its cases did not.
+    """
     head = ["variant", "target", "group"] + [f"Dice@{k}" for k in DICE_AT] + ["NoC@80", "NoC@90"]
+
+    def noc(s: Dict[str, float], t: int) -> str:
+        failed = s[f"fail@{t}"]
+        if s["cases"] == 1 and failed:
+            return f">{s[f'noc@{t}']:.0f}"
+        return f"{s[f'noc@{t}']:.1f}" + (f" ({failed} not reached)" if failed else "")
+
     rows = []
     for variant, table in summaries.items():
         names = [n for n in table if n not in ("overall", "seen", "held-out", "unknown")] if per_case else []
         for name in names + [g for g in ("seen", "held-out", "unknown") if g in table] + ["overall"]:
             s = table[name]
             group = groups.get(name, "") if name in names else f"{s['cases']} cases"
-            rows.append([variant.label, name, group] + [f"{s[f'dice@{k}']:.3f}" for k in DICE_AT]
-                        + [f"{s['noc@80']:.1f}", f"{s['noc@90']:.1f}"])
+            rows.append([variant.label, name, group] + [f"{s[f'dice@{k}']:.3f}" if f"dice@{k}" in s else "-" for k in DICE_AT]
+                        + [noc(s, 80), noc(s, 90)])
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -540,7 +563,7 @@ def write_outputs(out_dir: Path, results: Sequence[CaseResult], summaries, meta:
         for variant, table in summaries.items():
             for name, s in table.items():
                 writer.writerow([variant.method, variant.precision if variant.method == "model" else "", variant.click_mode if variant.method == "model" else "",
-                                 variant.prompt, name, s["cases"]] + [f"{s[f'dice@{k}']:.4f}" for k in DICE_AT]
+                                 variant.prompt, name, s["cases"]] + [f"{s[f'dice@{k}']:.4f}" if f"dice@{k}" in s else "" for k in DICE_AT]
                                 + [f"{s['noc@80']:.2f}", f"{s['noc@90']:.2f}", s["fail@80"], s["fail@90"]])
     document = {
         **meta,
@@ -606,7 +629,8 @@ def plot_structures(summaries, title: str = "") -> bytes:
         table = summaries[variant]
         x = np.arange(len(targets))
         for offset, k in zip((-width, 0, width), (1, 5, 10)):
-            ax.bar(x + offset, [table[t][f"dice@{k}"] for t in targets], width, label=f"Dice@{k}")
+            if targets and f"dice@{k}" in table[targets[0]]:
+                ax.bar(x + offset, [table[t][f"dice@{k}"] for t in targets], width, label=f"Dice@{k}")
         ax.set_xticks(x)
         ax.set_xticklabels(targets, rotation=35, ha="right", fontsize=7)
         ax.set_ylim(0, 1)
@@ -708,8 +732,15 @@ def trained_structures(model_path: Optional[str | Path]) -> Optional[Tuple[str, 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from .checkpoint import resolve_device
     from .session import PRECISIONS
 
+    if args.threads < 0:
+        raise FastSAM3DInputError(f"--threads {args.threads}: expected a positive number of threads (0: torch's default)")
+    try:
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        raise FastSAM3DInputError(f"--device {args.device}: {error}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     for precision in args.precision:
@@ -750,7 +781,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "data": args.data,
         "clicks": args.clicks,
         "seed": args.seed,
-        "protocol": "DESIGN.md §6: clicks 1-2 at the interior-most error voxel, later uniform in the error region, simulated and scored in the image grid",
+        "protocol": "clicks 1-2 at the interior-most error voxel, later uniform in the error region, simulated and scored in the image grid",
         "model": model_info,
         "resolved_precisions": sorted({r.resolved_precision for r in results if r.resolved_precision}),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -763,8 +794,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"click mode ({verdict['precision']}, {verdict['prompt']}): all {verdict['all']['mean_dice']:.3f} vs newest "
               f"{verdict['newest']['mean_dice']:.3f} mean Dice over clicks -> {verdict['better']} is better")
     for cost in precision_costs(summaries):
-        print(f"speed mode {cost['precision']} ({cost['click_mode']}, {cost['prompt']}): Dice@5 {cost['dice@5']:.4f} vs fp32 "
-              f"{cost['fp32_dice@5']:.4f}, cost {cost['dice@5_cost']:+.4f}")
+        k = cost["at"]
+        print(f"speed mode {cost['precision']} ({cost['click_mode']}, {cost['prompt']}): Dice@{k} {cost[f'dice@{k}']:.4f} vs fp32 "
+              f"{cost[f'fp32_dice@{k}']:.4f}, cost {cost[f'dice@{k}_cost']:+.4f}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -187,7 +187,13 @@ def read_image(path: Union[str, os.PathLike]) -> sitk.Image:
     if not path.exists():
         raise ImageError(f"{path}: no such image file or folder")
     if path.is_dir():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        # ITK prints a warning of its own for a folder without a series; the error below says it better.
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
         if not series:
             raise ImageError(f"{path}: folder holds no DICOM series (expected DICOM files, or give an image file)")
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])

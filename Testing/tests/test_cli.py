@@ -67,6 +67,27 @@ def test_demo_with_a_checkpoint_segments_the_sample(model_path, tmp_path, capsys
     mask = sitk.ReadImage(str(out_dir / "demo_mask.nii.gz"))
     assert mask.GetSize() == sample.GetSize() and np.allclose(mask.GetOrigin(), sample.GetOrigin())
     assert (out_dir / "demo_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --json: stdout is one JSON object, with the Dice in it; the narration goes to stderr.
+    assert main(["demo", "--model", str(model_path), "--out-dir", str(out_dir), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert 0.0 <= report["dice_against_label"] <= 1.0 and report["output"] == str(out_dir / "demo_mask.nii.gz")
+    assert "segmenting" in captured.err
+
+
+def test_demo_without_weights_or_with_a_file_as_folder_creates_nothing(tmp_path, capsys, monkeypatch):
+    import FastSAM3DLib.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "bundled_model_path", lambda: None)  # this install has none anyway; a later one may
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--out-dir", str(out_dir)]) == 2
+    assert "fastsam3d demo --model PATH" in capsys.readouterr().err and not out_dir.exists()
+    assert main(["demo", "--model", str(tmp_path / "absent.pth"), "--out-dir", str(out_dir)]) == 2
+    assert "absent.pth" in capsys.readouterr().err and not out_dir.exists()
+    a_file = tmp_path / "x.nii.gz"
+    a_file.write_bytes(b"mine")
+    assert main(["demo", "--model", str(tmp_path / "absent.pth"), "--out-dir", str(a_file)]) == 2
+    assert "--out-dir" in capsys.readouterr().err and a_file.read_bytes() == b"mine"
 
 
 def _write(image: sitk.Image, path: Path) -> Path:
@@ -134,6 +155,105 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_path, tmp_pat
     assert leftovers == []
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--uncertainty", "{tmp}/u.nii.gz", "--uncertainty-n", "1"), "--uncertainty-n 1: needs at least 2"),
+        (("--out", "{tmp}/mask.NII.GZ"), "in lower case"),
+        (("--ct-window", "-160"), "expected 2 comma-separated numbers like -160,240"),
+        (("--ct-window", "-inf,100"), "expected 2 comma-separated numbers like -160,240"),
+        (("--out", "{image}"), "is the input image"),
+        (("--uncertainty", "{tmp}/mask.nii.gz"), "is also given as --out"),
+        (("--png", "{tmp}/mask.nii.gz"), "expected a file name ending in one of .png"),
+        (("--device", "gpu"), "--device gpu:"),
+    ],
+)
+def test_usage_errors_exit_2_before_anything_is_loaded_or_written(extra, message, model_path, tmp_path, capsys):
+    """Each of these was an exit-1 "internal error" after the whole run, or silently overwrote a file."""
+    image_path = _write(_volume(np.random.default_rng(0).normal(100, 10, (20, 20, 20))), tmp_path / "image.nrrd")
+    original = image_path.read_bytes()
+    values = [v.format(tmp=tmp_path, image=image_path) for v in extra]
+    if "--out" not in values:
+        values += ["--out", str(tmp_path / "mask.nii.gz")]
+    status = main(["segment", str(image_path), "--point", "10,10,10", "--model", str(model_path), *values])
+    assert status == 2, capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    assert image_path.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.nrrd"]
+
+
+def test_abbreviated_options_take_negative_values(model_path, tmp_path):
+    image = _volume(np.random.default_rng(0).normal(size=(20, 20, 20)))
+    image.SetOrigin((-30.0, -30.0, -30.0))
+    image_path = _write(image, tmp_path / "image.nrrd")
+    out = tmp_path / "mask.nii.gz"
+    status = main(["segment", str(image_path), "--poi", "-20,-20.5,-15", "--neg", "-25,-22,-18", "--ct", "-100,200",
+                   "--model", str(model_path), "--out", str(out), "--json"])
+    assert status == 0 and out.exists()
+
+
+def test_a_folder_without_dicom_gets_our_error_only(model_path, tmp_path, capfd):
+    (tmp_path / "empty").mkdir()
+    status = main(["segment", str(tmp_path / "empty"), "--point", "1,2,3", "--model", str(model_path), "--out", str(tmp_path / "m.nii.gz")])
+    err = capfd.readouterr().err
+    assert status == 2 and "holds no DICOM series" in err
+    assert "WARNING" not in err and "itk" not in err.lower()  # ITK's own warning used to be printed first
+
+
+def test_convert_checkpoint_replaces_nothing_unless_the_result_loads(model_path, tmp_path, capsys):
+    """A conversion that yields no complete model leaves an existing OUT and its checksum as they were,
+    says which input is at fault, and leaves nothing behind; a good one replaces them."""
+    from FastSAM3DLib.checkpoint import load_model
+
+    out = tmp_path / "keep.safetensors"
+    assert main(["convert-checkpoint", str(model_path), str(out)]) == 0
+    kept, kept_sum = out.read_bytes(), (tmp_path / "keep.safetensors.sha256").read_text()
+    not_a_model = tmp_path / "notmodel.pth"
+    torch.save({"a": torch.zeros(3)}, not_a_model)
+    capsys.readouterr()
+    assert main(["convert-checkpoint", str(not_a_model), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{not_a_model}: converted, but the weights are not a complete model: missing key" in err
+    assert out.read_bytes() == kept and (tmp_path / "keep.safetensors.sha256").read_text() == kept_sum
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors", "keep.safetensors.sha256", "notmodel.pth"]
+    assert main(["convert-checkpoint", str(not_a_model), str(tmp_path / "absent" / "o.safetensors")]) == 2
+    assert "its folder" in capsys.readouterr().err and not (tmp_path / "absent").exists()
+    # A good conversion over an existing file: the new weights, and a checksum that names OUT.
+    torch.manual_seed(5)
+    other = tmp_path / "other.pth"
+    torch.save(build_model("tiny").state_dict(), other)
+    assert main(["convert-checkpoint", str(other), str(out)]) == 0
+    assert out.read_bytes() != kept and (tmp_path / "keep.safetensors.sha256").read_text().endswith("  keep.safetensors\n")
+    load_model(out, device="cpu")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_decoder_given_with_a_whole_model_is_refused(model_path, tmp_path, capsys):
+    image_path = _write(_volume(np.random.default_rng(0).normal(100, 10, (20, 20, 20))), tmp_path / "image.nrrd")
+    status = main(["segment", str(image_path), "--point", "10,10,10", "--model", str(model_path),
+                   "--decoder", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "m.nii.gz")])
+    assert status == 2 and "already holds a whole model" in capsys.readouterr().err
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_a_random_file_as_model_says_what_it_is_not(tmp_path):
+    from FastSAM3DLib.checkpoint import CheckpointError, load_model
+
+    bad = tmp_path / "foo.txt"
+    bad.write_text("this is not a model\n")
+    with pytest.raises(CheckpointError, match=r"foo.txt: not a PyTorch checkpoint \(.pth/.pt\) nor a safetensors file.*reading it stopped with"):
+        load_model(bad)
+
+
+def test_info_reports_a_checksum_mismatch(model_path, tmp_path, capsys):
+    copy = tmp_path / "m.safetensors"
+    copy.write_bytes(model_path.read_bytes())
+    (tmp_path / "m.safetensors.sha256").write_text("0" * 64 + "  m.safetensors\n")
+    assert main(["info", "--json", "--model", str(copy)]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["checksum_verified"] is False and "sha256" in report["model"]["error"]
+
+
 def test_bad_model_exits_2(tmp_path, capsys):
     image_path = tmp_path / "image.nrrd"
     _write(_volume(np.random.default_rng(0).normal(size=(20, 20, 20))), image_path)
@@ -189,7 +309,7 @@ def test_candidate_of_a_lone_click(tmp_path, capsys):
 
     out = tmp_path / "refused.nii.gz"
     for extra, message in ((("--point", "20,20,20", "--candidate", "3"), "candidate 3 does not exist"),
-                           (("--point", "20,20,20", "--point", "22,20,20", "--candidate", "0"), "no candidate masks")):
+                           (("--point", "20,20,20", "--point", "22,20,20", "--candidate", "0"), "masks of a lone first click")):
         status, error = segment(*extra, "--out", str(out))
         assert status == 2 and message in error
         assert not out.exists()

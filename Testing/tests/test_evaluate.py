@@ -42,6 +42,7 @@ from FastSAM3DLib.evaluate import (
     WatershedInteractor,
     compare_click_modes,
     evaluate,
+    format_table,
     label_box_lps,
     precision_costs,
     run_case,
@@ -139,18 +140,25 @@ def test_noc_and_summaries():
     assert results[0].noc(0.8) == (2, True) and results[0].noc(0.9) == (3, True)
     assert results[1].noc(0.8) == (4, False)
     summary = summarize(results)
-    assert summary["dice@1"] == pytest.approx(0.35)
-    assert summary["dice@10"] == pytest.approx((0.95 + 0.5) / 2)  # beyond the budget: the last value
+    assert summary["dice@1"] == pytest.approx(0.35) and summary["dice@3"] == pytest.approx((0.95 + 0.4) / 2)
+    assert "dice@5" not in summary and "dice@10" not in summary  # beyond the budget of 4: not measured
     assert summary["noc@80"] == pytest.approx(3.0) and summary["fail@80"] == 1
+    with pytest.raises(ValueError, match="Dice@5 asked for, but it ran 4 interactions"):
+        results[0].dice_at(5)
     tables = summaries_by_variant(results)[variant]
     assert set(tables) == {"overall", "seen", "held-out", "a", "b"}
+    table = format_table({variant: tables}, {"a": "seen", "b": "held-out"}).splitlines()
+    row = {line.split()[len(variant.label.split())]: line for line in table[2:]}
+    assert row["b"].split()[-5:] == ["0.400", "-", "-", ">4", ">4"]  # Dice@3, @5, @10, NoC@80, NoC@90
+    assert row["a"].split()[-2:] == ["2.0", "3.0"]
+    assert "3.0 (1 not reached)" in table[-1]
     newest = [CaseResult(r.case, r.group, Variant("model", "fp32", "newest"), [d - 0.1 for d in r.dice]) for r in results]
     int8 = [CaseResult(r.case, r.group, Variant("model", "int8", "all"), [d - 0.01 for d in r.dice]) for r in results]
     summaries = summaries_by_variant(results + newest + int8)
     verdict = compare_click_modes(summaries)
     assert [v["better"] for v in verdict] == ["all"]
     cost = precision_costs(summaries)
-    assert [(c["precision"], round(c["dice@5_cost"], 6)) for c in cost] == [("int8", 0.01)]
+    assert [(c["precision"], c["at"], round(c["dice@3_cost"], 6)) for c in cost] == [("int8", 3, 0.01)]
 
 
 def test_through_the_session_with_an_oracle_model(tmp_path):
@@ -230,6 +238,11 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     assert main(["evaluate", "--structures", "not_a_structure", "--method", "watershed", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
     assert main(["evaluate", "--precision", "fp64", "--out", str(tmp_path / "o")]) == 2
+    for option, value in (("--threads", "-1"), ("--device", "gpu")):  # were exit-1 "internal errors"
+        capsys.readouterr()
+        assert main(["evaluate", "--method", "watershed", option, value, "--out", str(tmp_path / "o")]) == 2
+        assert f"{option} {value}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_benchmark_helpers():
