@@ -13,8 +13,8 @@
 # Here, once:
 #   echo /.device/ >> .git/info/exclude
 #   python -m FastSAM3DLib.train.cli pack --out .device/colin27-pack.npz
-# Then the device tool's run, with carry [".device"] and timeout_s about MINUTES*60 + 180 (the export
-# comes back only when the script ends; a machine's start costs 1-2 of the session's 15 minutes):
+# Then the device tool's run, with carry [".device"] and timeout_s about MINUTES*60 + 300 (the benchmark and the export
+# take the rest; the files come back only when the script ends; a machine's start costs 1-2 of the session's 15 minutes):
 #   bash Testing/device_train.sh            (MINUTES=5 BATCH=16 by default; see below)
 # Back here, with FILES the folder the files came back to:
 #   cat FILES/fastsam3d-gpu.safetensors.part* > gpu.safetensors && sha256sum -c <(sed 's|  .*|  gpu.safetensors|' FILES/fastsam3d-gpu.safetensors.sha256)
