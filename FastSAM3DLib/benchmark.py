@@ -263,7 +263,6 @@ def _load_bundled_architecture():
 def _encoder_measurements(names: Sequence[str], modes: Sequence[str], device: torch.device, native_bf16: bool, rounds: int,
                           heavy_rounds: int) -> List[Measurement]:
     from .build import build_model
-    from .quantize import check_mode, fast_path, runs_fast_path
 
     out = []
     x = torch.randn(1, 1, 128, 128, 128, device=device)
@@ -281,31 +280,36 @@ def _encoder_measurements(names: Sequence[str], modes: Sequence[str], device: to
             slow = mode == "bf16" and device.type == "cpu" and not native_bf16
             if slow and name != "fastsam3d":
                 continue  # emulated bf16 on the bigger encoders takes minutes; the student shows the point
-            fast = runs_fast_path(mode, device)
-            autocast = mode == "bf16" and not fast
-            if fast:
-                try:
-                    check_mode(model, mode)
-                except ValueError:
-                    continue
-                encoder = fast_path(model, mode).encoder
-            else:
-                encoder = model.image_encoder
+            runner = _mode_runner(model, mode, device)
+            if runner is None:
+                continue
+            path, autocast = runner
+            encoder = model.image_encoder if path is None else path.encoder
 
             def run(encoder=encoder, autocast=autocast):
-                with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                # No autocast weight cache: a CUDA graph cannot capture it (and one forward casts each weight once).
+                with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast, cache_enabled=False):
                     return encoder(x)
 
             out.append(Measurement("encoder", f"{name} {mode}", run, rounds=1 if slow else (heavy_rounds if teacher else None), flops=flops,
                                    note=note + ("; bf16 emulated (no native bf16)" if slow else "")))
             if device.type == "cuda" and name == "fastsam3d":
-
-                def captured(encoder=encoder, autocast=autocast):
-                    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast, cache_enabled=False):
-                        return encoder(x)
-
-                out.append(_graph_measurement("encoder", f"{name} {mode}", captured, device, flops=flops, note=note))
+                out.append(_graph_measurement("encoder", f"{name} {mode}", run, device, flops=flops, note=note))
     return out
+
+
+def _mode_runner(model: Sam3D, mode: str, device: torch.device):
+    """How a speed mode runs ``model`` on ``device``: (its fast path, or None for the model itself;
+    whether under bf16 autocast), or None where the mode cannot run it."""
+    from .quantize import check_mode, fast_path, runs_fast_path
+
+    if not runs_fast_path(mode, device):
+        return None, mode == "bf16"
+    try:
+        check_mode(model, mode)
+    except ValueError:
+        return None
+    return fast_path(model, mode), False
 
 
 def _cuda_graphed(run: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -340,7 +344,6 @@ def _decoder_measurements(modes: Sequence[str], device: torch.device, native_bf1
     decoder with ``points`` clicks and the previous low-res logits as the mask prompt (random weights
     and inputs: its cost does not depend on them). On CUDA each mode is also timed as a CUDA graph."""
     from .build import build_model
-    from .quantize import check_mode, fast_path, runs_fast_path
 
     torch.manual_seed(0)
     model = build_model("fastsam3d").to(device).eval()
@@ -353,16 +356,11 @@ def _decoder_measurements(modes: Sequence[str], device: torch.device, native_bf1
     for mode in modes:
         if mode == "bf16" and not native_bf16:
             continue  # emulated bf16 says nothing about a machine that has it
-        fast = runs_fast_path(mode, device)
-        if fast:
-            try:
-                check_mode(model, mode)
-            except ValueError:
-                continue
-            decode = fast_path(model, mode).decode
-        else:
-            decode = model.decode
-        autocast = mode == "bf16" and not fast
+        runner = _mode_runner(model, mode, device)
+        if runner is None:
+            continue
+        path, autocast = runner
+        decode = model.decode if path is None else path.decode
 
         def run(decode=decode, autocast=autocast, model=model):  # the fast path holds the model weakly
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast, cache_enabled=False):
@@ -686,16 +684,13 @@ def format_report(report: Dict[str, object]) -> str:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .checkpoint import resolve_device
+    from .checkpoint import check_device_option
 
     if args.rounds < 1:
         raise FastSAM3DInputError(f"--repeats must be at least 1, got {args.rounds}")
     if args.threads < 1:
         raise FastSAM3DInputError(f"--threads must be at least 1, got {args.threads}")
-    try:
-        resolve_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        raise FastSAM3DInputError(f"--device {args.device}: {error}") from None
+    check_device_option(args.device)
     json_path = Path(args.json) if args.json else None
     if json_path is not None and not json_path.parent.is_dir():
         raise FastSAM3DInputError(f"--json {json_path}: its folder {json_path.parent} does not exist")

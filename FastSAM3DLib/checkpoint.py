@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from .build import build_model, infer_config
-from .errors import CheckpointError
+from .errors import CheckpointError, FastSAM3DInputError
 from .modeling import ImageEncoderViT3D, Sam3D
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     return resolved
+
+
+def check_device_option(device: str) -> torch.device:
+    """:func:`resolve_device` for a command line's ``--device``: a device that cannot be used here
+    is bad input naming the option (exit 2), not an internal fault."""
+    try:
+        return resolve_device(device)
+    except (ValueError, RuntimeError) as error:
+        raise FastSAM3DInputError(f"--device {device}: {error}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -115,19 +115,10 @@ class _Outputs:
                 stage.discard()
 
 
-def _check_device(args: argparse.Namespace) -> None:
-    from .checkpoint import resolve_device
-
-    try:
-        resolve_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(f"--device {args.device}: {error}") from None
-
-
 def _load_model(args: argparse.Namespace):
-    from .checkpoint import load_model
+    from .checkpoint import check_device_option, load_model
 
-    _check_device(args)
+    check_device_option(args.device)
     return load_model(args.model, device=args.device, decoder_path=getattr(args, "decoder", None))
 
 
@@ -277,7 +268,7 @@ def _bounding_box(array: np.ndarray) -> Optional[Dict[str, List[int]]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
-    from .checkpoint import BUNDLED_MODEL_NAME, MODELS_DIR, CheckpointError, bundled_model_path
+    from .checkpoint import BUNDLED_MODEL_NAME, MODELS_DIR, CheckpointError, bundled_model_path, check_device_option
     from .io import load_image
 
     sample = Path(args.sample) if args.sample else SAMPLE_DIR
@@ -293,7 +284,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"no bundled model weights in this install (looked for {MODELS_DIR / BUNDLED_MODEL_NAME}): "
             "run the demo with a checkpoint, `fastsam3d demo --model PATH`"
         )
-    _check_device(args)
+    check_device_option(args.device)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     image_path = sample / info["image"]

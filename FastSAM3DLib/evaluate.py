@@ -732,15 +732,12 @@ def trained_structures(model_path: Optional[str | Path]) -> Optional[Tuple[str, 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import resolve_device
+    from .checkpoint import check_device_option
     from .session import PRECISIONS
 
     if args.threads < 0:
         raise FastSAM3DInputError(f"--threads {args.threads}: expected a positive number of threads (0: torch's default)")
-    try:
-        resolve_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        raise FastSAM3DInputError(f"--device {args.device}: {error}") from None
+    check_device_option(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     for precision in args.precision:
