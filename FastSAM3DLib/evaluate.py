@@ -34,7 +34,6 @@ import csv
 import io
 import json
 import logging
-import math
 import platform
 import time
 import zlib
