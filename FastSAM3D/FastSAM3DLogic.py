@@ -343,6 +343,16 @@ class _ObjectTrack:
     handle: int
     given: List[Prompt] = field(default_factory=list)
     candidate: Optional[int] = None
+    stale: bool = False  # the session object no longer holds ``given`` (an undo went back further): replay it
+
+
+@dataclass
+class _UndoEntry:
+    """A segment's voxels before a write, and the prompts and candidate that had made them."""
+
+    labelmap: Any
+    prompts: List[Prompt]
+    candidate: Optional[int]
 
 
 @dataclass
@@ -440,7 +450,8 @@ class PredictionRequest:
         given = track.given
         # Another candidate for the first click changes what the later clicks refined: replay them.
         sameCandidate = self.candidate == track.candidate or len(given) <= 1
-        if sameCandidate and len(given) <= len(self.prompts) and all(_samePrompt(a, b) for a, b in zip(given, self.prompts)):
+        if (not track.stale and sameCandidate and len(given) <= len(self.prompts)
+                and all(_samePrompt(a, b) for a, b in zip(given, self.prompts))):
             todo = self.prompts[len(given):]
         else:  # a point moved or was removed (or another candidate was chosen): start the object over
             self._restart(track)
@@ -463,6 +474,7 @@ class PredictionRequest:
         self.state.session.reset(object=track.handle)
         track.given = []
         track.candidate = None
+        track.stale = False
 
     def _showCandidate(self, track: _ObjectTrack) -> None:
         """While the first prompt is the only one given, show the requested candidate: later prompts refine it.
@@ -683,9 +695,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self.precision = precision
         self.refineBoundary = bool(refineBoundary)
         self.sessionFactory = sessionFactory
+        if int(maxUndo) < 1:
+            raise ValueError(f"maxUndo must be at least 1 (the state before the first edit is always kept), got {maxUndo}")
         self.maxUndo = int(maxUndo)
         self._volumes: Dict[str, _VolumeState] = {}
-        self._undo: Dict[Tuple[str, str], List[Optional[Any]]] = {}
+        self._undo: Dict[Tuple[str, str], List[_UndoEntry]] = {}
+        # Per segment: the prompts and candidate of the result it shows (what undo returns to, one step back).
+        self._shown: Dict[Tuple[str, str], Tuple[List[Prompt], Optional[int]]] = {}
         self.logCallback: Optional[Callable[[str], None]] = None
 
     def log(self, message: str) -> None:
@@ -966,7 +982,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._checkSegment(segmentationNode, request.segmentID)
         self._checkMaskFits(mask, volumeNode)
         labelmap = self.maskToSegmentLabelmap(mask.array, volumeNode, segmentationNode, mask.start)
-        self._writeSegment(segmentationNode, request.segmentID, labelmap)
+        self._writeSegment(segmentationNode, request.segmentID, labelmap, (list(request.prompts), request.candidate))
         spacing = np.prod(volumeNode.GetSpacing())
         voxels = int(np.count_nonzero(mask.array))
         timings = dict(getattr(request.state.session, "last_timings", {}) or {})
@@ -1165,8 +1181,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         if not ok:
             raise RuntimeError(f"Slicer could not write segment {segmentId!r} of {segmentationNode.GetName()!r}")
 
-    def _writeSegment(self, segmentationNode, segmentId: str, labelmap) -> None:
-        """Replace one segment's voxels, keeping the previous ones for undo; restore them on failure."""
+    def _writeSegment(self, segmentationNode, segmentId: str, labelmap, shown: Tuple[List[Prompt], Optional[int]]) -> None:
+        """Replace one segment's voxels (made by the prompts and candidate ``shown``), keeping the
+        previous ones for undo; restore them on failure."""
         key = (segmentationNode.GetID(), segmentId)
         previous = self.segmentLabelmap(segmentationNode, segmentId)
         try:
@@ -1175,7 +1192,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             self._setSegment(segmentationNode, segmentId, previous)
             raise
         stack = self._undo.setdefault(key, [])
-        stack.append(previous)
+        stack.append(_UndoEntry(previous, *self._shown.get(key, ([], None))))
+        self._shown[key] = shown
         if len(stack) > self.maxUndo:
             del stack[1]  # keep the state before the first FastSAM3D edit: reset() returns to it
 
@@ -1183,12 +1201,37 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return bool(self._undo.get((segmentationNode.GetID(), segmentId)))
 
     def undo(self, segmentationNode, segmentId: str) -> bool:
-        """Restore the segment's labelmap from before the last FastSAM3D write; False if there is none."""
-        stack = self._undo.get((segmentationNode.GetID(), segmentId))
+        """Restore the segment's labelmap from before the last FastSAM3D write; False if there is none.
+
+        The segment's prompts go back with it: the uncertainty is then that of the restored result,
+        and the next click refines it (one prompt back is the session's own exact undo; further back,
+        the next request replays the prompts).
+        """
+        key = (segmentationNode.GetID(), segmentId)
+        stack = self._undo.get(key)
         if not stack:
             return False
-        self._setSegment(segmentationNode, segmentId, stack.pop())
+        entry = stack.pop()
+        self._setSegment(segmentationNode, segmentId, entry.labelmap)
+        self._shown[key] = (list(entry.prompts), entry.candidate)
+        for state in self._volumes.values():
+            track = state.objects.get(key)
+            if track is not None:
+                with state.lock:
+                    self._rewind(state, track, entry.prompts, entry.candidate)
         return True
+
+    @staticmethod
+    def _rewind(state: _VolumeState, track: _ObjectTrack, prompts: List[Prompt], candidate: Optional[int]) -> None:
+        """Bring a segment's session object back to ``prompts`` (and ``candidate``)."""
+        given = track.given
+        oneBack = (not track.stale and track.candidate == candidate and len(prompts) >= 1 and len(given) == len(prompts) + 1
+                   and all(_samePrompt(a, b) for a, b in zip(given, prompts)))
+        if oneBack and state.session is not None:  # the session's last history entry is that prompt (a candidate comes before it)
+            state.session.undo(object=track.handle)
+            track.given = list(prompts)
+            return
+        track.given, track.candidate, track.stale = list(prompts), candidate, True
 
     def _forgetPrompts(self, segmentationNode, segmentId: str) -> None:
         key = (segmentationNode.GetID(), segmentId)
@@ -1204,15 +1247,17 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def reset(self, segmentationNode, segmentId: str) -> bool:
         """Drop the segment's prompts and restore it to before the first FastSAM3D edit since ``accept``."""
         self._forgetPrompts(segmentationNode, segmentId)
+        self._shown.pop((segmentationNode.GetID(), segmentId), None)
         stack = self._undo.pop((segmentationNode.GetID(), segmentId), None)
         if not stack:
             return False
-        self._setSegment(segmentationNode, segmentId, stack[0])
+        self._setSegment(segmentationNode, segmentId, stack[0].labelmap)
         return True
 
     def accept(self, segmentationNode, segmentId: str) -> None:
         """Keep the segment as it is: forget its prompts and undo history (the next click starts afresh)."""
         self._forgetPrompts(segmentationNode, segmentId)
+        self._shown.pop((segmentationNode.GetID(), segmentId), None)
         self._undo.pop((segmentationNode.GetID(), segmentId), None)
 
     # -- uncertainty -------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ class BallSession:
         self.objects[object].append((np.asarray(point, float), positive))
         self.calls.append(("add_point", object))
 
+    def undo(self, object=0):
+        self.calls.append(("undo", object))
+        return bool(self.objects[object]) and self.objects[object].pop() is not None
+
     def add_box(self, a, b, object=0):
         center = (np.asarray(a, float) + np.asarray(b, float)) / 2
         self.objects[object].append((center, True))
@@ -784,6 +788,56 @@ def test_real_session_bookkeeping_and_translation(ch2_node_data, putamen, tiny_l
     assert np.array_equal(tiny_logic.segmentArray(segmentation2, target2), plain)
     assert np.allclose(exported_world_voxels(segmentation2, target2).mean(0), worldPlain.mean(0) + offset, atol=1e-3)
     assert time.perf_counter() - start < 60
+
+
+@needs_colin
+def test_undo_takes_the_prompts_back_with_the_voxels(ch2_node_data, putamen):
+    """After undo the segment's prompts are those of the restored result: its uncertainty is that
+    result's, and the next click refines it as if the undone click had never been made (the real
+    session, a tiny random model whose masks depend on the fed-back logits)."""
+    import torch
+
+    from FastSAM3DLib import build_model
+
+    def fresh():
+        torch.manual_seed(0)
+        return FL.FastSAM3DLogic(model=build_model("tiny"), device="cpu", precision="fp32")
+
+    click = ras(putamen[1])
+    a, b, c, d = click, click + [6.0, 0, 0], click + [0, 6.0, 0], click + [0, 0, 6.0]
+    logic = fresh()
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    logic.segmentFromPoints(volume, segmentation, target, [a], [1])
+    logic.segmentFromPoints(volume, segmentation, target, [a, b], [1, 0])
+    twoClicks = logic.segmentArray(segmentation, target)
+    logic.segmentFromPoints(volume, segmentation, target, [a, b, c], [1, 0, 1])
+    assert logic.undo(segmentation, target)
+    assert np.array_equal(logic.segmentArray(segmentation, target), twoClicks)
+    afterUndo = logic.computeUncertainty(volume, segmentation, target, samples=4)
+    logic.segmentFromPoints(volume, segmentation, target, [a, b, d], [1, 0, 1])
+    viaUndo = logic.segmentArray(segmentation, target)
+
+    reference = fresh()
+    scene2, volume2, segmentation2, target2, _ = new_scene(ch2_node_data)
+    reference.segmentFromPoints(volume2, segmentation2, target2, [a], [1])
+    reference.segmentFromPoints(volume2, segmentation2, target2, [a, b], [1, 0])
+    expected = reference.computeUncertainty(volume2, segmentation2, target2, samples=4)
+    from vtk.util import numpy_support
+
+    values = lambda node: numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())  # noqa: E731
+    assert np.array_equal(values(afterUndo), values(expected))
+    reference.segmentFromPoints(volume2, segmentation2, target2, [a, b, d], [1, 0, 1])
+    assert np.array_equal(viaUndo, reference.segmentArray(segmentation2, target2))
+    # Two steps back: the one click that made the restored result, replayed by the next request.
+    assert logic.undo(segmentation, target) and logic.undo(segmentation, target)
+    assert [(kind, label) for kind, _, label in logic.prepareUncertainty(volume, segmentation, target).prompts] == [("point", True)]
+    logic.segmentFromPoints(volume, segmentation, target, [a, c], [1, 1])
+    reference.reset(segmentation2, target2)
+    reference.segmentFromPoints(volume2, segmentation2, target2, [a], [1])
+    reference.segmentFromPoints(volume2, segmentation2, target2, [a, c], [1, 1])
+    assert np.array_equal(logic.segmentArray(segmentation, target), reference.segmentArray(segmentation2, target2))
+    with pytest.raises(ValueError, match="maxUndo must be at least 1"):
+        FL.FastSAM3DLogic(model=build_model("tiny"), maxUndo=0)
 
 
 @needs_colin
