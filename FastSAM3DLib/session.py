@@ -667,8 +667,8 @@ class Session:
         grid = np.stack(np.meshgrid(xs, ys, zs, indexing="ij"), axis=-1).reshape(-1, 3)
         matrix, origin = image_affine(self.image)
         physical = grid @ matrix.T + origin
-        margin = 0.1 * (high - low)
-        inside = np.all((physical >= low - margin) & (physical <= high + margin), axis=1)
+        # Exactly the box the user drew (voxel centres inside it): nothing outside it may change.
+        inside = np.all((physical >= low - 1e-6) & (physical <= high + 1e-6), axis=1)
         inside = inside.reshape(len(xs), len(ys), len(zs)).transpose(2, 1, 0)
         mask &= inside.astype(np.uint8)
 
