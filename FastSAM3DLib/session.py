@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import threading
 import time
 import weakref
@@ -183,9 +184,10 @@ class Session:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if click_mode not in ("all", "newest"):
             raise ValueError(f"click_mode must be 'all' or 'newest', got {click_mode!r}")
-        if device != "auto":
-            model = model.to(resolve_device(device))
-        self.model = model.eval()
+        with _model_lock(model):  # another session's MC-dropout decode may have the dropout modules in training mode
+            if device != "auto":
+                model = model.to(resolve_device(device))
+            self.model = model.eval()
         self.device = model.device
         self.precision = resolve_precision(precision, self.device)
         self._fast = runs_fast_path(self.precision, self.device)
@@ -462,6 +464,8 @@ class Session:
         Raises:
           PromptError: the object has no candidates, or no candidate ``index``.
         """
+        if index is not None and (isinstance(index, bool) or not isinstance(index, numbers.Integral)):
+            raise PromptError(f"candidate must be None or a whole number (0, 1, 2: small to large), got {index!r}")
         state = self._object(object)
         crop = self._candidate_crop(state)
         if crop is None:
@@ -682,14 +686,18 @@ class Session:
         return out
 
     def _click_voxel(self, prompt: Prompt) -> Optional[Tuple[int, int, int]]:
-        """The set image's voxel (x, y, z) a click falls in; None for a box or a point outside the image."""
+        """The set image's voxel (x, y, z) a click falls in; None for a box.
+
+        Halves round up, as ITK's ``TransformPhysicalPointToIndex`` does; a click on the image's
+        outer face (accepted up to half a voxel out) belongs to the voxel on that face.
+        """
         if prompt.is_box:
             return None
         with self._lock:  # cached: every paste revisits every prompt; set_image clears it
             if prompt not in self._click_voxels:
-                index = np.round(physical_to_index(self.image, prompt.point)).astype(int)
-                inside = not (np.any(index < 0) or np.any(index >= np.asarray(self.image.GetSize())))
-                self._click_voxels[prompt] = tuple(int(v) for v in index) if inside else None
+                index = np.floor(physical_to_index(self.image, prompt.point) + 0.5).astype(int)
+                index = np.clip(index, 0, np.asarray(self.image.GetSize()) - 1)
+                self._click_voxels[prompt] = tuple(int(v) for v in index)
             return self._click_voxels[prompt]
 
     def _enforce_clicks(self, state: _ObjectState, region: Region, mask: np.ndarray, enforced: Dict[Tuple[int, int, int], int],
@@ -794,8 +802,8 @@ class Session:
             raise ValueError(f"uncertainty method must be 'mc-dropout' or 'click-jitter', got {method!r}")
         if measure not in ("entropy", "variance"):
             raise ValueError(f"uncertainty measure must be 'entropy' or 'variance', got {measure!r}")
-        if n < 2:
-            raise ValueError(f"n must be at least 2 stochastic decodes, got {n}")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+            raise ValueError(f"n must be a whole number of at least 2 stochastic decodes, got {n!r}")
         state = self._object(object)
         self._update(state)
         region, fields = self._crop_fields(state)
@@ -844,7 +852,9 @@ class Session:
             batch_labels = torch.cat([batch_labels, torch.ones((n, 1), dtype=torch.int64)], dim=1)
         decoder = self.model.mask_decoder
         dropouts = [m for m in decoder.modules() if isinstance(m, torch.nn.Dropout)]
-        with _model_lock(self.model), torch.inference_mode():
+        # Dropout draws from torch's global generator: seeded here for reproducibility, inside a fork
+        # so that the caller's random state is what it was.
+        with _model_lock(self.model), torch.inference_mode(), torch.random.fork_rng(devices=[]):
             saved = [(m, m.p, m.training) for m in dropouts]
             try:
                 if method == "mc-dropout":

@@ -530,3 +530,76 @@ def test_a_crop_opened_by_a_later_click_keeps_the_single_mask_output():
     assert len(state.crops) == 2
     assert [crop in state.candidates for crop in state.crops] == [True, False]
     assert session.candidates() == ([], None)  # two prompts: nothing left to choose
+
+
+def test_a_click_on_the_image_face_holds_the_voxel_on_that_face(tiny):
+    """Clicks are accepted up to half a voxel outside the image; the clicked voxel is the nearest one
+    (halves round up, as ITK does), so the click is honoured there too."""
+    image = _image(size=(30, 50, 40), spacing=(0.8, 0.8, 2.0))
+    for index, positive in (((29.5, 25, 15), False), ((29.5, 25, 15), True), ((-0.5, 25, 15), False), ((20, 49.5, 39.5), False),
+                            ((20, 25, 20.5), False)):
+        session = Session(tiny, prefetch=False, precision="fp32")
+        session.set_image(image)
+        session.add_point_voxel((15, 25, 20))
+        session.add_point_voxel(index, positive=positive)
+        mask = sitk.GetArrayFromImage(session.predict())
+        nearest = [int(min(max(np.floor(v + 0.5), 0), n - 1)) for v, n in zip(index, image.GetSize())]
+        assert mask[nearest[2], nearest[1], nearest[0]] == int(positive), (index, positive)
+
+
+def test_choosing_a_candidate_takes_a_whole_number_only(tiny):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    model.config["first_click_multimask"] = True
+    session = Session(model, prefetch=False, precision="fp32")
+    session.set_image(_image())
+    session.add_point_voxel((20, 25, 15))
+    before = sitk.GetArrayFromImage(session.predict())
+    for bad in (True, 1.5, "1"):
+        with pytest.raises(PromptError, match="candidate must be None or a whole number"):
+            session.choose_candidate(bad)
+    assert np.array_equal(sitk.GetArrayFromImage(session.predict()), before)  # the object still works
+    session.choose_candidate(np.int64(2))
+    assert session.candidates()[1] == 2
+    assert session.undo() and session.candidates()[1] is None  # the choice is undone, not the click
+
+
+def test_uncertainty_leaves_the_callers_random_state_and_checks_n(tiny):
+    session = Session(tiny, prefetch=False, precision="fp32")
+    session.set_image(_image())
+    session.add_point_voxel((20, 25, 15))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    session.uncertainty(n=2)
+    assert torch.equal(torch.rand(3), expected)
+    for bad in (2.5, 1, True):
+        with pytest.raises(ValueError, match="whole number of at least 2"):
+            session.uncertainty(n=bad)
+
+
+def test_a_new_session_does_not_switch_off_another_threads_mc_dropout():
+    """Creating a Session puts the shared model in eval mode: under the model's lock, so an MC-dropout
+    decode running in another thread keeps its dropout (its variance was 0 in 10 of 10 runs)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    session = Session(model, prefetch=False, precision="fp32", mc_dropout_rate=0.5)
+    session.set_image(_image(size=(40, 40, 40)))
+    session.add_point_voxel((20, 20, 20))
+    session.predict()
+    stop = threading.Event()
+
+    def create_sessions():
+        while not stop.is_set():
+            Session(model, prefetch=False, precision="fp32").close()
+
+    creator = threading.Thread(target=create_sessions)
+    creator.start()
+    try:
+        variances = [float(sitk.GetArrayFromImage(session.uncertainty(n=4, measure="variance")[1]).mean()) for _ in range(6)]
+    finally:
+        stop.set()
+        creator.join()
+    assert min(variances) > 0, variances
