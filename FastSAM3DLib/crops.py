@@ -70,14 +70,22 @@ class IntensitySettings:
 
 
 def normalize_crop(array: np.ndarray, settings: IntensitySettings = IntensitySettings()) -> np.ndarray:
-    """Z-normalise a crop over its foreground (voxels > 0); a crop with no foreground is returned zeroed."""
-    values = array.astype(np.float32, copy=True)
+    """Z-normalise a crop over its foreground (float32 result).
+
+    The foreground is the voxels > 0 (the public pipeline: MR background is 0). Where none are (an
+    image whose values are all negative, e.g. shifted), it is the voxels above the crop's minimum,
+    which gives that image the crop its unshifted values would have; a crop of one value is
+    returned zeroed. Statistics are taken in float64: float32 squares overflow above ~1e19.
+    """
+    values = array.astype(np.float64, copy=True)
     if settings.mode == "ct":
         low, high = settings.window
         values = np.clip(values, low, high) - low
     foreground = values > 0
     if not foreground.any():
-        return np.zeros_like(values)
+        foreground = values > values.min()
+        if not foreground.any():
+            return np.zeros(values.shape, dtype=np.float32)
     selected = values[foreground]
     mean, std = float(selected.mean()), float(selected.std())
-    return (values - mean) / max(std, 1e-8)
+    return ((values - mean) / max(std, 1e-8)).astype(np.float32)

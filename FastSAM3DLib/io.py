@@ -248,6 +248,12 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
         raise ImageError(f"{name}: contains {bad} NaN or infinite voxel values; fix or mask them before segmenting")
     if not high > low:
         raise ImageError(f"{name}: every voxel has the same value ({low:g}); there is nothing to segment")
+    largest = float(np.finfo(np.float32).max)
+    if max(abs(low), abs(high)) > largest:
+        raise ImageError(
+            f"{name}: voxel values reach {max(abs(low), abs(high)):.3g}, beyond the {largest:.3g} that the model's "
+            "float32 arithmetic holds; rescale the image first"
+        )
 
 
 def load_image(source: ImageLike) -> sitk.Image:

@@ -214,6 +214,7 @@ class Session:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsam3d-embed")
         self._generation = 0
         self._image: Optional[sitk.Image] = None
+        self._outside = 0.0  # a crop's value outside the image (MR rule), see set_image
         self._embeddings: "OrderedDict[CropGrid, torch.Tensor]" = OrderedDict()
         self._pending: Dict[CropGrid, Future] = {}
         self._pasters: Dict[CropGrid, CropPaster] = {}
@@ -251,9 +252,14 @@ class Session:
         blocks until it is done). Raises ImageError for unusable images.
         """
         loaded = load_image(image)
+        extremes = sitk.MinimumMaximumImageFilter()
+        extremes.Execute(loaded)
         with self._lock:
             self._generation += 1
             self._image = loaded
+            # What a crop holds outside the image in the MR rule: 0, the public pipeline's background,
+            # unless no voxel is above 0 (a shifted image), where 0 would be its brightest value.
+            self._outside = 0.0 if extremes.GetMaximum() > 0 else float(extremes.GetMinimum())
             self._next_timings = {}
             self._embeddings.clear()
             self._pending.clear()
@@ -303,7 +309,7 @@ class Session:
         try:
             start = time.perf_counter()
             check(0.0)
-            default = self.intensity.window[0] if self.intensity.mode == "ct" else 0.0
+            default = self.intensity.window[0] if self.intensity.mode == "ct" else self._outside
             array = resample_to_crop(self.image, crop, default=default)
             tensor = torch.from_numpy(normalize_crop(array, self.intensity))[None, None].to(self.device)
             encoder = self.model.image_encoder

@@ -279,10 +279,13 @@ def _intensity(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def _normalize(image: torch.Tensor) -> torch.Tensor:
-    """Z-normalise over the voxels > 0, as the session does (MR rule); no foreground gives zeros."""
+    """Z-normalise over the voxels > 0 (or, with none, those above the minimum), as the session does
+    (:func:`FastSAM3DLib.crops.normalize_crop`, MR rule); a crop of one value gives zeros."""
     foreground = image > 0
     if not bool(foreground.any()):
-        return torch.zeros_like(image)
+        foreground = image > image.min()
+        if not bool(foreground.any()):
+            return torch.zeros_like(image)
     values = image[foreground]
     return (image - values.mean()) / values.std(unbiased=False).clamp_min(1e-8)
 

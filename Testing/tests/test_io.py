@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from FastSAM3DLib import ImageError
-from FastSAM3DLib.io import load_image, read_image, write_image_atomic
+from FastSAM3DLib.io import load_image, read_image, validate_image, write_image_atomic
 
 
 def _write_dicom_series(array: np.ndarray, spacing, origin, folder: Path) -> None:
@@ -70,3 +70,12 @@ def test_geometry_round_trip(tmp_path, suffix):
     assert np.allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-4)
     assert np.allclose(back.GetDirection(), image.GetDirection(), atol=1e-5)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_values_beyond_float32_are_refused():
+    """The model computes in float32: a float64 volume with values past its range would become inf."""
+    array = np.random.default_rng(0).normal(size=(8, 8, 8))
+    array[2, 3, 4] = 5e38
+    with pytest.raises(ImageError, match=r"reach 5e\+38, beyond the 3.4e\+38 that the model's float32 arithmetic holds"):
+        validate_image(sitk.GetImageFromArray(array))
+    validate_image(sitk.GetImageFromArray(array.clip(-1e38, 1e38)))

@@ -603,3 +603,30 @@ def test_a_new_session_does_not_switch_off_another_threads_mc_dropout():
         stop.set()
         creator.join()
     assert min(variances) > 0, variances
+
+
+def test_shifted_and_huge_intensities_give_the_same_mask(tiny):
+    """An image whose values are all negative (a shifted MR) or huge is normalised like the original:
+    its crop was all zeros (no voxel > 0, or a float32 standard deviation overflowing to inf), so the
+    model saw a blank crop whatever the image held."""
+    rng = np.random.default_rng(3)
+    array = np.zeros((40, 50, 44), np.float32)
+    zz, yy, xx = np.mgrid[:40, :50, :44]
+    array[(zz - 20) ** 2 + (yy - 25) ** 2 + (xx - 22) ** 2 < 12**2] = 200.0
+    array[8:32, 10:40, 8:36] += rng.normal(60, 10, (24, 30, 28)).astype(np.float32)
+
+    def mask(values):
+        image = sitk.GetImageFromArray(values)
+        image.SetSpacing((1.5, 1.5, 1.5))
+        session = Session(tiny, prefetch=False, precision="fp32", refinement=None)
+        session.set_image(image)
+        session.add_point_voxel((22, 25, 20))
+        session.add_point_voxel((5, 5, 5), positive=False)
+        return sitk.GetArrayFromImage(session.predict()).astype(bool)
+
+    original = mask(array)
+    noise = mask(-rng.uniform(1, 500, array.shape).astype(np.float32))
+    for variant in (array - 1000.0, array * np.float32(1e18)):
+        shifted = mask(variant.astype(np.float32))
+        assert 2 * (shifted & original).sum() / (shifted.sum() + original.sum()) > 0.99
+    assert (noise != original).any()  # the comparison can tell images apart
