@@ -75,9 +75,9 @@ def normalize_crop(array: np.ndarray, settings: IntensitySettings = IntensitySet
     The foreground is the voxels > 0 (the public pipeline: MR background is 0). Where none are (an
     image whose values are all negative, e.g. shifted), it is the voxels above the crop's minimum,
     which gives that image the crop its unshifted values would have; a crop of one value is
-    returned zeroed. Statistics are taken in float64: float32 squares overflow above ~1e19.
+    returned zeroed. Statistics accumulate in float64: float32 squares overflow above ~1e19.
     """
-    values = array.astype(np.float64, copy=True)
+    values = array.astype(np.float32, copy=True)
     if settings.mode == "ct":
         low, high = settings.window
         values = np.clip(values, low, high) - low
@@ -85,7 +85,7 @@ def normalize_crop(array: np.ndarray, settings: IntensitySettings = IntensitySet
     if not foreground.any():
         foreground = values > values.min()
         if not foreground.any():
-            return np.zeros(values.shape, dtype=np.float32)
+            return np.zeros_like(values)
     selected = values[foreground]
-    mean, std = float(selected.mean()), float(selected.std())
-    return ((values - mean) / max(std, 1e-8)).astype(np.float32)
+    mean, std = float(selected.mean(dtype=np.float64)), float(selected.std(dtype=np.float64))
+    return (values - np.float32(mean)) / np.float32(max(std, 1e-8))
