@@ -914,7 +914,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             if np.any(index < -0.5) or np.any(index > size - 0.5):
                 raise errors.PromptError(
                     f"{what} {n + 1} at R {world[0]:.1f}, A {world[1]:.1f}, S {world[2]:.1f} mm is outside volume "
-                    f"{volumeNode.GetName()!r} (it falls at voxel {tuple(np.round(index, 1))}; the volume has "
+                    f"{volumeNode.GetName()!r} (it falls at voxel ({', '.join(f'{v:.1f}' for v in index)}); the volume has "
                     f"{tuple(int(s) for s in size)} voxels)"
                 )
         return lps
@@ -943,8 +943,18 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._checkSegment(segmentationNode, segmentId)
         if candidate is not None and (isinstance(candidate, bool) or not isinstance(candidate, (int, np.integer)) or candidate < 0):
             raise errors.PromptError(f"candidate must be None (the model's pick) or a candidate index 0, 1, 2..., got {candidate!r}")
-        labels = list(labels)
-        points = np.asarray(pointsRAS, dtype=np.float64).reshape(-1, 3) if len(pointsRAS) else np.zeros((0, 3))
+        try:
+            labels = list(labels)
+            points = np.asarray(pointsRAS, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise errors.PromptError(
+                f"points must be a list of (R, A, S) millimetre triples and labels a list of 1/0, got {pointsRAS!r} and {labels!r}"
+            ) from None
+        if points.size == 0:
+            points = np.zeros((0, 3))
+        elif points.ndim > 2 or points.shape[-1] != 3:
+            raise errors.PromptError(f"points must be (R, A, S) millimetre triples, got an array of shape {points.shape}")
+        points = points.reshape(-1, 3)
         if len(labels) != len(points):
             raise errors.PromptError(f"got {len(points)} points but {len(labels)} labels: give one label (1 or 0) per point")
         for n, label in enumerate(labels):
@@ -1265,7 +1275,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def prepareUncertainty(self, volumeNode, segmentationNode, segmentId: str, samples: int = 16, method: str = "mc-dropout"):
         """A request for the uncertainty of the segment's current prompts (it must have been segmented)."""
         errors = _errors()
+        if volumeNode is None:
+            raise errors.ImageError("no input volume chosen")
         self._checkSegment(segmentationNode, segmentId)
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
+            raise errors.FastSAM3DInputError(f"samples must be a whole number of at least 2 stochastic decodes, got {samples!r}")
         state = self._volumeState(volumeNode)
         key = (segmentationNode.GetID(), segmentId)
         track = state.objects.get(key)

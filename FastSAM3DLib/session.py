@@ -215,6 +215,7 @@ class Session:
         self._generation = 0
         self._image: Optional[sitk.Image] = None
         self._outside = 0.0  # a crop's value outside the image (MR rule), see set_image
+        self._closed = False
         self._embeddings: "OrderedDict[CropGrid, torch.Tensor]" = OrderedDict()
         self._pending: Dict[CropGrid, Future] = {}
         self._pasters: Dict[CropGrid, CropPaster] = {}
@@ -251,6 +252,7 @@ class Session:
         Embedding of the crop at the image centre starts in the background at once (``wait=True``
         blocks until it is done). Raises ImageError for unusable images.
         """
+        self._check_open()
         loaded = load_image(image)
         extremes = sitk.MinimumMaximumImageFilter()
         extremes.Execute(loaded)
@@ -276,8 +278,9 @@ class Session:
                 future.result()
 
     def close(self) -> None:
-        """Abandon background work and release cached embeddings."""
+        """Abandon background work and release cached embeddings; the session cannot be used after."""
         with self._lock:
+            self._closed = True
             self._generation += 1
             self._embeddings.clear()
             self._pending.clear()
@@ -338,6 +341,7 @@ class Session:
             total -= dropped.numel() * dropped.element_size()
 
     def _ensure_embedding(self, crop: CropGrid) -> Future:
+        self._check_open()
         with self._lock:
             if crop in self._embeddings:
                 self._embeddings.move_to_end(crop)
@@ -408,7 +412,12 @@ class Session:
             return min(inside, key=lambda c: np.linalg.norm(c.to_index(center)[0] - c.size / 2))
         return CropGrid.around(center)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Session was closed (close() or the end of its with block): create a new Session")
+
     def _push(self, state: _ObjectState, prompt: Prompt) -> None:
+        self._check_open()
         state.history.append(state.snapshot())
         state.prompts.append(prompt)
         crop = self._crop_for(state, prompt.center)

@@ -630,3 +630,13 @@ def test_shifted_and_huge_intensities_give_the_same_mask(tiny):
         shifted = mask(variant.astype(np.float32))
         assert 2 * (shifted & original).sum() / (shifted.sum() + original.sum()) > 0.99
     assert (noise != original).any()  # the comparison can tell images apart
+
+
+def test_a_closed_session_says_so_and_records_nothing(tiny):
+    with Session(tiny, prefetch=False, precision="fp32") as session:
+        session.set_image(_image())
+        session.add_point_voxel((20, 25, 15))
+    for use in (lambda: session.add_point_voxel((10, 10, 10)), lambda: session.set_image(_image()), session.predict):
+        with pytest.raises(RuntimeError, match="this Session was closed"):
+            use()
+    assert len(session.prompts()) == 1

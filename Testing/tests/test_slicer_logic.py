@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "FastSAM3D"))
 
 import FastSAM3DLogic as FL  # noqa: E402
-from FastSAM3DLib.errors import FastSAM3DInputError, PromptError  # noqa: E402
+from FastSAM3DLib.errors import FastSAM3DInputError, ImageError, PromptError  # noqa: E402
 from oracles import region_of  # noqa: E402
 
 FL.ensureSegmentationConverterRules()
@@ -487,8 +487,17 @@ def test_errors_leave_the_segmentation_unchanged(ch2_node_data, putamen):
     click = ras(putamen[1])
     logic.segmentFromPoints(volume, segmentation, target, [click], [1])
     state = {sid: layer_bytes(segmentation, sid) for sid in (target, other)}
-    with pytest.raises(PromptError, match="outside volume 'ch2'"):
+    with pytest.raises(PromptError, match=r"outside volume 'ch2' \(it falls at voxel \(-?\d+\.\d, "):
         logic.segmentFromPoints(volume, segmentation, target, [click, [500.0, 0.0, 0.0]], [1, 1])
+    # Malformed arguments are input errors naming what was expected (they were TypeError / ValueError).
+    with pytest.raises(PromptError, match="labels a list of 1/0"):
+        logic.segmentFromPoints(volume, segmentation, target, [click], None)
+    with pytest.raises(PromptError, match=r"triples, got an array of shape \(1, 2\)"):
+        logic.segmentFromPoints(volume, segmentation, target, [[1.0, 2.0]], [1])
+    with pytest.raises(ImageError, match="no input volume"):
+        logic.computeUncertainty(None, segmentation, target)
+    with pytest.raises(FastSAM3DInputError, match="samples must be a whole number of at least 2"):
+        logic.computeUncertainty(volume, segmentation, target, samples=2.5)
     with pytest.raises(PromptError, match="labels"):
         logic.segmentFromPoints(volume, segmentation, target, [click], [1, 0])
     with pytest.raises(PromptError, match="use 1"):
