@@ -67,6 +67,9 @@ class Ball:
         self.objects[object] = []
         self.chosen.pop(object, None)
 
+    def undo(self, object=0):
+        return bool(self.objects[object]) and self.objects[object].pop() is not None
+
     def candidates(self, object=0):
         prompts = self.objects[object]
         if len(prompts) == 1 and prompts[0][1]:
