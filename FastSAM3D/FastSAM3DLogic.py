@@ -367,6 +367,7 @@ class _VolumeState:
     signature: tuple
     image: sitk.Image
     factory: Callable[[], Any]
+    name: str = "image"  # how an unusable volume is named in the error
     session: Any = None
     objects: Dict[Tuple[str, str], _ObjectTrack] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -375,7 +376,7 @@ class _VolumeState:
         with self.lock:
             if self.session is None:
                 session = self.factory()
-                session.set_image(self.image)  # embedding starts in the background
+                session.set_image(self.image, name=self.name)  # embedding starts in the background
                 self.session = session
             return self.session
 
@@ -839,7 +840,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         image = volumeNodeToImage(volumeNode)
         if state is not None:
             self._closeState(state)
-        state = _VolumeState(volumeNode.GetID(), signature, image, self._newSession)
+        state = _VolumeState(volumeNode.GetID(), signature, image, self._newSession, name=f"volume {volumeNode.GetName()!r}")
         self._volumes[volumeNode.GetID()] = state
         return state
 

@@ -256,13 +256,14 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
         )
 
 
-def load_image(source: ImageLike) -> sitk.Image:
-    """A validated image from a SimpleITK image or a path."""
+def load_image(source: ImageLike, name: Optional[str] = None) -> sitk.Image:
+    """A validated image from a SimpleITK image or a path; ``name`` is how errors call it (default:
+    the path, or "image")."""
     if isinstance(source, sitk.Image):
-        validate_image(source)
+        validate_image(source, name or "image")
         return source
     image = read_image(source)
-    validate_image(image, str(source))
+    validate_image(image, name or str(source))
     return image
 
 

@@ -246,14 +246,15 @@ class Session:
             raise RuntimeError("no image is set: call Session.set_image(image) first")
         return self._image
 
-    def set_image(self, image: ImageLike, wait: bool = False) -> None:
+    def set_image(self, image: ImageLike, wait: bool = False, name: Optional[str] = None) -> None:
         """Set the volume to segment (a SimpleITK image or a path); forgets all prompts and crops.
 
         Embedding of the crop at the image centre starts in the background at once (``wait=True``
-        blocks until it is done). Raises ImageError for unusable images.
+        blocks until it is done). Raises ImageError for unusable images, naming the image ``name``
+        (default: its path, or "image").
         """
         self._check_open()
-        loaded = load_image(image)
+        loaded = load_image(image, name)
         extremes = sitk.MinimumMaximumImageFilter()
         extremes.Execute(loaded)
         with self._lock:

@@ -63,7 +63,7 @@ class BallSession:
         self.calls = []
         self.fail = False
 
-    def set_image(self, image):
+    def set_image(self, image, wait=False, name=None):
         self.image = image
         self.objects = {0: []}
         self.next = 1
@@ -957,3 +957,17 @@ def test_refine_boundary_is_a_setting_of_the_open_sessions(ch2_node_data, putame
     without = FL.FastSAM3DLogic(model=model, device="cpu", precision="fp32", refineBoundary=False)
     without.segmentFromPoints(volume, segmentation, target, click, [1])
     assert np.array_equal(without.segmentArray(segmentation, target), plain)
+
+
+@needs_colin
+def test_an_unusable_volume_is_named_in_the_error(ch2_node_data, putamen, tiny_logic):
+    from vtk.util import numpy_support
+
+    scene, volume, segmentation, target, other = new_scene(ch2_node_data)
+    numpy_support.vtk_to_numpy(volume.GetImageData().GetPointData().GetScalars())[:] = 7
+    volume.GetImageData().Modified()
+    volume.Modified()
+    before = layer_bytes(segmentation, target)
+    with pytest.raises(ImageError, match="volume 'ch2': every voxel has the same value"):
+        tiny_logic.segmentFromPoints(volume, segmentation, target, [ras(putamen[1])], [1])
+    assert layer_bytes(segmentation, target) == before

@@ -55,7 +55,7 @@ class Ball:
         self.last_timings = {"total_s": 0.0}
         self.chosen = {}
 
-    def set_image(self, image):
+    def set_image(self, image, wait=False, name=None):
         self.image, self.objects, self.next = image, {0: []}, 1
 
     def new_object(self):
