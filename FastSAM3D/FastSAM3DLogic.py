@@ -920,6 +920,22 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
                 )
         return lps
 
+    @classmethod
+    def _localBox(cls, volumeNode, state: _VolumeState, cornersRAS: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """A world box (two opposite RAS corners) as the engine's box: axis-aligned in the volume's
+        LPS frame, around all eight of its corners carried there (under a rotating transform two
+        corners alone can span a flat box), kept within the volume's extent."""
+        cls._toLocalLps(volumeNode, state, cornersRAS, "box corner")  # the corners drawn lie in the volume
+        cube = np.array([[cornersRAS[i, 0], cornersRAS[j, 1], cornersRAS[k, 2]] for i, j, k in np.ndindex(2, 2, 2)])
+        local = rasToLps(worldToLocal(volumeNode, cube))
+        size = np.asarray(state.image.GetSize(), dtype=np.float64)
+        faces = np.array([state.image.TransformContinuousIndexToPhysicalPoint(tuple(np.where(bits, size - 0.5, -0.5)))
+                          for bits in np.ndindex(2, 2, 2)])
+        inset = 1e-4  # mm: a corner on the volume's face stays inside it despite rounding
+        low = np.clip(local.min(0), faces.min(0) + inset, faces.max(0) - inset)
+        high = np.clip(local.max(0), faces.min(0) + inset, faces.max(0) - inset)
+        return tuple(float(v) for v in low), tuple(float(v) for v in high)
+
     # -- segmentation --------------------------------------------------------------------------
 
     def prepareSegmentation(
@@ -966,8 +982,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         state = self._volumeState(volumeNode)
         prompts: List[Prompt] = []
         if boxRAS is not None:
-            corners = self._toLocalLps(volumeNode, state, np.asarray(boxRAS, dtype=np.float64).reshape(2, 3), "box corner")
-            prompts.append(("box", tuple(corners[0]), tuple(corners[1])))
+            prompts.append(("box",) + self._localBox(volumeNode, state, np.asarray(boxRAS, dtype=np.float64).reshape(2, 3)))
         lps = self._toLocalLps(volumeNode, state, points, "point")
         prompts.extend(("point", tuple(p), bool(label)) for p, label in zip(lps, labels))
         return PredictionRequest(volumeNode.GetScene(), state, (segmentationNode.GetID(), segmentId), prompts, volumeNode.GetID(),
@@ -1032,7 +1047,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         """Segment from a box (two opposite corners in world RAS), optionally refined with clicks.
 
         The box is axis-aligned in the volume's voxel frame: a box drawn in a rotated view, or a volume
-        under a rotating transform, is replaced by the box the two transformed corners span.
+        under a rotating transform, is replaced by the box around its eight transformed corners.
         """
         request = self.prepareSegmentation(volumeNode, segmentationNode, segmentId, pointsRAS, labels, (cornerRAS, oppositeRAS))
         return self.applyPrediction(request, request.run())

@@ -628,6 +628,22 @@ def test_box_prompt_and_roi_corners(ch2_node_data, putamen):
     logic.segmentFromBox(volume, segmentation, target, a, b)
     assert np.linalg.norm(exported_world_voxels(segmentation, target).mean(0) - click) < 0.6
 
+    # Under a 45-degree rotation two opposite corners of a cube land on one plane of the volume's
+    # frame (the box was refused as flat): the box around all eight corners is used.
+    scene2, volume2, segmentation2, target2, _ = new_scene(ch2_node_data)
+    rotation = scene2.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    c = s = np.sqrt(0.5)
+    matrix.SetElement(0, 0, c), matrix.SetElement(0, 1, -s), matrix.SetElement(1, 0, s), matrix.SetElement(1, 1, c)
+    rotation.SetMatrixTransformToParent(matrix)
+    volume2.SetAndObserveTransformNodeID(rotation.GetID())
+    center = np.array([c * click[0] - s * click[1], s * click[0] + c * click[1], click[2]])  # the click's world position now
+    request = logic.prepareSegmentation(volume2, segmentation2, target2, (), (), (center - 15.0, center + 15.0))
+    low, high = (np.asarray(v) for v in request.prompts[0][1:])
+    assert np.allclose(high - low, [30 * np.sqrt(2), 30 * np.sqrt(2), 30], atol=1e-6)  # the rotated cube's bounding box
+    logic.applyPrediction(request, request.run())
+    assert np.linalg.norm(exported_world_voxels(segmentation2, target2).mean(0) - center) < 0.6
+
 
 @needs_colin
 def test_markups_points_world_order_and_colours(ch2_node_data, putamen):
