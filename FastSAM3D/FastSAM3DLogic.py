@@ -277,8 +277,11 @@ def _transformBetween(sourceNode, targetNode) -> Tuple[Optional[vtk.vtkAbstractT
     targetParent = targetNode.GetParentTransformNode() if targetNode is not None else None
     if sourceParent is None and targetParent is None:
         return None, True
+    # Asked only of a linear chain: for a non-linear one Slicer logs an error before it declines.
+    linear = (sourceParent.IsTransformToNodeLinear(targetParent) if sourceParent is not None
+              else targetParent.IsTransformToWorldLinear())
     matrix = vtk.vtkMatrix4x4()
-    if slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(sourceParent, targetParent, matrix):
+    if linear and slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(sourceParent, targetParent, matrix):
         if np.allclose(_matrixToNumpy(matrix), np.eye(4), atol=1e-9):
             return None, True
         transform = vtk.vtkTransform()
