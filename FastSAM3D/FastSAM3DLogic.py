@@ -927,17 +927,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def _localBox(cls, volumeNode, state: _VolumeState, cornersRAS: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """A world box (two opposite RAS corners) as the engine's box: axis-aligned in the volume's
         LPS frame, around all eight of its corners carried there (under a rotating transform two
-        corners alone can span a flat box), kept within the volume's extent."""
+        corners alone can span a flat box). The engine takes a box reaching past the volume."""
         cls._toLocalLps(volumeNode, state, cornersRAS, "box corner")  # the corners drawn lie in the volume
         cube = np.array([[cornersRAS[i, 0], cornersRAS[j, 1], cornersRAS[k, 2]] for i, j, k in np.ndindex(2, 2, 2)])
         local = rasToLps(worldToLocal(volumeNode, cube))
-        size = np.asarray(state.image.GetSize(), dtype=np.float64)
-        faces = np.array([state.image.TransformContinuousIndexToPhysicalPoint(tuple(np.where(bits, size - 0.5, -0.5)))
-                          for bits in np.ndindex(2, 2, 2)])
-        inset = 1e-4  # mm: a corner on the volume's face stays inside it despite rounding
-        low = np.clip(local.min(0), faces.min(0) + inset, faces.max(0) - inset)
-        high = np.clip(local.max(0), faces.min(0) + inset, faces.max(0) - inset)
-        return tuple(float(v) for v in low), tuple(float(v) for v in high)
+        return tuple(float(v) for v in local.min(0)), tuple(float(v) for v in local.max(0))
 
     # -- segmentation --------------------------------------------------------------------------
 
@@ -1049,8 +1043,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def segmentFromBox(self, volumeNode, segmentationNode, segmentId: str, cornerRAS, oppositeRAS, pointsRAS=(), labels=()):
         """Segment from a box (two opposite corners in world RAS), optionally refined with clicks.
 
-        The box is axis-aligned in the volume's voxel frame: a box drawn in a rotated view, or a volume
-        under a rotating transform, is replaced by the box around its eight transformed corners.
+        The box is axis-aligned in the volume's local LPS frame: a box drawn in a rotated view, or a
+        volume under a rotating transform, is replaced by the box around its eight transformed corners.
         """
         request = self.prepareSegmentation(volumeNode, segmentationNode, segmentId, pointsRAS, labels, (cornerRAS, oppositeRAS))
         return self.applyPrediction(request, request.run())

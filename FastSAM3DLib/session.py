@@ -390,10 +390,13 @@ class Session:
             raise PromptError(f"object {handle!r} does not exist (known: {self.objects}); use new_object()")
         return self._objects[handle]
 
-    def _check_point(self, point: Sequence[float], what: str) -> Tuple[float, float, float]:
+    def _check_point(self, point: Sequence[float], what: str, inside: bool = True) -> Tuple[float, float, float]:
+        """``point`` as three floats; unless ``inside`` is False, it must lie in the image (up to half a voxel out)."""
         values = np.asarray(point, dtype=np.float64).reshape(-1)
         if values.size != 3 or not np.all(np.isfinite(values)):
             raise PromptError(f"{what} must be three finite numbers (x, y, z), got {_fmt(np.asarray(point).reshape(-1))}")
+        if not inside:
+            return tuple(float(v) for v in values)
         index = physical_to_index(self.image, values)
         size = np.asarray(self.image.GetSize())
         if np.any(index < -0.5) or np.any(index > size - 0.5):
@@ -439,13 +442,18 @@ class Session:
         self.add_point(index_to_physical(self.image, values), positive, object)
 
     def add_box(self, corner_lps: Sequence[float], opposite_lps: Sequence[float], object: int = 0) -> None:
-        """Add a box given by two opposite corners (LPS mm); the object is segmented inside it."""
+        """Add a box given by two opposite corners (LPS mm); the object is segmented inside it.
+
+        The box is axis-aligned in LPS; it may reach past the image (a box drawn at its edge, or
+        around an oblique volume's corner) as long as its centre lies in the image.
+        """
         state = self._object(object)
-        a = self._check_point(corner_lps, "box corner")
-        b = self._check_point(opposite_lps, "opposite box corner")
+        a = self._check_point(corner_lps, "box corner", inside=False)
+        b = self._check_point(opposite_lps, "opposite box corner", inside=False)
         extent = np.abs(np.asarray(a) - np.asarray(b))
         if np.any(extent < min(self.image.GetSpacing())):
             raise PromptError(f"box {_fmt(a)} - {_fmt(b)} is flat (extent {_fmt(extent)} mm): give two opposite corners of a 3D box")
+        self._check_point((np.asarray(a) + np.asarray(b)) / 2.0, f"the centre of box {_fmt(a)} - {_fmt(b)}")
         self._push(state, Prompt(a, True, b))
 
     def _candidate_crop(self, state: _ObjectState) -> Optional[CropGrid]:

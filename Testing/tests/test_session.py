@@ -640,3 +640,15 @@ def test_a_closed_session_says_so_and_records_nothing(tiny):
         with pytest.raises(RuntimeError, match="this Session was closed"):
             use()
     assert len(session.prompts()) == 1
+
+
+def test_a_box_may_reach_past_the_image_but_its_centre_must_be_in_it(tiny):
+    image = _image(size=(40, 50, 30))
+    session = Session(tiny, prefetch=False, precision="fp32", refinement=None)
+    session.set_image(image)
+    session.add_box(index_to_physical(image, (30, 40, 20)), index_to_physical(image, (44, 54, 34)))  # past three faces
+    mask = sitk.GetArrayFromImage(session.predict())
+    nz = np.argwhere(mask)
+    assert nz.size and np.all(nz.min(0)[::-1] >= [30, 40, 20])
+    with pytest.raises(PromptError, match="the centre of box .* is outside the image"):
+        session.add_box(index_to_physical(image, (45, 10, 10)), index_to_physical(image, (60, 20, 20)))

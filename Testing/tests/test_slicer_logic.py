@@ -1018,3 +1018,32 @@ def test_a_non_linear_parent_transform_gives_the_linear_answer_quietly(ch2_node_
     logic.segmentFromPoints(volume2, segmentation2, target2, [click], [1])
     assert np.array_equal(logic.segmentArray(segmentation2, target2), expected)
     assert "not linear" not in capfd.readouterr().err
+
+
+def test_a_box_at_the_edge_of_an_oblique_volume(tiny_logic):
+    """The engine's box is axis-aligned in LPS: around an oblique volume's edge its corners leave the
+    volume although the corners drawn lie in it; it is accepted, and the mask stays in the box."""
+    from vtk.util import numpy_support
+
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    data = vtk.vtkImageData()
+    data.SetDimensions(40, 40, 12)
+    data.AllocateScalars(vtk.VTK_FLOAT, 1)
+    numpy_support.vtk_to_numpy(data.GetPointData().GetScalars())[:] = np.random.default_rng(0).random(40 * 40 * 12) * 100
+    volume.SetAndObserveImageData(data)
+    c = s = np.sqrt(0.5)
+    matrix = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    vtkMatrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for col in range(4):
+            vtkMatrix.SetElement(r, col, matrix[r, col])
+    volume.SetIJKToRASMatrix(vtkMatrix)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    target = segmentation.GetSegmentation().AddEmptySegment("t")
+    a, b = (matrix @ [1, 38, 2, 1])[:3], (matrix @ [1, 1, 9, 1])[:3]
+    tiny_logic.segmentFromBox(volume, segmentation, target, a, b)
+    voxels = exported_world_voxels(segmentation, target)
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    assert len(voxels) and np.all(voxels >= low - 1e-3) and np.all(voxels <= high + 1e-3)
