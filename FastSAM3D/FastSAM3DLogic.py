@@ -350,12 +350,20 @@ class _ObjectTrack:
 
 
 @dataclass
+class _Shown:
+    """What made the voxels a segment shows: the prompts (in the volume's frame), the candidate, the volume."""
+
+    prompts: List[Prompt] = field(default_factory=list)
+    candidate: Optional[int] = None
+    volumeNodeID: Optional[str] = None
+
+
+@dataclass
 class _UndoEntry:
-    """A segment's voxels before a write, and the prompts and candidate that had made them."""
+    """A segment's voxels before a write, and what had made them."""
 
     labelmap: Any
-    prompts: List[Prompt]
-    candidate: Optional[int]
+    shown: _Shown
 
 
 @dataclass
@@ -374,6 +382,17 @@ class _VolumeState:
     session: Any = None
     objects: Dict[Tuple[str, str], _ObjectTrack] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # Per segment, the prompts and candidate an undo went back to, for the worker to give the session
+    # (the GUI thread must not wait for a worker's lock to undo).
+    rewinds: Dict[Tuple[str, str], Tuple[List[Prompt], Optional[int]]] = field(default_factory=dict)
+
+    def promptsOf(self, key: Tuple[str, str]) -> Tuple[List[Prompt], Optional[int]]:
+        """The prompts and candidate a segment's object holds, or will once a pending undo is applied."""
+        rewind = self.rewinds.get(key)
+        if rewind is not None:
+            return list(rewind[0]), rewind[1]
+        track = self.objects.get(key)
+        return (list(track.given), track.candidate) if track is not None else ([], None)
 
     def ensureSession(self):
         with self.lock:
@@ -424,6 +443,20 @@ def _samePrompt(a: Prompt, b: Prompt, tolerance: float = 1e-6) -> bool:
     return np.allclose(a[1], b[1], atol=tolerance) and np.allclose(a[2], b[2], atol=tolerance)
 
 
+def _rewind(session, track: _ObjectTrack, prompts: List[Prompt], candidate: Optional[int]) -> None:
+    """Bring a segment's session object back to ``prompts`` (and ``candidate``): back to an earlier
+    prompt of the same object by the session's exact undo, else marked for a replay."""
+    given = track.given
+    earlier = (not track.stale and track.candidate == candidate and 1 <= len(prompts) <= len(given)
+               and all(_samePrompt(a, b) for a, b in zip(given, prompts)))
+    if earlier:  # each later prompt is one history entry of the session (a candidate choice comes before them)
+        for _ in range(len(given) - len(prompts)):
+            session.undo(object=track.handle)
+        track.given = list(prompts)
+        return
+    track.given, track.candidate, track.stale = list(prompts), candidate, True
+
+
 class PredictionRequest:
     """One segmentation request: validated on the main thread, run anywhere, applied on the main thread.
 
@@ -451,6 +484,9 @@ class PredictionRequest:
         if track is None:
             track = _ObjectTrack(handle=session.new_object())
             self.state.objects[self.key] = track
+        rewind = self.state.rewinds.pop(self.key, None)
+        if rewind is not None:
+            _rewind(session, track, *rewind)
         given = track.given
         # Another candidate for the first click changes what the later clicks refined: replay them.
         sameCandidate = self.candidate == track.candidate or len(given) <= 1
@@ -674,7 +710,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
       precision: the session's precision (FastSAM3DLib.session.PRECISIONS; "auto" by default).
       refineBoundary: let the volume's intensities decide where the model is unsure of its boundary
         (``FastSAM3DLib.paste.BoundaryRefinement``); ``setRefineBoundary`` changes it later.
-      sessionFactory: ``factory(model) -> Session``; the default creates ``FastSAM3DLib.Session``.
+      sessionFactory: ``factory(model) -> Session``; the default creates ``FastSAM3DLib.Session``. Another
+        engine provides what the Logic calls: ``set_image(image, name=...)``, ``new_object``, ``add_point``,
+        ``add_box``, ``undo(object=)``, ``reset(object=)``, ``predict_region``, ``candidates``, ``choose_candidate``, ``uncertainty``, as ``Session`` does.
       maxUndo: how many earlier labelmaps are kept per segment.
 
     The arguments are keyword-only: when the source folder is added to Slicer's module paths,
@@ -705,7 +743,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._volumes: Dict[str, _VolumeState] = {}
         self._undo: Dict[Tuple[str, str], List[_UndoEntry]] = {}
         # Per segment: the prompts and candidate of the result it shows (what undo returns to, one step back).
-        self._shown: Dict[Tuple[str, str], Tuple[List[Prompt], Optional[int]]] = {}
+        self._shown: Dict[Tuple[str, str], _Shown] = {}
         self.logCallback: Optional[Callable[[str], None]] = None
 
     def log(self, message: str) -> None:
@@ -1005,7 +1043,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._checkSegment(segmentationNode, request.segmentID)
         self._checkMaskFits(mask, volumeNode)
         labelmap = self.maskToSegmentLabelmap(mask.array, volumeNode, segmentationNode, mask.start)
-        self._writeSegment(segmentationNode, request.segmentID, labelmap, (list(request.prompts), request.candidate))
+        self._writeSegment(segmentationNode, request.segmentID, labelmap, _Shown(list(request.prompts), request.candidate, request.volumeNodeID))
         spacing = np.prod(volumeNode.GetSpacing())
         voxels = int(np.count_nonzero(mask.array))
         timings = dict(getattr(request.state.session, "last_timings", {}) or {})
@@ -1204,9 +1242,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         if not ok:
             raise RuntimeError(f"Slicer could not write segment {segmentId!r} of {segmentationNode.GetName()!r}")
 
-    def _writeSegment(self, segmentationNode, segmentId: str, labelmap, shown: Tuple[List[Prompt], Optional[int]]) -> None:
-        """Replace one segment's voxels (made by the prompts and candidate ``shown``), keeping the
-        previous ones for undo; restore them on failure."""
+    def _writeSegment(self, segmentationNode, segmentId: str, labelmap, shown: _Shown) -> None:
+        """Replace one segment's voxels (made as ``shown`` says), keeping the previous ones for undo;
+        restore them on failure."""
         key = (segmentationNode.GetID(), segmentId)
         previous = self.segmentLabelmap(segmentationNode, segmentId)
         try:
@@ -1215,7 +1253,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             self._setSegment(segmentationNode, segmentId, previous)
             raise
         stack = self._undo.setdefault(key, [])
-        stack.append(_UndoEntry(previous, *self._shown.get(key, ([], None))))
+        stack.append(_UndoEntry(previous, self._shown.get(key, _Shown())))
         self._shown[key] = shown
         if len(stack) > self.maxUndo:
             del stack[1]  # keep the state before the first FastSAM3D edit: reset() returns to it
@@ -1228,7 +1266,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
         The segment's prompts go back with it: the uncertainty is then that of the restored result,
         and the next click refines it (one prompt back is the session's own exact undo; further back,
-        the next request replays the prompts).
+        the next request replays the prompts). The session is brought back by the next request, on
+        the worker: this returns at once even while a prediction runs.
         """
         key = (segmentationNode.GetID(), segmentId)
         stack = self._undo.get(key)
@@ -1236,29 +1275,18 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             return False
         entry = stack.pop()
         self._setSegment(segmentationNode, segmentId, entry.labelmap)
-        self._shown[key] = (list(entry.prompts), entry.candidate)
-        for state in self._volumes.values():
-            track = state.objects.get(key)
-            if track is not None:
-                with state.lock:
-                    self._rewind(state, track, entry.prompts, entry.candidate)
+        self._shown[key] = entry.shown
+        for volumeNodeID, state in self._volumes.items():
+            if key in state.objects or key in state.rewinds:
+                # Another volume's object for this segment did not make what it shows now: it starts afresh.
+                ours = volumeNodeID == entry.shown.volumeNodeID
+                state.rewinds[key] = (list(entry.shown.prompts), entry.shown.candidate) if ours else ([], None)
         return True
-
-    @staticmethod
-    def _rewind(state: _VolumeState, track: _ObjectTrack, prompts: List[Prompt], candidate: Optional[int]) -> None:
-        """Bring a segment's session object back to ``prompts`` (and ``candidate``)."""
-        given = track.given
-        oneBack = (not track.stale and track.candidate == candidate and len(prompts) >= 1 and len(given) == len(prompts) + 1
-                   and all(_samePrompt(a, b) for a, b in zip(given, prompts)))
-        if oneBack and state.session is not None:  # the session's last history entry is that prompt (a candidate comes before it)
-            state.session.undo(object=track.handle)
-            track.given = list(prompts)
-            return
-        track.given, track.candidate, track.stale = list(prompts), candidate, True
 
     def _forgetPrompts(self, segmentationNode, segmentId: str) -> None:
         key = (segmentationNode.GetID(), segmentId)
         for state in self._volumes.values():
+            state.rewinds.pop(key, None)
             track = state.objects.pop(key, None)
             if track is not None and state.session is not None:
                 with state.lock:
@@ -1295,13 +1323,12 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             raise errors.FastSAM3DInputError(f"samples must be a whole number of at least 2 stochastic decodes, got {samples!r}")
         state = self._volumeState(volumeNode)
         key = (segmentationNode.GetID(), segmentId)
-        track = state.objects.get(key)
-        if track is None or not track.given:
+        prompts, candidate = state.promptsOf(key)
+        if not prompts:
             raise errors.PromptError(
                 f"segment {segmentId!r} has no FastSAM3D prompts on volume {volumeNode.GetName()!r}: click in it first"
             )
-        return UncertaintyRequest(volumeNode.GetScene(), state, key, list(track.given), volumeNode.GetID(), samples, method,
-                                  track.candidate)
+        return UncertaintyRequest(volumeNode.GetScene(), state, key, prompts, volumeNode.GetID(), samples, method, candidate)
 
     def applyUncertainty(self, request: UncertaintyRequest, result, outputVolumeNode=None):
         """Write the uncertainty image into a colour-mapped scalar volume on the input volume's grid."""

@@ -22,6 +22,7 @@ What stands in for something else, and why:
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -836,7 +837,19 @@ def test_undo_takes_the_prompts_back_with_the_voxels(ch2_node_data, putamen):
     logic.segmentFromPoints(volume, segmentation, target, [a, b], [1, 0])
     twoClicks = logic.segmentArray(segmentation, target)
     logic.segmentFromPoints(volume, segmentation, target, [a, b, c], [1, 0, 1])
-    assert logic.undo(segmentation, target)
+    # The GUI thread's undo does not wait for the worker (here: a prediction holding the session's lock).
+    state = logic._volumes[volume.GetID()]
+    held, release = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: (state.lock.acquire(), held.set(), release.wait(), state.lock.release()))
+    worker.start()
+    held.wait()
+    try:
+        started = time.perf_counter()
+        assert logic.undo(segmentation, target)
+        assert time.perf_counter() - started < 5
+    finally:
+        release.set()
+        worker.join()
     assert np.array_equal(logic.segmentArray(segmentation, target), twoClicks)
     afterUndo = logic.computeUncertainty(volume, segmentation, target, samples=4)
     logic.segmentFromPoints(volume, segmentation, target, [a, b, d], [1, 0, 1])
