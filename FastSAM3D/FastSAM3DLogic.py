@@ -712,7 +712,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         (``FastSAM3DLib.paste.BoundaryRefinement``); ``setRefineBoundary`` changes it later.
       sessionFactory: ``factory(model) -> Session``; the default creates ``FastSAM3DLib.Session``. Another
         engine provides what the Logic calls: ``set_image(image, name=...)``, ``new_object``, ``add_point``,
-        ``add_box``, ``undo(object=)``, ``reset(object=)``, ``predict_region``, ``candidates``, ``choose_candidate``, ``uncertainty``, as ``Session`` does.
+        ``add_box``, ``undo(object=)``, ``reset(object=)``, ``predict_region``, ``candidates``,
+        ``choose_candidate``, ``uncertainty``, as ``Session`` does.
       maxUndo: how many earlier labelmaps are kept per segment.
 
     The arguments are keyword-only: when the source folder is added to Slicer's module paths,

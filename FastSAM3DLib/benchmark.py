@@ -138,12 +138,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _drop(m: Measurement, active: List[Measurement], error: BaseException) -> None:
+    """Take a failed measurement out of the run, keeping why."""
+    m.extra["failed"] = f"{type(error).__name__}: {error}"
+    m.seconds.clear()
+    m.cpu_seconds.clear()
+    m.round_of.clear()
+    active.remove(m)
+    logger.warning("benchmark: %s: %s failed: %s", m.group, m.name, m.extra["failed"])
+
+
 def run_interleaved(measurements: Sequence[Measurement], rounds: int, device: torch.device, warmup: bool = True, progress: bool = True,
                     tolerate_failures: bool = False) -> None:
     """Time every measurement once per round, round after round (after one untimed warm-up call).
 
-    ``tolerate_failures``: a measurement whose warm-up raises is dropped and its error kept in
-    ``extra["failed"]`` (the report lists it) instead of ending the run.
+    ``tolerate_failures``: a measurement that raises is dropped (with the samples it took) and its
+    error kept in ``extra["failed"]`` (the report lists it) instead of ending the run.
     """
     from tqdm import tqdm
 
@@ -159,9 +169,7 @@ def run_interleaved(measurements: Sequence[Measurement], rounds: int, device: to
                 except Exception as error:
                     if not tolerate_failures:
                         raise
-                    m.extra["failed"] = f"{type(error).__name__}: {error}"
-                    active.remove(m)
-                    logger.warning("benchmark: %s: %s failed: %s", m.group, m.name, m.extra["failed"])
+                    _drop(m, active, error)
                 _sync(device)
                 bar.update()
             for m in measurements:  # forget what the warm-up recorded
@@ -172,15 +180,21 @@ def run_interleaved(measurements: Sequence[Measurement], rounds: int, device: to
                     if isinstance(value, list):
                         value.clear()
         for round_ in range(rounds):
-            for m in active:
+            for m in list(active):
                 if m.rounds is not None and round_ >= m.rounds:
                     continue
                 bar.set_postfix_str(f"{m.group}: {m.name}")
                 gc.collect()
                 _sync(device)
                 start, cpu = time.perf_counter(), time.process_time()
-                value = m.run()
-                _sync(device)
+                try:
+                    value = m.run()
+                    _sync(device)
+                except Exception as error:
+                    if not tolerate_failures:
+                        raise
+                    _drop(m, active, error)
+                    continue
                 if m.self_timed:
                     m.seconds.append(value[0])
                     m.cpu_seconds.append(value[1])

@@ -63,9 +63,10 @@ def _check_output_path(path: Optional[str], what: str, suffixes: Sequence[str]) 
         raise UsageError(f"{what} {out}: is a folder; expected a file name")
     if not out.parent.exists():
         raise UsageError(f"{what} {out}: its folder {out.parent} does not exist")
-    if not out.name.endswith(tuple(suffixes)):
-        hint = " (in lower case: the image writers go by it)" if out.name.lower().endswith(tuple(suffixes)) else ""
-        raise UsageError(f"{what} {out}: expected a file name ending in one of {', '.join(suffixes)}{hint}")
+    if not out.name.lower().endswith(tuple(suffixes)):
+        raise UsageError(f"{what} {out}: expected a file name ending in one of {', '.join(suffixes)}")
+    if out.name.lower().endswith((".nii", ".nii.gz")) and not out.name.endswith((".nii", ".nii.gz")):
+        raise UsageError(f"{what} {out}: write .nii / .nii.gz in lower case (SimpleITK's NIfTI writer knows no other)")
     if not os.access(out.parent, os.W_OK):
         raise UsageError(f"{what} {out}: its folder is not writable")
     return out

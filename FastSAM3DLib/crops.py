@@ -54,7 +54,8 @@ def random_affine(rng: np.random.Generator) -> np.ndarray:
 class IntensitySettings:
     """How crops are normalised.
 
-    ``mode="mr"`` is the public pipeline: z-normalise with the mean/std of voxels > 0. ``mode="ct"``
+    ``mode="mr"`` is the public pipeline: z-normalise with the mean/std of voxels > 0 (see
+    :func:`normalize_crop` for a crop with none). ``mode="ct"``
     first clips to ``window`` (Hounsfield units) and shifts it so the window's lower end is 0,
     so air and padding do not enter the statistics.
     """

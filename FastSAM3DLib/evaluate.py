@@ -381,13 +381,15 @@ def simulated_click(image: sitk.Image, gt: np.ndarray, pred: np.ndarray, rng: np
 
 
 def label_box_lps(label: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
-    """Two opposite corners (LPS mm) of the label's bounding box, at the outer faces of its voxels."""
+    """Two opposite corners (LPS mm) of the label's bounding box, at the outer faces of its voxels:
+    the LPS-aligned box around the eight corners of its box of voxels (on an oblique grid two
+    corners alone do not span the label)."""
     nonzero = np.nonzero(sitk.GetArrayViewFromImage(label))
     low = np.array([axis.min() for axis in reversed(nonzero)], dtype=np.float64) - 0.5
     high = np.array([axis.max() for axis in reversed(nonzero)], dtype=np.float64) + 0.5
-    a = np.asarray(label.TransformContinuousIndexToPhysicalPoint(low.tolist()))
-    b = np.asarray(label.TransformContinuousIndexToPhysicalPoint(high.tolist()))
-    return a, b
+    corners = np.array([label.TransformContinuousIndexToPhysicalPoint(np.where(bits, high, low).tolist())
+                        for bits in np.ndindex(2, 2, 2)])
+    return corners.min(0), corners.max(0)
 
 
 def run_case(interactor: Interactor, case: Case, variant: Variant, clicks: int, seed: int) -> CaseResult:
@@ -735,7 +737,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .session import PRECISIONS
 
     if args.threads < 0:
-        raise FastSAM3DInputError(f"--threads {args.threads}: expected a positive number of threads (0: torch's default)")
+        raise FastSAM3DInputError(f"--threads {args.threads}: expected a number of threads, or 0 for torch's default")
     check_device_option(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

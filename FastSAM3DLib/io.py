@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -19,6 +20,7 @@ ImageLike = Union[sitk.Image, str, os.PathLike]
 
 _FLOAT_TYPES = {sitk.sitkFloat32, sitk.sitkFloat64}
 _CHUNK_VOXELS = 1 << 24
+_ITK_WARNINGS = threading.Lock()
 _GZIP_MAGIC = b"\x1f\x8b"
 _VECTOR_COMPONENTS = {
     sitk.sitkVectorUInt8: sitk.sitkUInt8, sitk.sitkVectorInt8: sitk.sitkInt8, sitk.sitkVectorUInt16: sitk.sitkUInt16,
@@ -188,12 +190,14 @@ def read_image(path: Union[str, os.PathLike]) -> sitk.Image:
         raise ImageError(f"{path}: no such image file or folder")
     if path.is_dir():
         # ITK prints a warning of its own for a folder without a series; the error below says it better.
-        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-        try:
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-        finally:
-            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        # The switch is process-wide: one lock, so that concurrent reads restore it right.
+        with _ITK_WARNINGS:
+            shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            try:
+                series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            finally:
+                sitk.ProcessObject.SetGlobalWarningDisplay(shown)
         if not series:
             raise ImageError(f"{path}: folder holds no DICOM series (expected DICOM files, or give an image file)")
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
@@ -212,8 +216,9 @@ def read_image(path: Union[str, os.PathLike]) -> sitk.Image:
         raise ImageError(f"{path}: not a readable image ({_reader_message(error)})") from None
 
 
-def validate_image(image: sitk.Image, name: str = "image") -> None:
-    """Raise ImageError unless the image is a 3D scalar volume with finite, non-constant values."""
+def validate_image(image: sitk.Image, name: str = "image") -> Tuple[float, float]:
+    """Raise ImageError unless the image is a 3D scalar volume with finite, non-constant values
+    (within float32's range); return its lowest and highest value."""
     dimension = image.GetDimension()
     if dimension != 3:
         raise ImageError(f"{name}: expected a 3D volume, got a {dimension}D image of size {image.GetSize()}")
@@ -254,17 +259,20 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
             f"{name}: voxel values reach {max(abs(low), abs(high)):.3g}, beyond the {largest:.3g} that the model's "
             "float32 arithmetic holds; rescale the image first"
         )
+    return low, high
 
 
 def load_image(source: ImageLike, name: Optional[str] = None) -> sitk.Image:
     """A validated image from a SimpleITK image or a path; ``name`` is how errors call it (default:
     the path, or "image")."""
-    if isinstance(source, sitk.Image):
-        validate_image(source, name or "image")
-        return source
-    image = read_image(source)
-    validate_image(image, name or str(source))
-    return image
+    return load_image_with_range(source, name)[0]
+
+
+def load_image_with_range(source: ImageLike, name: Optional[str] = None) -> Tuple[sitk.Image, float, float]:
+    """:func:`load_image`, and the image's lowest and highest value (found by the validation)."""
+    image = source if isinstance(source, sitk.Image) else read_image(source)
+    low, high = validate_image(image, name or ("image" if isinstance(source, sitk.Image) else str(source)))
+    return image, low, high
 
 
 def write_error_reason(error: BaseException) -> str:

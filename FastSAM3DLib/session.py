@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import resolve_device
 from .errors import PromptError
-from .io import ImageLike, load_image
+from .io import ImageLike, load_image_with_range
 from .modeling import Sam3D, select_by_iou
 from .paste import BoundaryRefinement, CropPaster
 from .quantize import check_mode, fast_path, resolve_precision, runs_fast_path
@@ -251,18 +251,16 @@ class Session:
 
         Embedding of the crop at the image centre starts in the background at once (``wait=True``
         blocks until it is done). Raises ImageError for unusable images, naming the image ``name``
-        (default: its path, or "image").
+        (default: its path, or "image"), and RuntimeError on a closed session.
         """
         self._check_open()
-        loaded = load_image(image, name)
-        extremes = sitk.MinimumMaximumImageFilter()
-        extremes.Execute(loaded)
+        loaded, low, high = load_image_with_range(image, name)
         with self._lock:
             self._generation += 1
             self._image = loaded
             # What a crop holds outside the image in the MR rule: 0, the public pipeline's background,
             # unless no voxel is above 0 (a shifted image), where 0 would be its brightest value.
-            self._outside = 0.0 if extremes.GetMaximum() > 0 else float(extremes.GetMinimum())
+            self._outside = 0.0 if high > 0 else float(low)
             self._next_timings = {}
             self._embeddings.clear()
             self._pending.clear()
@@ -884,8 +882,8 @@ class Session:
                 if method == "mc-dropout":
                     configured = float(self.model.config.get("decoder_dropout", 0.0))
                     rate = configured if configured > 0 else self.mc_dropout_rate
-                    if self.device.type == "cpu":
-                        torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=generator)))
+                    if self.device.type == "cpu":  # the CPU generator only: torch.manual_seed would reseed CUDA's too
+                        torch.default_generator.manual_seed(int(torch.randint(1 << 30, (1,), generator=generator)))
                     for module in dropouts:
                         module.p = rate
                         module.train()

@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", help="speed modes to compare with fp32 (default: every one this machine runs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="click seeds (paired comparison per seed)")
     args = parser.parse_args()
+    if args.clicks < 5:
+        parser.error("--clicks must be at least 5: the cost that precision=\"auto\" reads is the Dice@5 difference")
     path = args.model or bundled_model_path() or newest_checkpoint()
     if path is None:
         print("no weights: pass --model PATH", file=sys.stderr)

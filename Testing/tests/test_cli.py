@@ -159,7 +159,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_path, tmp_pat
     "extra, message",
     [
         (("--uncertainty", "{tmp}/u.nii.gz", "--uncertainty-n", "1"), "--uncertainty-n 1: needs at least 2"),
-        (("--out", "{tmp}/mask.NII.GZ"), "in lower case"),
+        (("--out", "{tmp}/mask.NII.GZ"), "in lower case (SimpleITK's NIfTI writer"),
         (("--ct-window", "-160"), "expected 2 comma-separated numbers like -160,240"),
         (("--ct-window", "-inf,100"), "expected 2 comma-separated numbers like -160,240"),
         (("--out", "{image}"), "is the input image"),

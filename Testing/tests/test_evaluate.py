@@ -312,6 +312,17 @@ def test_benchmark_reports_what_failed_where_asked_to():
     run_interleaved([fine, failing], 2, torch.device("cpu"), progress=False, tolerate_failures=True)
     assert len(fine.seconds) == 2 and len(calls) == 3 and failing.seconds == []
     assert failing.extra["failed"] == "RuntimeError: no kernel for this mode"
+    runs = []
+
+    def fails_second_time():
+        runs.append(1)
+        if len(runs) == 3:  # warm-up, round 1, then round 2 fails (out of memory, say)
+            raise RuntimeError("out of memory")
+
+    later = Measurement("encoder", "teacher fp32", fails_second_time)
+    after = Measurement("encoder", "student fp32", lambda: None)
+    run_interleaved([later, after], 3, torch.device("cpu"), progress=False, tolerate_failures=True)
+    assert later.extra["failed"] == "RuntimeError: out of memory" and later.seconds == [] and len(after.seconds) == 3
     with pytest.raises(RuntimeError, match="no kernel"):
         run_interleaved([Measurement("decoder", "decoder odd", broken)], 1, torch.device("cpu"), progress=False)
     # A CUDA graph cannot be captured here: the row says why instead of a timing.
@@ -378,3 +389,14 @@ def test_cli_evaluates_the_mni152_template_as_a_new_subject(tmp_path):
     cases = json.loads((tmp_path / "eval" / "results.json").read_text())["cases"]
     assert [(c["case"], c["group"]) for c in cases] == [("ventricles", "new subject")]
     assert main(["evaluate", "--data", "mni152", "--structures", "putamen_l", "--method", "watershed", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_the_label_box_holds_the_label_on_an_oblique_grid():
+    """The box prompt of the protocol (LPS-aligned, as the session takes boxes) holds every voxel of
+    the label also on a rotated grid, where two corners of its box of voxels span a thinner box."""
+    direction = tuple(np.array([[np.sqrt(0.5), -np.sqrt(0.5), 0], [np.sqrt(0.5), np.sqrt(0.5), 0], [0, 0, 1]]).ravel())
+    case = _sphere_case(direction=direction)
+    low, high = label_box_lps(case.label)
+    voxels = np.argwhere(sitk.GetArrayViewFromImage(case.label))[:, ::-1]
+    points = np.array([case.label.TransformIndexToPhysicalPoint([int(v) for v in voxel]) for voxel in voxels])
+    assert np.all(points >= low) and np.all(points <= high)
