@@ -743,7 +743,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self.maxUndo = int(maxUndo)
         self._volumes: Dict[str, _VolumeState] = {}
         self._undo: Dict[Tuple[str, str], List[_UndoEntry]] = {}
-        # Per segment: the prompts and candidate of the result it shows (what undo returns to, one step back).
+        # Per segment: what made the result it shows (each undo entry keeps what made the one before).
         self._shown: Dict[Tuple[str, str], _Shown] = {}
         self.logCallback: Optional[Callable[[str], None]] = None
 
@@ -1044,7 +1044,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._checkSegment(segmentationNode, request.segmentID)
         self._checkMaskFits(mask, volumeNode)
         labelmap = self.maskToSegmentLabelmap(mask.array, volumeNode, segmentationNode, mask.start)
-        self._writeSegment(segmentationNode, request.segmentID, labelmap, _Shown(list(request.prompts), request.candidate, request.volumeNodeID))
+        shown = _Shown(list(request.prompts), request.candidate, request.volumeNodeID)
+        self._writeSegment(segmentationNode, request.segmentID, labelmap, shown)
         spacing = np.prod(volumeNode.GetSpacing())
         voxels = int(np.count_nonzero(mask.array))
         timings = dict(getattr(request.state.session, "last_timings", {}) or {})
@@ -1266,9 +1267,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         """Restore the segment's labelmap from before the last FastSAM3D write; False if there is none.
 
         The segment's prompts go back with it: the uncertainty is then that of the restored result,
-        and the next click refines it (one prompt back is the session's own exact undo; further back,
-        the next request replays the prompts). The session is brought back by the next request, on
-        the worker: this returns at once even while a prediction runs.
+        and the next click refines it (back to an earlier prompt of the same object through the
+        session's own exact undo; otherwise the next request replays the prompts). The session is
+        brought back by the next request, on the worker: this returns at once even while a prediction runs.
         """
         key = (segmentationNode.GetID(), segmentId)
         stack = self._undo.get(key)
