@@ -16,8 +16,9 @@ Reported per case and overall: Dice after 1, 3, 5 and 10 interactions (those wit
 budget), and NoC@80 / NoC@90 (the number of interactions to reach Dice 0.8 / 0.9; a case that never
 does counts as the click budget, the usual convention, and is also counted as not reached). Colin27
 structures are marked "seen" or "held-out" by the ``trained_structures`` of the model's card (our
-exports list the Colin27 structures of the training pool); without one, and on other data, "unknown". The MNI152 template's targets (``--data mni152``)
-are the group "new subject": no training run of ours sees that template.
+exports list the Colin27 structures of the training pool); without one, and on other data,
+"unknown". The MNI152 template's targets (``--data mni152``) are the group "new subject": no
+training run of ours sees that template.
 
 The simulated user's random choices come from a generator seeded by ``seed`` and the case's
 name, so a run is reproducible and adding a case does not change the others' clicks.
