@@ -228,7 +228,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
         self._observePromptNodes([])
-        self.logic.clearSessions()
+        self.logic.forgetScene()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -444,7 +444,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.showStatus(_("FastSAM3D failed: {error}").format(error=error))
                 logging.error("FastSAM3D request failed", exc_info=error)
                 continue
-            if superseded or request.kind == "embed":
+            if superseded or request.kind == "embed" or self.logic.isStale(request):
                 continue
             try:
                 if request.kind == "segment":

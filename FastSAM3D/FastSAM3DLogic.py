@@ -38,6 +38,7 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,6 +475,7 @@ class PredictionRequest:
         self.prompts = prompts
         self.volumeNodeID = volumeNodeID
         self.candidate = candidate
+        self.epoch = 0  # the segment's undo/reset/accept count when the request was made (FastSAM3DLogic.isStale)
         self.candidates: Tuple[List[float], Optional[int]] = ([], None)  # after run(): the session's candidates()
         self.segmentationNodeID, self.segmentID = key
 
@@ -564,6 +566,7 @@ class EmbeddingRequest:
 
     kind = "embed"
     key = None
+    epoch = 0
 
     def __init__(self, scene, state: _VolumeState):
         self.scene = scene
@@ -575,7 +578,8 @@ class EmbeddingRequest:
 
 
 class PredictionQueue:
-    """One worker thread for engine calls; a newer request replaces an older one still waiting.
+    """One worker thread for engine calls; a newer request replaces an older one still waiting for the
+    same thing (kind and segment), and requests for other things wait their turn in order.
 
     Live updates produce a request per mouse event; only the newest waiting one is worth running.
     The GUI calls :meth:`poll` from a timer on the main thread and applies what it returns there.
@@ -585,25 +589,27 @@ class PredictionQueue:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsam3d-slicer")
         self._lock = threading.Lock()
         self._running: Optional[Tuple[Any, Future]] = None
-        self._waiting: Optional[Any] = None
+        self._waiting: "OrderedDict[Tuple[str, Any], Any]" = OrderedDict()
         self.dropped = 0
 
     @property
     def busy(self) -> bool:
         with self._lock:
-            return self._running is not None or self._waiting is not None
+            return self._running is not None or bool(self._waiting)
 
     def submit(self, request) -> None:
         with self._lock:
             if self._running is None:
                 self._running = (request, self._executor.submit(request.run))
-            else:
-                if self._waiting is not None:
-                    self.dropped += 1
-                self._waiting = request
+                return
+            slot = (request.kind, request.key)
+            if slot in self._waiting:
+                self.dropped += 1
+                del self._waiting[slot]  # the newer one goes to the back, after what was asked in between
+            self._waiting[slot] = request
 
     def poll(self) -> List[Tuple[Any, Any, Optional[BaseException], bool]]:
-        """Finished work as ``(request, result, error, superseded)``; starts the waiting request.
+        """Finished work as ``(request, result, error, superseded)``; starts the next waiting request.
 
         ``superseded`` is True when a newer request of the same kind for the same segment is
         already waiting, so applying this result would only be overwritten a moment later.
@@ -614,14 +620,11 @@ class PredictionQueue:
                 request, future = self._running
                 error = future.exception()
                 result = None if error is not None else future.result()
-                waiting = self._waiting
-                superseded = (
-                    waiting is not None and waiting.key == request.key and waiting.kind == request.kind
-                )
+                superseded = (request.kind, request.key) in self._waiting
                 finished.append((request, result, error, superseded))
                 self._running = None
-                if waiting is not None:
-                    self._waiting = None
+                if self._waiting:
+                    _, waiting = self._waiting.popitem(last=False)
                     self._running = (waiting, self._executor.submit(waiting.run))
         return finished
 
@@ -638,7 +641,7 @@ class PredictionQueue:
 
     def shutdown(self) -> None:
         with self._lock:
-            self._waiting = None
+            self._waiting.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -745,6 +748,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._undo: Dict[Tuple[str, str], List[_UndoEntry]] = {}
         # Per segment: what made the result it shows (each undo entry keeps what made the one before).
         self._shown: Dict[Tuple[str, str], _Shown] = {}
+        # Per segment: raised by undo, reset and accept. A request made before keeps the older value,
+        # and its result, arriving after, is not written over what the user went back to.
+        self._epochs: Dict[Tuple[str, str], int] = {}
         self.logCallback: Optional[Callable[[str], None]] = None
 
     def log(self, message: str) -> None:
@@ -921,6 +927,15 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             self._closeState(state)
         self._volumes.clear()
 
+    def forgetScene(self) -> None:
+        """The scene closes: its sessions, undo history and prompts go (node IDs are reused by the
+        next scene, whose segments an old undo entry would overwrite)."""
+        self.clearSessions()
+        self._undo.clear()
+        self._shown.clear()
+        for key in self._epochs:
+            self._epochs[key] += 1  # results still in flight belong to the closed scene
+
     # -- validation ----------------------------------------------------------------------------
 
     @staticmethod
@@ -1021,8 +1036,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             prompts.append(("box",) + self._localBox(volumeNode, state, np.asarray(boxRAS, dtype=np.float64).reshape(2, 3)))
         lps = self._toLocalLps(volumeNode, state, points, "point")
         prompts.extend(("point", tuple(p), bool(label)) for p, label in zip(lps, labels))
-        return PredictionRequest(volumeNode.GetScene(), state, (segmentationNode.GetID(), segmentId), prompts, volumeNode.GetID(),
-                                 None if candidate is None else int(candidate))
+        key = (segmentationNode.GetID(), segmentId)
+        request = PredictionRequest(volumeNode.GetScene(), state, key, prompts, volumeNode.GetID(),
+                                    None if candidate is None else int(candidate))
+        request.epoch = self._epochs.get(key, 0)
+        return request
 
     @staticmethod
     def _checkMaskFits(mask: RegionMask, volumeNode) -> None:
@@ -1033,9 +1051,20 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
                 "changed while the prediction ran: click again"
             )
 
-    def applyPrediction(self, request: PredictionRequest, mask: RegionMask) -> SegmentationResult:
-        """Write a finished request's mask into its segment (main thread); undo keeps the previous one."""
+    def isStale(self, request) -> bool:
+        """Whether an undo, reset or accept of its segment came after ``request`` was made: its
+        result must not be written (the next request brings the session in line)."""
+        return request.epoch != self._epochs.get(request.key, 0)
+
+    def applyPrediction(self, request: PredictionRequest, mask: RegionMask) -> Optional[SegmentationResult]:
+        """Write a finished request's mask into its segment (main thread); undo keeps the previous one.
+
+        Returns None, writing nothing, for a request made before an undo, reset or accept of its
+        segment (:meth:`isStale`).
+        """
         errors = _errors()
+        if self.isStale(request):
+            return None
         scene = request.scene
         volumeNode = scene.GetNodeByID(request.volumeNodeID)
         segmentationNode = scene.GetNodeByID(request.segmentationNodeID)
@@ -1278,6 +1307,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         entry = stack.pop()
         self._setSegment(segmentationNode, segmentId, entry.labelmap)
         self._shown[key] = entry.shown
+        self._epochs[key] = self._epochs.get(key, 0) + 1
         for volumeNodeID, state in self._volumes.items():
             if key in state.objects or key in state.rewinds:
                 # Another volume's object for this segment did not make what it shows now: it starts afresh.
@@ -1286,16 +1316,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return True
 
     def _forgetPrompts(self, segmentationNode, segmentId: str) -> None:
+        """The segment's next request starts afresh (its session object is reset then, on the worker:
+        the GUI thread does not wait for a running prediction); results still in flight are dropped."""
         key = (segmentationNode.GetID(), segmentId)
+        self._epochs[key] = self._epochs.get(key, 0) + 1
         for state in self._volumes.values():
-            state.rewinds.pop(key, None)
-            track = state.objects.pop(key, None)
-            if track is not None and state.session is not None:
-                with state.lock:
-                    try:
-                        state.session.reset(object=track.handle)
-                    except Exception:
-                        logger.exception("resetting a FastSAM3D session object failed")
+            if key in state.objects or key in state.rewinds:
+                state.rewinds[key] = ([], None)
 
     def reset(self, segmentationNode, segmentId: str) -> bool:
         """Drop the segment's prompts and restore it to before the first FastSAM3D edit since ``accept``."""
@@ -1330,7 +1357,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             raise errors.PromptError(
                 f"segment {segmentId!r} has no FastSAM3D prompts on volume {volumeNode.GetName()!r}: click in it first"
             )
-        return UncertaintyRequest(volumeNode.GetScene(), state, key, prompts, volumeNode.GetID(), samples, method, candidate)
+        request = UncertaintyRequest(volumeNode.GetScene(), state, key, prompts, volumeNode.GetID(), samples, method, candidate)
+        request.epoch = self._epochs.get(key, 0)
+        return request
 
     def applyUncertainty(self, request: UncertaintyRequest, result, outputVolumeNode=None):
         """Write the uncertainty image into a colour-mapped scalar volume on the input volume's grid."""

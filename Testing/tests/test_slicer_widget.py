@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import time
 import types
 import xml.etree.ElementTree as ET
@@ -688,3 +689,87 @@ def _ball_at(volume, rasWorld):
     session.set_image(FL.volumeNodeToImage(volume))
     session.add_point(FL.rasToLps(FL.worldToLocal(volume, [rasWorld]))[0])
     return session
+
+
+def _widget(app):
+    volume, segmentation, target, other = small_scene(app.scene)
+    widget = app.module.FastSAM3DWidget(types.SimpleNamespace(isEntered=True))
+    widget.setup()
+    widget.ui.segmentSelector.setCurrentNode(segmentation)
+    widget.ui.segmentSelector.setCurrentSegmentID(target)
+    return widget, volume, segmentation, target
+
+
+class _Gate:
+    """Holds the stand-in engine's predictions until released: a prediction still running."""
+
+    def __init__(self):
+        self.event, self.original = threading.Event(), Ball.predict_region
+
+    def __enter__(self):
+        original, event = self.original, self.event
+        Ball.predict_region = lambda session, object=0: (event.wait(10), original(session, object))[1]
+        return self
+
+    def __exit__(self, *exc):
+        self.event.set()
+        Ball.predict_region = self.original
+
+
+def test_a_result_in_flight_does_not_overwrite_undo_or_accept(app):
+    """Found by review: a prediction running while the user pressed Undo (or Accept) used to land
+    afterwards and overwrite the segment; and Accept waited for it on the GUI thread."""
+    widget, volume, segmentation, target = _widget(app)
+    include = widget._reference("PositivePoints")
+    include.AddControlPoint(7.0, 0.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    include.AddControlPoint(-5.0, 0.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    with _Gate() as gate:
+        include.AddControlPoint(0.0, 10.0, 0.0)  # its prediction is running
+        time.sleep(0.1)
+        widget.onUndo()
+        widget.onUndo()
+        gate.event.set()
+        drain(widget.queue, widget.timer.fire)
+    assert app.logic.segmentArray(segmentation, target).sum() == 0
+    assert include.GetNumberOfControlPoints() == 1
+    with _Gate() as gate:
+        include.AddControlPoint(-5.0, 0.0, 0.0)
+        time.sleep(0.1)
+        started = time.perf_counter()
+        widget.onAccept()
+        assert time.perf_counter() - started < 1.0  # did not wait for the prediction
+        accepted = app.logic.segmentArray(segmentation, target).copy()
+        gate.event.set()
+        drain(widget.queue, widget.timer.fire)
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), accepted)
+    assert not app.logic.canUndo(segmentation, target)
+
+
+def test_a_waiting_click_is_not_dropped_by_an_uncertainty_request(app):
+    widget, volume, segmentation, target = _widget(app)
+    drain(widget.queue, widget.timer.fire)
+    include = widget._reference("PositivePoints")
+    with _Gate() as gate:
+        include.AddControlPoint(7.0, 0.0, 0.0)
+        time.sleep(0.1)
+        include.AddControlPoint(-5.0, 0.0, 0.0)  # waits behind the first
+        widget.ui.showUncertaintyCheckBox.checked = True
+        widget.ui.showUncertaintyCheckBox.emit("toggled(bool)", True)  # used to replace it in the queue
+        gate.event.set()
+        drain(widget.queue, widget.timer.fire)
+    drain(widget.queue, widget.timer.fire)
+    expected = _balls(volume, [((7.0, 0.0, 0.0), True), ((-5.0, 0.0, 0.0), True)])
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), expected)
+
+
+def test_closing_the_scene_forgets_the_undo_history(app):
+    """Node IDs are reused by the next scene: an old undo entry would overwrite a new segment."""
+    widget, volume, segmentation, target = _widget(app)
+    widget._reference("PositivePoints").AddControlPoint(7.0, 0.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    assert app.logic.canUndo(segmentation, target)
+    app.scene.Clear(0)
+    volume2, segmentation2, target2, _ = small_scene(app.scene)
+    assert not app.logic.canUndo(segmentation2, target2)
