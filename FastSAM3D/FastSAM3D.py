@@ -178,7 +178,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.updateParameterNodeFromGUI)
-        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self._forgetCandidates)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self._onSegmentChanged)
         self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.uncertaintyVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.liveUpdateCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
@@ -376,6 +376,11 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setCandidate(self, candidate):
         if self._parameterNode is not None:
             self.logic.setParameter(self._parameterNode, "Candidate", -1 if candidate is None else candidate)
+
+    def _onSegmentChanged(self, *args):
+        """Another segment: its own clicks. The points placed belong to the segment they segmented,
+        which keeps its result; the new one starts from no points (the editor effect does the same)."""
+        self._clearPrompts()
 
     def _forgetCandidates(self, *args):
         """Another segment, volume or model: its first click starts from the model's pick."""

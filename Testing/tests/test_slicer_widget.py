@@ -773,3 +773,20 @@ def test_closing_the_scene_forgets_the_undo_history(app):
     app.scene.Clear(0)
     volume2, segmentation2, target2, _ = small_scene(app.scene)
     assert not app.logic.canUndo(segmentation2, target2)
+
+
+def test_another_segment_starts_from_no_points(app):
+    """Found by review: the points placed for one segment were carried into the next one chosen."""
+    widget, volume, segmentation, target = _widget(app)
+    other = [segmentation.GetSegmentation().GetNthSegmentID(n) for n in range(segmentation.GetSegmentation().GetNumberOfSegments())
+             if segmentation.GetSegmentation().GetNthSegmentID(n) != target][0]
+    include = widget._reference("PositivePoints")
+    include.AddControlPoint(7.0, 0.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    first = app.logic.segmentArray(segmentation, target).copy()
+    widget.ui.segmentSelector.setCurrentSegmentID(other)
+    assert include.GetNumberOfControlPoints() == 0
+    include.AddControlPoint(-5.0, 0.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    assert np.array_equal(app.logic.segmentArray(segmentation, other), _balls(volume, [((-5.0, 0.0, 0.0), True)]))
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), first)
