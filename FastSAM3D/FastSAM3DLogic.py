@@ -475,7 +475,7 @@ class PredictionRequest:
         self.prompts = prompts
         self.volumeNodeID = volumeNodeID
         self.candidate = candidate
-        self.epoch = 0  # the segment's undo/reset/accept count when the request was made (FastSAM3DLogic.isStale)
+        self.epoch = (0, 0)  # the Logic's stamp for the segment when the request was made (FastSAM3DLogic.isStale)
         self.candidates: Tuple[List[float], Optional[int]] = ([], None)  # after run(): the session's candidates()
         self.segmentationNodeID, self.segmentID = key
 
@@ -566,7 +566,7 @@ class EmbeddingRequest:
 
     kind = "embed"
     key = None
-    epoch = 0
+    epoch = (0, 0)
 
     def __init__(self, scene, state: _VolumeState):
         self.scene = scene
@@ -748,9 +748,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._undo: Dict[Tuple[str, str], List[_UndoEntry]] = {}
         # Per segment: what made the result it shows (each undo entry keeps what made the one before).
         self._shown: Dict[Tuple[str, str], _Shown] = {}
-        # Per segment: raised by undo, reset and accept. A request made before keeps the older value,
-        # and its result, arriving after, is not written over what the user went back to.
+        # Per segment: raised by undo, reset and accept; and for all segments, by a new model or scene.
+        # A request made before keeps the older stamp, and its result, arriving after, is not written
+        # over what the user went back to.
         self._epochs: Dict[Tuple[str, str], int] = {}
+        self._generation = 0
         self.logCallback: Optional[Callable[[str], None]] = None
 
     def log(self, message: str) -> None:
@@ -792,9 +794,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return self._model
 
     def setModel(self, model) -> None:
-        """Use another model; cached sessions (and their embeddings) are dropped."""
+        """Use another model; cached sessions (and their embeddings) are dropped, and results of the
+        previous model still running are not written."""
         self._model = model
         self.clearSessions()
+        self._generation += 1
 
     def loadModel(self, source: str = "bundled", checkpointPath: Optional[str] = None, device: Optional[str] = None):
         """Load the bundled weights or a checkpoint file; raises CheckpointError with a clear message."""
@@ -844,10 +848,10 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
     # -- sessions ----------------------------------------------------------------------------------
 
-    def _newSession(self):
+    def _newSession(self, model):
         if self.sessionFactory is not None:
-            return self.sessionFactory(self.model)
-        return _engine().Session(self.model, device=self.device, precision=self.precision, refinement=self._refinement())
+            return self.sessionFactory(model)
+        return _engine().Session(model, device=self.device, precision=self.precision, refinement=self._refinement())
 
     def _refinement(self):
         return _engine().BoundaryRefinement() if self.refineBoundary else None
@@ -888,7 +892,10 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         image = volumeNodeToImage(volumeNode)
         if state is not None:
             self._closeState(state)
-        state = _VolumeState(volumeNode.GetID(), signature, image, self._newSession, name=f"volume {volumeNode.GetName()!r}")
+        # The model is taken here (on the caller's thread, loading the bundled one if none is set), not
+        # when the worker creates the session: a model changed meanwhile must not be loaded there.
+        model = self.model
+        state = _VolumeState(volumeNode.GetID(), signature, image, lambda: self._newSession(model), name=f"volume {volumeNode.GetName()!r}")
         self._volumes[volumeNode.GetID()] = state
         return state
 
@@ -933,8 +940,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self.clearSessions()
         self._undo.clear()
         self._shown.clear()
-        for key in self._epochs:
-            self._epochs[key] += 1  # results still in flight belong to the closed scene
+        self._generation += 1  # results still in flight belong to the closed scene
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -1039,7 +1045,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         key = (segmentationNode.GetID(), segmentId)
         request = PredictionRequest(volumeNode.GetScene(), state, key, prompts, volumeNode.GetID(),
                                     None if candidate is None else int(candidate))
-        request.epoch = self._epochs.get(key, 0)
+        request.epoch = self._stamp(key)
         return request
 
     @staticmethod
@@ -1054,7 +1060,10 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def isStale(self, request) -> bool:
         """Whether an undo, reset or accept of its segment came after ``request`` was made: its
         result must not be written (the next request brings the session in line)."""
-        return request.epoch != self._epochs.get(request.key, 0)
+        return request.epoch != self._stamp(request.key)
+
+    def _stamp(self, key) -> Tuple[int, int]:
+        return self._generation, self._epochs.get(key, 0)
 
     def applyPrediction(self, request: PredictionRequest, mask: RegionMask) -> Optional[SegmentationResult]:
         """Write a finished request's mask into its segment (main thread); undo keeps the previous one.
@@ -1358,7 +1367,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
                 f"segment {segmentId!r} has no FastSAM3D prompts on volume {volumeNode.GetName()!r}: click in it first"
             )
         request = UncertaintyRequest(volumeNode.GetScene(), state, key, prompts, volumeNode.GetID(), samples, method, candidate)
-        request.epoch = self._epochs.get(key, 0)
+        request.epoch = self._stamp(key)
         return request
 
     def applyUncertainty(self, request: UncertaintyRequest, result, outputVolumeNode=None):

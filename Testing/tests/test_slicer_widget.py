@@ -790,3 +790,29 @@ def test_another_segment_starts_from_no_points(app):
     drain(widget.queue, widget.timer.fire)
     assert np.array_equal(app.logic.segmentArray(segmentation, other), _balls(volume, [((-5.0, 0.0, 0.0), True)]))
     assert np.array_equal(app.logic.segmentArray(segmentation, target), first)
+
+
+def test_a_model_change_while_work_waits_loads_nothing_on_the_worker(app, monkeypatch):
+    """Found by review: a request queued before the user picked another model made the worker load
+    the bundled model (and call the GUI from there); the model is taken when the request is made."""
+    widget, volume, segmentation, target = _widget(app)
+    drain(widget.queue, widget.timer.fire)
+    loads = []
+
+    def load(source="bundled", checkpointPath=None, device=None):
+        loads.append((source, threading.current_thread().name))
+        app.logic._model = object()
+        return app.logic._model
+
+    monkeypatch.setattr(app.logic, "loadModel", load)
+    with _Gate() as gate:
+        widget._reference("PositivePoints").AddControlPoint(7.0, 0.0, 0.0)
+        time.sleep(0.1)
+        second = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v2")
+        second.Copy(volume)
+        second.SetAndObserveImageData(volume.GetImageData())
+        widget.ui.inputVolumeSelector.setCurrentNode(second)  # its embedding request waits
+        widget.ui.modelSourceComboBox.setCurrentIndex(widget.ui.modelSourceComboBox.findData("checkpoint"))
+        gate.event.set()
+        drain(widget.queue, widget.timer.fire)
+    assert all(thread == threading.main_thread().name for _, thread in loads), loads
