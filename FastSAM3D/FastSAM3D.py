@@ -9,6 +9,7 @@ is embedded. The module also registers the "FastSAM3D" Segment Editor effect at 
 import logging
 import os
 import sys
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import qt
@@ -70,6 +71,17 @@ def resourceFile(*parts):
         if os.path.exists(path):
             return path
     return os.path.join(_MODULE_DIR, "Resources", *parts)
+
+
+class _MarkupsState(NamedTuple):
+    """What made a result: the include and exclude points (world RAS), the candidate asked for
+    (None: the model's pick), and the candidates the result offered with the one shown."""
+
+    include: Tuple[Tuple[float, float, float], ...] = ()
+    exclude: Tuple[Tuple[float, float, float], ...] = ()
+    requested: Optional[int] = None
+    candidates: List[float] = []
+    shown: Optional[int] = None
 
 
 #
@@ -134,7 +146,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUIFromParameterNode = False
         self._observedPromptNodes = []
         # What each applied update did, in order: ("point", markups node, control point id) or ("candidate", previous choice).
-        self._undoActions = []
+        self._undoActions = []  # per result written, what the markups and candidate were for the one before (Undo restores it)
+        self._shownMarkups = _MarkupsState()  # what made the result the segment shows now
         self._candidates = []  # predicted IoUs of the candidate masks of the last result (a lone click)
         self._shownCandidate = None  # the candidate the last result shows (None: the model's pick)
         self._blockPromptEvents = False
@@ -344,11 +357,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return ((vtk.vtkCommand.ModifiedEvent, "onPromptsModified"),)  # the ROI box
 
     def onPointPlaced(self, caller, event):
-        """A point was placed: remember it (Undo removes it), then update."""
-        if self._blockPromptEvents:
-            return
-        if caller.GetNumberOfControlPoints():
-            self._undoActions.append(("point", caller, caller.GetNthControlPointID(caller.GetNumberOfControlPoints() - 1)))
+        """A point was placed: update."""
         self.onPromptsModified(caller, event)
 
     def onPromptsModified(self, caller, event):
@@ -372,6 +381,20 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                np.round(points, 6).tobytes(), tuple(labels), None if box is None else np.round(np.ravel(box), 6).tobytes(),
                self.logic.getParameter(self._parameterNode, "Candidate"))
         return points, labels, box, key
+
+    def _markupsState(self) -> "_MarkupsState":
+        """The include and exclude points (world RAS) and the candidate asked for, as they are now."""
+        positions = []
+        for role in ("PositivePoints", "NegativePoints"):
+            node = self._reference(role)
+            points = []
+            for n in range(node.GetNumberOfControlPoints() if node is not None else 0):
+                position = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(n, position)
+                points.append(tuple(position))
+            positions.append(tuple(points))
+        requested = self.logic.getParameter(self._parameterNode, "Candidate") if self._parameterNode is not None else -1
+        return _MarkupsState(positions[0], positions[1], None if requested < 0 else requested)
 
     def _setCandidate(self, candidate):
         if self._parameterNode is not None:
@@ -398,12 +421,10 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         requested = self.logic.getParameter(self._parameterNode, "Candidate")
         current = shownCandidate(self._candidates, requested if requested >= 0 else None)
         self._setCandidate((current + 1) % len(self._candidates))
-        self.requestSegmentation(force=True, candidateStep=True)
+        self.requestSegmentation(force=True)
 
-    def requestSegmentation(self, force=False, candidateStep=False):
+    def requestSegmentation(self, force=False):
         """Queue a prediction from the current prompts (runs on the worker; applied in onPoll).
-
-        ``candidateStep``: the request shows another candidate; Undo takes that back once it is applied.
 
         Events that leave the prompts as they were (display changes, hovering) queue nothing; when
         the last point is deleted the segment returns to how it was before the first click.
@@ -419,6 +440,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._forgetCandidates()
             if self.logic.canUndo(segmentation, segmentId):
                 self.logic.reset(segmentation, segmentId)
+                self._undoActions, self._shownMarkups = [], _MarkupsState()
                 self.showStatus(_("No points left: the segment is as it was before the first click."))
             return
         if not self._ensureModel():
@@ -428,7 +450,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             candidate = self.logic.getParameter(self._parameterNode, "Candidate")
             request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels, box,
                                                      candidate=candidate if candidate >= 0 else None)
-            request.candidateStep = candidateStep
+            request.markups = self._markupsState()
         except ValueError as error:  # FastSAM3DInputError: the user's input, explained
             self.showStatus(str(error))
             return
@@ -454,9 +476,12 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 if request.kind == "segment":
                     outcome = self.logic.applyPrediction(request, result)
-                    if getattr(request, "candidateStep", False):  # recorded once applied: superseded steps wrote nothing
-                        self._undoActions.append(("candidate", self._shownCandidate))
+                    # Recorded once written, beside the logic's own undo entry (superseded results wrote nothing).
+                    self._undoActions.append(self._shownMarkups)
+                    if len(self._undoActions) > self.logic.maxUndo:
+                        del self._undoActions[1]  # as the logic trims its history
                     self._candidates, self._shownCandidate = outcome.candidates, outcome.candidate
+                    self._shownMarkups = request.markups._replace(candidates=list(outcome.candidates), shown=outcome.candidate)
                     status = _("{voxels} voxels ({ml:.1f} ml) in {seconds:.2f} s").format(
                         voxels=outcome.voxels, ml=outcome.volumeMl, seconds=outcome.timings.get("total_s", 0.0))
                     if outcome.candidates:
@@ -522,6 +547,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._blockPromptEvents = False
         self._undoActions = []
+        self._shownMarkups = _MarkupsState()
         self._forgetCandidates()
         self._lastPrompts = None
 
@@ -533,25 +559,25 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def onUndo(self):
-        """Restore the previous result exactly (the logic's undo) and take back what made it: the
-        point placed, or the candidate chosen."""
+        """Restore the previous result exactly (the logic's undo) and the points and candidate that
+        made it, whatever changed since: a point placed, moved or deleted, or a candidate chosen."""
         _volume, segmentation, segmentId = self._segmentTarget()
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
-            if self.logic.undo(segmentation, segmentId) and self._undoActions:
-                action = self._undoActions.pop()
-                if action[0] == "candidate":
-                    self._shownCandidate = action[1]
-                    self._setCandidate(action[1])
-                else:
-                    node, pointId = action[1:]
-                    self._blockPromptEvents = True
-                    try:
-                        index = node.GetNthControlPointIndexByID(pointId)
-                        if index >= 0:
-                            node.RemoveNthControlPoint(index)
-                    finally:
-                        self._blockPromptEvents = False
-            self._lastPrompts = self._currentPrompts()[3]  # the restored result matches the remaining points
+            if self.logic.undo(segmentation, segmentId):
+                state = self._undoActions.pop() if self._undoActions else _MarkupsState()
+                self._blockPromptEvents = True
+                try:
+                    for role, positions in (("PositivePoints", state.include), ("NegativePoints", state.exclude)):
+                        node = self._reference(role)
+                        if node is not None:
+                            node.RemoveAllControlPoints()
+                            for position in positions:
+                                node.AddControlPointWorld(vtk.vtkVector3d(*position))
+                finally:
+                    self._blockPromptEvents = False
+                self._setCandidate(state.requested)
+                self._candidates, self._shownCandidate, self._shownMarkups = list(state.candidates), state.shown, state
+            self._lastPrompts = self._currentPrompts()[3]  # the restored result matches the restored points
         self.updateGUIFromParameterNode()
 
     def onReset(self):

@@ -732,8 +732,8 @@ def test_a_result_in_flight_does_not_overwrite_undo_or_accept(app):
         widget.onUndo()
         gate.event.set()
         drain(widget.queue, widget.timer.fire)
-    assert app.logic.segmentArray(segmentation, target).sum() == 0
-    assert include.GetNumberOfControlPoints() == 1
+    assert app.logic.segmentArray(segmentation, target).sum() == 0  # back before the first result ...
+    assert include.GetNumberOfControlPoints() == 0  # ... and so before its point
     with _Gate() as gate:
         include.AddControlPoint(-5.0, 0.0, 0.0)
         time.sleep(0.1)
@@ -816,3 +816,36 @@ def test_a_model_change_while_work_waits_loads_nothing_on_the_worker(app, monkey
         gate.event.set()
         drain(widget.queue, widget.timer.fire)
     assert all(thread == threading.main_thread().name for _, thread in loads), loads
+
+
+def test_undo_restores_the_points_that_made_the_restored_result(app):
+    """Found by review: Undo removed the last placed point whatever had changed, so after a drag or
+    a delete (or clicks whose results were superseded) the points no longer matched the segment."""
+    widget, volume, segmentation, target = _widget(app)
+    include = widget._reference("PositivePoints")
+
+    def points():
+        out = []
+        for n in range(include.GetNumberOfControlPoints()):
+            position = [0.0, 0.0, 0.0]
+            include.GetNthControlPointPositionWorld(n, position)
+            out.append(tuple(round(v, 3) for v in position))
+        return out
+
+    for x, y in ((7.0, 0.0), (-5.0, 0.0), (0.0, 10.0)):
+        include.AddControlPoint(x, y, 0.0)
+        drain(widget.queue, widget.timer.fire)
+    three = app.logic.segmentArray(segmentation, target).copy()
+    include.SetNthControlPointPositionWorld(1, -5.0, 8.0, 0.0)  # a drag
+    drain(widget.queue, widget.timer.fire)
+    include.RemoveNthControlPoint(0)  # a delete
+    drain(widget.queue, widget.timer.fire)
+    widget.onUndo()
+    assert points() == [(7.0, 0.0, 0.0), (-5.0, 8.0, 0.0), (0.0, 10.0, 0.0)]
+    widget.onUndo()
+    assert points() == [(7.0, 0.0, 0.0), (-5.0, 0.0, 0.0), (0.0, 10.0, 0.0)]
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), three)
+    # The points match the result: nothing new is asked for until the user changes them.
+    assert not widget.queue.busy
+    widget.onPromptsModified(include, None)
+    assert not widget.queue.busy
