@@ -312,6 +312,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         finally:
             qt.QApplication.restoreOverrideCursor()
         request.effectState = (list(self.clicks), self.candidate)  # what the result will stand for
+        request.segmentStamp = self.logic.segmentStamp(segmentation, segmentId)  # what it will be written over
         self.queue.submit(request)
         self.progressBar.visible = True
         self.timer.start()
@@ -333,6 +334,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 continue  # a newer click is on its way, or the user selected another segment
             if request.effectState != (self.clicks, self.candidate):
                 continue  # the clicks changed since (a click removed, a new object)
+            ownLast = self.states[-1].stamp if self.states else None
+            if self.logic.segmentStamp(segmentation, segmentId) not in (request.segmentStamp, ownLast):
+                # Changed meanwhile by someone else than this effect (the editor's Undo, another
+                # effect): that change stands; the clicks follow the segment once the queue is idle.
+                continue
             sourceVolume = request.scene.GetNodeByID(request.volumeNodeID)
             try:
                 written = self.logic.applyMaskThroughSegmentEditor(

@@ -849,3 +849,27 @@ def test_undo_restores_the_points_that_made_the_restored_result(app):
     assert not widget.queue.busy
     widget.onPromptsModified(include, None)
     assert not widget.queue.busy
+
+
+def test_the_editors_undo_during_a_click_is_not_overwritten(app):
+    """Found by review: Ctrl+Z in the Segment Editor while a click computed was overwritten by the
+    click's result when it arrived."""
+    volume, segmentation, target, _ = small_scene(app.scene)
+    wrapper = FakeScriptedEffect(app.scene, segmentation, volume, target)
+    effect = importlib.import_module("SegmentEditorFastSAM3DLib.SegmentEditorEffect").SegmentEditorEffect(wrapper)
+    effect.setupOptionsFrame()
+    effect.setMRMLDefaults()
+    effect.updateGUIFromMRML()
+    effect.activate()
+    view, press = FakeSliceWidget(), vtk.vtkCommand.LeftButtonPressEvent
+    effect.processInteractionEvents(FakeInteractor((7, 0)), press, view)
+    drain(effect.queue, effect.timer.fire)
+    assert app.logic.segmentArray(segmentation, target).sum() > 0
+    with _Gate() as gate:
+        effect.processInteractionEvents(FakeInteractor((-5, 0)), press, view)
+        time.sleep(0.1)
+        wrapper.editor.Undo()
+        assert app.logic.segmentArray(segmentation, target).sum() == 0
+        gate.event.set()
+        drain(effect.queue, effect.timer.fire)
+    assert app.logic.segmentArray(segmentation, target).sum() == 0
