@@ -133,7 +133,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     POLL_MS = 100
     MARKUPS_EVENTS = (  # (event, handler name); VTK passes custom events to Python without their id
-        (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, "onPointPlaced"),
+        (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, "onPromptsModified"),
         (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, "onPromptsModified"),
         (slicer.vtkMRMLMarkupsNode.PointRemovedEvent, "onPromptsModified"),
     )
@@ -145,9 +145,9 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
         self._observedPromptNodes = []
-        # What each applied update did, in order: ("point", markups node, control point id) or ("candidate", previous choice).
         self._undoActions = []  # per result written, what the markups and candidate were for the one before (Undo restores it)
         self._shownMarkups = _MarkupsState()  # what made the result the segment shows now
+        self._promptTarget = None  # (segmentation, segment ID) the points were placed for
         self._candidates = []  # predicted IoUs of the candidate masks of the last result (a lone click)
         self._shownCandidate = None  # the candidate the last result shows (None: the model's pick)
         self._blockPromptEvents = False
@@ -356,9 +356,6 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.MARKUPS_EVENTS
         return ((vtk.vtkCommand.ModifiedEvent, "onPromptsModified"),)  # the ROI box
 
-    def onPointPlaced(self, caller, event):
-        """A point was placed: update."""
-        self.onPromptsModified(caller, event)
 
     def onPromptsModified(self, caller, event):
         """A point was added, moved or removed (or the ROI changed): update live if enabled."""
@@ -402,7 +399,14 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onSegmentChanged(self, *args):
         """Another segment: its own clicks. The points placed belong to the segment they segmented,
-        which keeps its result; the new one starts from no points (the editor effect does the same)."""
+        which keeps its result as if accepted; the new one starts from no points (the editor effect
+        does the same). The GUI showing the parameter node's own segment changes nothing."""
+        if self._updatingGUIFromParameterNode or self._promptTarget is None:
+            return
+        _volume, segmentation, segmentId = self._segmentTarget()
+        if (segmentation, segmentId) == self._promptTarget:
+            return
+        self.logic.accept(*self._promptTarget)
         self._clearPrompts()
 
     def _forgetCandidates(self, *args):
@@ -438,10 +442,10 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastPrompts = key
         if len(points) == 0 and box is None:
             self._forgetCandidates()
-            if self.logic.canUndo(segmentation, segmentId):
-                self.logic.reset(segmentation, segmentId)
-                self._undoActions, self._shownMarkups = [], _MarkupsState()
+            # Also when nothing was written yet: a first result still computing must not land.
+            if self.logic.reset(segmentation, segmentId):
                 self.showStatus(_("No points left: the segment is as it was before the first click."))
+            self._undoActions, self._shownMarkups = [], _MarkupsState()
             return
         if not self._ensureModel():
             self._lastPrompts = None  # try again on the next event, once weights are chosen
@@ -451,6 +455,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels, box,
                                                      candidate=candidate if candidate >= 0 else None)
             request.markups = self._markupsState()
+            self._promptTarget = (segmentation, segmentId)
         except ValueError as error:  # FastSAM3DInputError: the user's input, explained
             self.showStatus(str(error))
             return
@@ -504,6 +509,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _queueUncertainty(self):
         volume, segmentation, segmentId = self._segmentTarget()
+        if not self._ensureModel():  # the weights chosen, not a default loaded by the logic
+            return
         try:
             request = self.logic.prepareUncertainty(volume, segmentation, segmentId,
                                                     self.logic.getParameter(self._parameterNode, "UncertaintySamples"))
@@ -548,6 +555,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._blockPromptEvents = False
         self._undoActions = []
         self._shownMarkups = _MarkupsState()
+        self._promptTarget = None
         self._forgetCandidates()
         self._lastPrompts = None
 
@@ -560,7 +568,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUndo(self):
         """Restore the previous result exactly (the logic's undo) and the points and candidate that
-        made it, whatever changed since: a point placed, moved or deleted, or a candidate chosen."""
+        made it, whatever changed since: a point placed, moved or deleted, or a candidate chosen
+        (a moved ROI box stays where it is)."""
         _volume, segmentation, segmentId = self._segmentTarget()
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
             if self.logic.undo(segmentation, segmentId):

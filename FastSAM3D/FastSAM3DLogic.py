@@ -347,7 +347,7 @@ class _ObjectTrack:
     handle: int
     given: List[Prompt] = field(default_factory=list)
     candidate: Optional[int] = None
-    stale: bool = False  # the session object no longer holds ``given`` (an undo went back further): replay it
+    stale: bool = False  # the session object no longer holds ``given`` (undo, reset or accept): replay it
 
 
 @dataclass
@@ -383,17 +383,9 @@ class _VolumeState:
     session: Any = None
     objects: Dict[Tuple[str, str], _ObjectTrack] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
-    # Per segment, the prompts and candidate an undo went back to, for the worker to give the session
-    # (the GUI thread must not wait for a worker's lock to undo).
+    # Per segment, the prompts and candidate an undo, reset or accept went back to, for the worker to
+    # give the session (the GUI thread must not wait for a worker's lock).
     rewinds: Dict[Tuple[str, str], Tuple[List[Prompt], Optional[int]]] = field(default_factory=dict)
-
-    def promptsOf(self, key: Tuple[str, str]) -> Tuple[List[Prompt], Optional[int]]:
-        """The prompts and candidate a segment's object holds, or will once a pending undo is applied."""
-        rewind = self.rewinds.get(key)
-        if rewind is not None:
-            return list(rewind[0]), rewind[1]
-        track = self.objects.get(key)
-        return (list(track.given), track.candidate) if track is not None else ([], None)
 
     def ensureSession(self):
         with self.lock:
@@ -476,6 +468,7 @@ class PredictionRequest:
         self.volumeNodeID = volumeNodeID
         self.candidate = candidate
         self.epoch = (0, 0)  # the Logic's stamp for the segment when the request was made (FastSAM3DLogic.isStale)
+        self.isStale: Callable[[], bool] = lambda: False  # set by the Logic: an undo, reset, accept, model or scene came after
         self.candidates: Tuple[List[float], Optional[int]] = ([], None)  # after run(): the session's candidates()
         self.segmentationNodeID, self.segmentID = key
 
@@ -534,7 +527,11 @@ class PredictionRequest:
             self.state.session.choose_candidate(self.candidate, object=track.handle)
         track.candidate = self.candidate
 
-    def run(self) -> RegionMask:
+    def run(self) -> Optional[RegionMask]:
+        """The mask, or None for a request made stale while it waited (its result would not be
+        written; a pending rewind is left for the next request)."""
+        if self.isStale():
+            return None
         with self.state.lock:
             self.state.ensureSession()
             track = self._syncPrompts()
@@ -554,7 +551,9 @@ class UncertaintyRequest(PredictionRequest):
         self.samples = int(samples)
         self.method = method
 
-    def run(self) -> Tuple[sitk.Image, sitk.Image]:
+    def run(self) -> Optional[Tuple[sitk.Image, sitk.Image]]:
+        if self.isStale():
+            return None
         with self.state.lock:
             self.state.ensureSession()
             track = self._syncPrompts()
@@ -566,7 +565,6 @@ class EmbeddingRequest:
 
     kind = "embed"
     key = None
-    epoch = (0, 0)
 
     def __init__(self, scene, state: _VolumeState):
         self.scene = scene
@@ -929,7 +927,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             self._closeState(state)
 
     def clearSessions(self) -> None:
-        """Forget all sessions (model change, scene close)."""
+        """Forget all sessions (a model change; :meth:`forgetScene` on a scene close)."""
         for state in self._volumes.values():
             self._closeState(state)
         self._volumes.clear()
@@ -1045,8 +1043,12 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         key = (segmentationNode.GetID(), segmentId)
         request = PredictionRequest(volumeNode.GetScene(), state, key, prompts, volumeNode.GetID(),
                                     None if candidate is None else int(candidate))
-        request.epoch = self._stamp(key)
+        self._stampRequest(request)
         return request
+
+    def _stampRequest(self, request) -> None:
+        request.epoch = self._stamp(request.key)
+        request.isStale = lambda: self.isStale(request)
 
     @staticmethod
     def _checkMaskFits(mask: RegionMask, volumeNode) -> None:
@@ -1058,8 +1060,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             )
 
     def isStale(self, request) -> bool:
-        """Whether an undo, reset or accept of its segment came after ``request`` was made: its
-        result must not be written (the next request brings the session in line)."""
+        """Whether an undo, reset or accept of its segment, or another model or scene, came after
+        ``request`` was made: its result must not be written (the next request brings the session
+        in line)."""
         return request.epoch != self._stamp(request.key)
 
     def _stamp(self, key) -> Tuple[int, int]:
@@ -1069,7 +1072,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         """Write a finished request's mask into its segment (main thread); undo keeps the previous one.
 
         Returns None, writing nothing, for a request made before an undo, reset or accept of its
-        segment (:meth:`isStale`).
+        segment, or before another model or scene (:meth:`isStale`).
         """
         errors = _errors()
         if self.isStale(request):
@@ -1361,13 +1364,16 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             raise errors.FastSAM3DInputError(f"samples must be a whole number of at least 2 stochastic decodes, got {samples!r}")
         state = self._volumeState(volumeNode)
         key = (segmentationNode.GetID(), segmentId)
-        prompts, candidate = state.promptsOf(key)
+        # The uncertainty of the result the segment shows: the prompts that made it on this volume.
+        shown = self._shown.get(key)
+        ours = shown is not None and shown.volumeNodeID == volumeNode.GetID()
+        prompts, candidate = (list(shown.prompts), shown.candidate) if ours else ([], None)
         if not prompts:
             raise errors.PromptError(
                 f"segment {segmentId!r} has no FastSAM3D prompts on volume {volumeNode.GetName()!r}: click in it first"
             )
         request = UncertaintyRequest(volumeNode.GetScene(), state, key, prompts, volumeNode.GetID(), samples, method, candidate)
-        request.epoch = self._stamp(key)
+        self._stampRequest(request)
         return request
 
     def applyUncertainty(self, request: UncertaintyRequest, result, outputVolumeNode=None):

@@ -334,10 +334,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 continue  # a newer click is on its way, or the user selected another segment
             if request.effectState != (self.clicks, self.candidate):
                 continue  # the clicks changed since (a click removed, a new object)
-            ownLast = self.states[-1].stamp if self.states else None
-            if self.logic.segmentStamp(segmentation, segmentId) not in (request.segmentStamp, ownLast):
-                # Changed meanwhile by someone else than this effect (the editor's Undo, another
-                # effect): that change stands; the clicks follow the segment once the queue is idle.
+            if self._changedByOthers(segmentation, segmentId, request):
+                # The editor's Undo or another tool changed the segment while the click computed: that
+                # change stands, and the clicks follow the segment once the queue is idle.
+                self._status("The segment changed while the click was computed (the editor's Undo or another tool): "
+                             "that change is kept; click again.")
                 continue
             sourceVolume = request.scene.GetNodeByID(request.volumeNodeID)
             try:
@@ -360,6 +361,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if not self.queue.busy and progress.get("stage") in ("ready", "idle"):
             self.timer.stop()
             self.progressBar.visible = False
+
+    def _changedByOthers(self, segmentation, segmentId, request) -> bool:
+        """Whether the segment's voxels differ from both what they were when ``request`` was made
+        and what this effect last wrote. The stamp says first (it also moves when another segment
+        of the same layer is edited); the voxels decide."""
+        stamp = self.logic.segmentStamp(segmentation, segmentId)
+        if stamp == request.segmentStamp or (self.states and stamp == self.states[-1].stamp):
+            return False
+        return not self.states or self.logic.segmentFingerprint(segmentation, segmentId) != self.states[-1].fingerprint
 
     def _status(self, text):
         if hasattr(self, "statusLabel"):

@@ -874,6 +874,15 @@ def test_undo_takes_the_prompts_back_with_the_voxels(ch2_node_data, putamen):
     reference.segmentFromPoints(volume2, segmentation2, target2, [a], [1])
     reference.segmentFromPoints(volume2, segmentation2, target2, [a, c], [1, 1])
     assert np.array_equal(logic.segmentArray(segmentation, target), reference.segmentArray(segmentation2, target2))
+    # A request made before an undo does no work when it runs, and leaves the rewind for the next
+    # one; the uncertainty is that of the result shown.
+    pending = logic.prepareSegmentation(volume, segmentation, target, [a, c, d], [1, 1, 1])
+    assert logic.undo(segmentation, target)
+    assert pending.run() is None and logic.isStale(pending)
+    assert len(logic.prepareUncertainty(volume, segmentation, target).prompts) == 1
+    logic.accept(segmentation, target)
+    with pytest.raises(PromptError, match="click in it first"):
+        logic.prepareUncertainty(volume, segmentation, target)
     with pytest.raises(ValueError, match="maxUndo must be at least 1"):
         FL.FastSAM3DLogic(model=build_model("tiny"), maxUndo=0)
 

@@ -873,3 +873,62 @@ def test_the_editors_undo_during_a_click_is_not_overwritten(app):
         gate.event.set()
         drain(effect.queue, effect.timer.fire)
     assert app.logic.segmentArray(segmentation, target).sum() == 0
+
+
+def test_a_saved_scene_keeps_its_points_and_a_switched_segment_keeps_its_result(app):
+    """Review of the widget changes: showing the parameter node's own segment erased saved points;
+    a click still computing for the previous segment landed in the new segment's undo history."""
+    volume, segmentation, target, other = small_scene(app.scene)
+    node = app.logic.getParameterNode()
+    app.logic.setDefaultParameters(node)
+    include, exclude = app.logicModule.FastSAM3DLogic.createPromptNodes(app.scene)
+    include.AddControlPoint(7.0, 0.0, 0.0)
+    roles = app.logicModule.REFERENCE_ROLES
+    for role, referenced in (("InputVolume", volume), ("Segmentation", segmentation), ("PositivePoints", include),
+                             ("NegativePoints", exclude)):
+        node.SetNodeReferenceID(roles[role], referenced.GetID())
+    app.logic.setParameter(node, "SegmentID", target)
+    widget = app.module.FastSAM3DWidget(types.SimpleNamespace(isEntered=True))
+    widget.setup()  # as when a saved scene is opened in the module
+    assert widget._reference("PositivePoints") is include and include.GetNumberOfControlPoints() == 1
+
+    widget.requestSegmentation(force=True)
+    drain(widget.queue, widget.timer.fire)
+    first = app.logic.segmentArray(segmentation, target).copy()
+    with _Gate() as gate:
+        include.AddControlPoint(-5.0, 0.0, 0.0)  # still computing when the user switches segment
+        time.sleep(0.1)
+        widget.ui.segmentSelector.setCurrentSegmentID(other)
+        gate.event.set()
+        drain(widget.queue, widget.timer.fire)
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), first)  # kept as it was, as if accepted
+    assert widget._undoActions == [] and not app.logic.canUndo(segmentation, target)
+    include.AddControlPoint(0.0, 10.0, 0.0)
+    drain(widget.queue, widget.timer.fire)
+    widget.onUndo()
+    assert include.GetNumberOfControlPoints() == 0 and app.logic.segmentArray(segmentation, other).sum() == 0
+
+
+def test_the_effect_keeps_a_click_when_another_segment_of_its_layer_changes(app):
+    """Segments share a labelmap layer: editing another one moves the clicked segment's stamp, and
+    the click's result was dropped although its voxels were untouched."""
+    volume, segmentation, target, other = small_scene(app.scene)
+    wrapper = FakeScriptedEffect(app.scene, segmentation, volume, target)
+    effect = importlib.import_module("SegmentEditorFastSAM3DLib.SegmentEditorEffect").SegmentEditorEffect(wrapper)
+    effect.setupOptionsFrame()
+    effect.setMRMLDefaults()
+    effect.updateGUIFromMRML()
+    effect.activate()
+    view, press = FakeSliceWidget(), vtk.vtkCommand.LeftButtonPressEvent
+    effect.processInteractionEvents(FakeInteractor((7, 0)), press, view)
+    drain(effect.queue, effect.timer.fire)
+    with _Gate() as gate:
+        effect.processInteractionEvents(FakeInteractor((-5, 0)), press, view)
+        time.sleep(0.1)
+        painted = np.zeros(volume.GetImageData().GetDimensions()[::-1], np.uint8)
+        painted[0:3, 0:3, 0:3] = 1
+        app.logic._setSegment(segmentation, other, app.logic.maskToSegmentLabelmap(painted, volume, segmentation))
+        gate.event.set()
+        drain(effect.queue, effect.timer.fire)
+    expected = _balls(volume, [((7.0, 0.0, 0.0), True), ((-5.0, 0.0, 0.0), True)])
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), expected)
