@@ -851,22 +851,33 @@ def test_undo_restores_the_points_that_made_the_restored_result(app):
     assert not widget.queue.busy
 
 
-def test_the_editors_undo_during_a_click_is_not_overwritten(app):
-    """Found by review: Ctrl+Z in the Segment Editor while a click computed was overwritten by the
-    click's result when it arrived."""
-    volume, segmentation, target, _ = small_scene(app.scene)
+def _effect_after_one_click(app, volume, segmentation, target):
+    """The Segment Editor effect on ``target`` after a first click at (7, 0) has been written;
+    ``click(xy)`` clicks again."""
     wrapper = FakeScriptedEffect(app.scene, segmentation, volume, target)
     effect = importlib.import_module("SegmentEditorFastSAM3DLib.SegmentEditorEffect").SegmentEditorEffect(wrapper)
     effect.setupOptionsFrame()
     effect.setMRMLDefaults()
     effect.updateGUIFromMRML()
     effect.activate()
-    view, press = FakeSliceWidget(), vtk.vtkCommand.LeftButtonPressEvent
-    effect.processInteractionEvents(FakeInteractor((7, 0)), press, view)
+    view = FakeSliceWidget()
+
+    def click(xy):
+        effect.processInteractionEvents(FakeInteractor(xy), vtk.vtkCommand.LeftButtonPressEvent, view)
+
+    click((7, 0))
     drain(effect.queue, effect.timer.fire)
+    return wrapper, effect, click
+
+
+def test_the_editors_undo_during_a_click_is_not_overwritten(app):
+    """Found by review: Ctrl+Z in the Segment Editor while a click computed was overwritten by the
+    click's result when it arrived."""
+    volume, segmentation, target, _ = small_scene(app.scene)
+    wrapper, effect, click = _effect_after_one_click(app, volume, segmentation, target)
     assert app.logic.segmentArray(segmentation, target).sum() > 0
     with _Gate() as gate:
-        effect.processInteractionEvents(FakeInteractor((-5, 0)), press, view)
+        click((-5, 0))
         time.sleep(0.1)
         wrapper.editor.Undo()
         assert app.logic.segmentArray(segmentation, target).sum() == 0
@@ -913,17 +924,9 @@ def test_the_effect_keeps_a_click_when_another_segment_of_its_layer_changes(app)
     """Segments share a labelmap layer: editing another one moves the clicked segment's stamp, and
     the click's result was dropped although its voxels were untouched."""
     volume, segmentation, target, other = small_scene(app.scene)
-    wrapper = FakeScriptedEffect(app.scene, segmentation, volume, target)
-    effect = importlib.import_module("SegmentEditorFastSAM3DLib.SegmentEditorEffect").SegmentEditorEffect(wrapper)
-    effect.setupOptionsFrame()
-    effect.setMRMLDefaults()
-    effect.updateGUIFromMRML()
-    effect.activate()
-    view, press = FakeSliceWidget(), vtk.vtkCommand.LeftButtonPressEvent
-    effect.processInteractionEvents(FakeInteractor((7, 0)), press, view)
-    drain(effect.queue, effect.timer.fire)
+    _, effect, click = _effect_after_one_click(app, volume, segmentation, target)
     with _Gate() as gate:
-        effect.processInteractionEvents(FakeInteractor((-5, 0)), press, view)
+        click((-5, 0))
         time.sleep(0.1)
         painted = np.zeros(volume.GetImageData().GetDimensions()[::-1], np.uint8)
         painted[0:3, 0:3, 0:3] = 1
