@@ -356,7 +356,6 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.MARKUPS_EVENTS
         return ((vtk.vtkCommand.ModifiedEvent, "onPromptsModified"),)  # the ROI box
 
-
     def onPromptsModified(self, caller, event):
         """A point was added, moved or removed (or the ROI changed): update live if enabled."""
         if self._blockPromptEvents or self._parameterNode is None:
@@ -379,19 +378,12 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                self.logic.getParameter(self._parameterNode, "Candidate"))
         return points, labels, box, key
 
-    def _markupsState(self) -> "_MarkupsState":
-        """The include and exclude points (world RAS) and the candidate asked for, as they are now."""
-        positions = []
-        for role in ("PositivePoints", "NegativePoints"):
-            node = self._reference(role)
-            points = []
-            for n in range(node.GetNumberOfControlPoints() if node is not None else 0):
-                position = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPositionWorld(n, position)
-                points.append(tuple(position))
-            positions.append(tuple(points))
-        requested = self.logic.getParameter(self._parameterNode, "Candidate") if self._parameterNode is not None else -1
-        return _MarkupsState(positions[0], positions[1], None if requested < 0 else requested)
+    @staticmethod
+    def _markupsState(points, labels, candidate) -> "_MarkupsState":
+        """A request's prompts (``_currentPrompts``'s points and labels) and the candidate asked for (-1: none)."""
+        include = tuple(tuple(float(v) for v in p) for p, label in zip(points, labels) if label)
+        exclude = tuple(tuple(float(v) for v in p) for p, label in zip(points, labels) if not label)
+        return _MarkupsState(include, exclude, None if candidate < 0 else candidate)
 
     def _setCandidate(self, candidate):
         if self._parameterNode is not None:
@@ -454,7 +446,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             candidate = self.logic.getParameter(self._parameterNode, "Candidate")
             request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels, box,
                                                      candidate=candidate if candidate >= 0 else None)
-            request.markups = self._markupsState()
+            request.markups = self._markupsState(points, labels, candidate)
             self._promptTarget = (segmentation, segmentId)
         except ValueError as error:  # FastSAM3DInputError: the user's input, explained
             self.showStatus(str(error))
