@@ -502,11 +502,7 @@ class FakeSliceWidget:
 
 
 def test_other_candidate_button_steps_through_candidates_and_undo_takes_each_step_back(app):
-    volume, segmentation, target, other = small_scene(app.scene)
-    widget = app.module.FastSAM3DWidget(types.SimpleNamespace(isEntered=True))
-    widget.setup()
-    widget.ui.segmentSelector.setCurrentNode(segmentation)
-    widget.ui.segmentSelector.setCurrentSegmentID(target)
+    widget, volume, segmentation, target, other = _widget(app)
     include = widget._reference("PositivePoints")
     assert not widget.ui.candidateButton.enabled  # nothing segmented yet
 
@@ -697,7 +693,7 @@ def _widget(app):
     widget.setup()
     widget.ui.segmentSelector.setCurrentNode(segmentation)
     widget.ui.segmentSelector.setCurrentSegmentID(target)
-    return widget, volume, segmentation, target
+    return widget, volume, segmentation, target, other
 
 
 class _Gate:
@@ -719,7 +715,7 @@ class _Gate:
 def test_a_result_in_flight_does_not_overwrite_undo_or_accept(app):
     """Found by review: a prediction running while the user pressed Undo (or Accept) used to land
     afterwards and overwrite the segment; and Accept waited for it on the GUI thread."""
-    widget, volume, segmentation, target = _widget(app)
+    widget, volume, segmentation, target, _ = _widget(app)
     include = widget._reference("PositivePoints")
     include.AddControlPoint(7.0, 0.0, 0.0)
     drain(widget.queue, widget.timer.fire)
@@ -748,7 +744,7 @@ def test_a_result_in_flight_does_not_overwrite_undo_or_accept(app):
 
 
 def test_a_waiting_click_is_not_dropped_by_an_uncertainty_request(app):
-    widget, volume, segmentation, target = _widget(app)
+    widget, volume, segmentation, target, _ = _widget(app)
     drain(widget.queue, widget.timer.fire)
     include = widget._reference("PositivePoints")
     with _Gate() as gate:
@@ -766,7 +762,7 @@ def test_a_waiting_click_is_not_dropped_by_an_uncertainty_request(app):
 
 def test_closing_the_scene_forgets_the_undo_history(app):
     """Node IDs are reused by the next scene: an old undo entry would overwrite a new segment."""
-    widget, volume, segmentation, target = _widget(app)
+    widget, volume, segmentation, target, _ = _widget(app)
     widget._reference("PositivePoints").AddControlPoint(7.0, 0.0, 0.0)
     drain(widget.queue, widget.timer.fire)
     assert app.logic.canUndo(segmentation, target)
@@ -777,7 +773,7 @@ def test_closing_the_scene_forgets_the_undo_history(app):
 
 def test_another_segment_starts_from_no_points(app):
     """Found by review: the points placed for one segment were carried into the next one chosen."""
-    widget, volume, segmentation, target = _widget(app)
+    widget, volume, segmentation, target, _ = _widget(app)
     other = [segmentation.GetSegmentation().GetNthSegmentID(n) for n in range(segmentation.GetSegmentation().GetNumberOfSegments())
              if segmentation.GetSegmentation().GetNthSegmentID(n) != target][0]
     include = widget._reference("PositivePoints")
@@ -795,7 +791,7 @@ def test_another_segment_starts_from_no_points(app):
 def test_a_model_change_while_work_waits_loads_nothing_on_the_worker(app, monkeypatch):
     """Found by review: a request queued before the user picked another model made the worker load
     the bundled model (and call the GUI from there); the model is taken when the request is made."""
-    widget, volume, segmentation, target = _widget(app)
+    widget, volume, segmentation, target, _ = _widget(app)
     drain(widget.queue, widget.timer.fire)
     loads = []
 
@@ -821,7 +817,7 @@ def test_a_model_change_while_work_waits_loads_nothing_on_the_worker(app, monkey
 def test_undo_restores_the_points_that_made_the_restored_result(app):
     """Found by review: Undo removed the last placed point whatever had changed, so after a drag or
     a delete (or clicks whose results were superseded) the points no longer matched the segment."""
-    widget, volume, segmentation, target = _widget(app)
+    widget, volume, segmentation, target, _ = _widget(app)
     include = widget._reference("PositivePoints")
 
     def points():
