@@ -74,7 +74,8 @@ def resourceFile(*parts):
 
 
 class _MarkupsState(NamedTuple):
-    """What made a result: the include and exclude points (world RAS), the candidate asked for
+    """What made a result: the include and exclude points (world RAS), the ROI box (its
+    object-to-node matrix, 16 values row by row, and size; None: no box), the candidate asked for
     (None: the model's pick), and the candidates the result offered with the one shown."""
 
     include: Tuple[Tuple[float, float, float], ...] = ()
@@ -82,6 +83,7 @@ class _MarkupsState(NamedTuple):
     requested: Optional[int] = None
     candidates: List[float] = []
     shown: Optional[int] = None
+    roi: Optional[Tuple[Tuple[float, ...], Tuple[float, float, float]]] = None
 
 
 #
@@ -209,7 +211,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.resetButton.connect("clicked(bool)", self.onReset)
-        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelButton)
         self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
         self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.onShowUncertaintyToggled)
         self.ui.refineBoundaryCheckBox.connect("toggled(bool)", self.onRefineBoundaryToggled)
@@ -379,11 +381,37 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return points, labels, box, key
 
     @staticmethod
-    def _markupsState(points, labels, candidate) -> "_MarkupsState":
-        """A request's prompts (``_currentPrompts``'s points and labels) and the candidate asked for (-1: none)."""
+    def _markupsState(points, labels, candidate, roiNode) -> "_MarkupsState":
+        """A request's prompts (``_currentPrompts``'s points and labels, read with the ROI in one
+        event) and the candidate asked for (-1: none)."""
         include = tuple(tuple(float(v) for v in p) for p, label in zip(points, labels) if label)
         exclude = tuple(tuple(float(v) for v in p) for p, label in zip(points, labels) if not label)
-        return _MarkupsState(include, exclude, None if candidate < 0 else candidate)
+        roi = None
+        if roiNode is not None and roiNode.GetNumberOfControlPoints():
+            matrix = roiNode.GetObjectToNodeMatrix()
+            roi = (tuple(matrix.GetElement(i, j) for i in range(4) for j in range(4)), tuple(roiNode.GetSize()))
+        return _MarkupsState(include, exclude, None if candidate < 0 else candidate, roi=roi)
+
+    def _restoreMarkups(self, state: "_MarkupsState"):
+        """Put the points and the ROI box back as ``state`` recorded them (no live update)."""
+        self._blockPromptEvents = True
+        try:
+            for role, positions in (("PositivePoints", state.include), ("NegativePoints", state.exclude)):
+                node = self._reference(role)
+                if node is not None:
+                    node.RemoveAllControlPoints()
+                    for position in positions:
+                        node.AddControlPointWorld(vtk.vtkVector3d(*position))
+            roi = self._reference("ROI")
+            if roi is not None and state.roi is None:
+                roi.RemoveAllControlPoints()
+            elif roi is not None:
+                matrix = vtk.vtkMatrix4x4()
+                matrix.DeepCopy(state.roi[0])
+                roi.SetAndObserveObjectToNodeMatrix(matrix)
+                roi.SetSize(*state.roi[1])
+        finally:
+            self._blockPromptEvents = False
 
     def _setCandidate(self, candidate):
         if self._parameterNode is not None:
@@ -446,7 +474,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             candidate = self.logic.getParameter(self._parameterNode, "Candidate")
             request = self.logic.prepareSegmentation(volume, segmentation, segmentId, points, labels, box,
                                                      candidate=candidate if candidate >= 0 else None)
-            request.markups = self._markupsState(points, labels, candidate)
+            request.markups = self._markupsState(points, labels, candidate, self._reference("ROI"))
             self._promptTarget = (segmentation, segmentId)
         except ValueError as error:  # FastSAM3DInputError: the user's input, explained
             self.showStatus(str(error))
@@ -537,14 +565,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- accept / undo / reset ----------------------------------------------------------------------------
 
     def _clearPrompts(self):
-        self._blockPromptEvents = True
-        try:
-            for role in ("PositivePoints", "NegativePoints"):
-                node = self._reference(role)
-                if node is not None:
-                    node.RemoveAllControlPoints()
-        finally:
-            self._blockPromptEvents = False
+        """No points and no box: the next structure starts from nothing (an old box would clip it)."""
+        self._restoreMarkups(_MarkupsState())
         self._undoActions = []
         self._shownMarkups = _MarkupsState()
         self._promptTarget = None
@@ -552,30 +574,29 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastPrompts = None
 
     def onAccept(self):
+        """Keep the segment and start the next structure in a new segment: in the accepted one,
+        the next point would replace what was just accepted."""
         _volume, segmentation, segmentId = self._segmentTarget()
         self.logic.accept(segmentation, segmentId)
         self._clearPrompts()
-        self.showStatus(_("Segment accepted. Place points for the next structure."))
+        if segmentation is not None:
+            accepted = segmentation.GetSegmentation().GetSegment(segmentId)
+            nextId = segmentation.GetSegmentation().AddEmptySegment("")
+            self.logic.setParameter(self._parameterNode, "SegmentID", nextId)
+            self.showStatus(_("{accepted} accepted. Place points for the next structure (in {next}).").format(
+                accepted=accepted.GetName() if accepted else segmentId,
+                next=segmentation.GetSegmentation().GetSegment(nextId).GetName()))
         self.updateGUIFromParameterNode()
 
     def onUndo(self):
-        """Restore the previous result exactly (the logic's undo) and the points and candidate that
-        made it, whatever changed since: a point placed, moved or deleted, or a candidate chosen
-        (a moved ROI box stays where it is)."""
+        """Restore the previous result exactly (the logic's undo) and the points, ROI box and
+        candidate that made it, whatever changed since: a point placed, moved or deleted, the box
+        drawn, moved or resized, or a candidate chosen."""
         _volume, segmentation, segmentId = self._segmentTarget()
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
             if self.logic.undo(segmentation, segmentId):
                 state = self._undoActions.pop() if self._undoActions else _MarkupsState()
-                self._blockPromptEvents = True
-                try:
-                    for role, positions in (("PositivePoints", state.include), ("NegativePoints", state.exclude)):
-                        node = self._reference(role)
-                        if node is not None:
-                            node.RemoveAllControlPoints()
-                            for position in positions:
-                                node.AddControlPointWorld(vtk.vtkVector3d(*position))
-                finally:
-                    self._blockPromptEvents = False
+                self._restoreMarkups(state)
                 self._setCandidate(state.requested)
                 self._candidates, self._shownCandidate, self._shownMarkups = list(state.candidates), state.shown, state
             self._lastPrompts = self._currentPrompts()[3]  # the restored result matches the restored points
@@ -607,6 +628,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.logic.setModel(None)
         self._forgetCandidates()
+        self._lastPrompts = None  # a result dropped as stale is asked for again, with the new weights
         self.ui.modelInfoLabel.text = _("The chosen weights load on the next click (or press Load model).")
 
     def _ensureModel(self):
@@ -614,6 +636,11 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic._model is not None:
             return True
         return self.onLoadModel()
+
+    def onLoadModelButton(self):
+        """Load the chosen weights now and, with live update on, show their result for the current points."""
+        if self.onLoadModel() and self.logic.getParameter(self._parameterNode, "LiveUpdate"):
+            self.requestSegmentation(force=True)
 
     def onLoadModel(self):
         import FastSAM3DDependencies
