@@ -975,7 +975,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             index = np.asarray(state.image.TransformPhysicalPointToContinuousIndex(tuple(point)))
             if np.any(index < -0.5) or np.any(index > size - 0.5):
                 raise errors.PromptError(
-                    f"{what} {n + 1} at R {world[0]:.1f}, A {world[1]:.1f}, S {world[2]:.1f} mm is outside volume "
+                    f"{what}{f' {n + 1}' if len(points) > 1 else ''} at R {world[0]:.1f}, A {world[1]:.1f}, S {world[2]:.1f} mm is outside volume "
                     f"{volumeNode.GetName()!r} (it falls at voxel ({', '.join(f'{v:.1f}' for v in index)}); the volume has "
                     f"{tuple(int(s) for s in size)} voxels)"
                 )
@@ -985,10 +985,20 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def _localBox(cls, volumeNode, state: _VolumeState, cornersRAS: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """A world box (two opposite RAS corners) as the engine's box: axis-aligned in the volume's
         LPS frame, around all eight of its corners carried there (under a rotating transform two
-        corners alone can span a flat box). The engine takes a box reaching past the volume."""
-        cls._toLocalLps(volumeNode, state, cornersRAS, "box corner")  # the corners drawn lie in the volume
+        corners alone can span a flat box). Like the engine, it may reach past the volume (an ROI
+        drawn around a structure at the edge of the field of view) if its centre lies inside."""
+        errors = _errors()
+        if not np.all(np.isfinite(cornersRAS)):
+            raise errors.PromptError(f"box corners must be finite (R, A, S) millimetres, got {cornersRAS.tolist()}")
+        cls._toLocalLps(volumeNode, state, cornersRAS.mean(0, keepdims=True), "the centre of the box")
         cube = np.array([[cornersRAS[i, 0], cornersRAS[j, 1], cornersRAS[k, 2]] for i, j, k in np.ndindex(2, 2, 2)])
         local = rasToLps(worldToLocal(volumeNode, cube))
+        extent, voxel = local.max(0) - local.min(0), min(state.image.GetSpacing())
+        if np.any(extent < voxel):  # the engine's rule, said in the volume's own R, A, S axes
+            raise errors.PromptError(
+                f"the box is flat: it spans {extent[0]:.1f} x {extent[1]:.1f} x {extent[2]:.1f} mm (R x A x S in volume "
+                f"{volumeNode.GetName()!r}'s frame); give it at least one voxel ({voxel:.2g} mm) in every direction"
+            )
         return tuple(float(v) for v in local.min(0)), tuple(float(v) for v in local.max(0))
 
     # -- segmentation --------------------------------------------------------------------------

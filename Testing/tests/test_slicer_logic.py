@@ -1069,3 +1069,30 @@ def test_a_box_at_the_edge_of_an_oblique_volume(tiny_logic):
     voxels = exported_world_voxels(segmentation, target)
     low, high = np.minimum(a, b), np.maximum(a, b)
     assert len(voxels) and np.all(voxels >= low - 1e-3) and np.all(voxels <= high + 1e-3)
+
+
+def test_a_box_past_the_volume_edge_is_taken_and_a_flat_one_is_explained(tiny_logic):
+    """Found by review: an ROI drawn around a structure at the edge of the field of view was refused
+    because a corner lay outside the volume, though the engine takes such a box; and a flat ROI was
+    explained in the engine's LPS millimetres, which Slicer never shows."""
+    from vtk.util import numpy_support
+
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "edge")
+    data = vtk.vtkImageData()
+    data.SetDimensions(40, 40, 12)
+    data.AllocateScalars(vtk.VTK_FLOAT, 1)
+    numpy_support.vtk_to_numpy(data.GetPointData().GetScalars())[:] = np.random.default_rng(1).random(40 * 40 * 12) * 100
+    volume.SetAndObserveImageData(data)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    target = segmentation.GetSegmentation().AddEmptySegment("t")
+    a, b = np.array([-6.0, -6.0, 2.0]), np.array([10.0, 10.0, 8.0])  # RAS = IJK here; two faces lie past the volume
+    tiny_logic.segmentFromBox(volume, segmentation, target, a, b)
+    voxels = exported_world_voxels(segmentation, target)
+    assert len(voxels) and np.all(voxels >= a - 1e-3) and np.all(voxels <= b + 1e-3)
+
+    with pytest.raises(FL._errors().PromptError, match="centre of the box .* is outside volume 'edge'"):
+        tiny_logic.prepareSegmentation(volume, segmentation, target, (), (), (np.array([-30.0, -30, 2]), np.array([-2.0, -2, 8])))
+    with pytest.raises(FL._errors().PromptError, match=r"flat: it spans 16.0 x 0.0 x 6.0 mm \(R x A x S in volume 'edge'"):
+        tiny_logic.prepareSegmentation(volume, segmentation, target, (), (), (np.array([2.0, 5, 2]), np.array([18.0, 5, 8])))
