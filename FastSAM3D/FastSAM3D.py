@@ -814,6 +814,13 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
         widget.onUndo()
         self.assertEqual(int(widget.logic.segmentArray(segmentation, segmentId).sum()), 0)
         self.assertEqual(include.GetNumberOfControlPoints(), 0)
+        include.AddControlPoint(*clickRAS)
+        self._waitFor(widget.queue)
+        accepted = widget.logic.segmentArray(segmentation, segmentId).copy()
+        widget.onAccept()  # the next structure goes to a new segment, selected in the GUI
+        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 2)
+        self.assertNotEqual(widget.ui.segmentSelector.currentSegmentID(), segmentId)
+        self.assertTrue((widget.logic.segmentArray(segmentation, segmentId) == accepted).all())
         self.delayDisplay("Widget test passed")
 
     def test_SegmentEditorEffect(self):
