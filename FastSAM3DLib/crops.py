@@ -76,7 +76,10 @@ def normalize_crop(array: np.ndarray, settings: IntensitySettings = IntensitySet
     The foreground is the voxels > 0 (the public pipeline: MR background is 0). Where none are (an
     image whose values are all negative, e.g. shifted), it is the voxels above the crop's minimum,
     which gives that image the crop its unshifted values would have; a crop of one value is
-    returned zeroed. Statistics accumulate in float64: float32 squares overflow above ~1e19.
+    returned zeroed. A foreground of one value (a mask, a label map, a CT clipped at its window's top)
+    has no spread to divide by: its contrast to the crop's lowest value sets the scale instead, so the
+    rest of the crop lies at -1, not at -1e10 (the public pipeline refuses such an image). Statistics
+    accumulate in float64: float32 squares overflow above ~1e19.
     """
     values = array.astype(np.float32, copy=True)
     if settings.mode == "ct":
@@ -89,4 +92,17 @@ def normalize_crop(array: np.ndarray, settings: IntensitySettings = IntensitySet
             return np.zeros_like(values)
     selected = values[foreground]
     mean, std = float(selected.mean(dtype=np.float64)), float(selected.std(dtype=np.float64))
-    return (values - np.float32(mean)) / np.float32(max(std, 1e-8))
+    if std <= 1e-6 * abs(mean):
+        std = mean - float(values.min())
+        if std <= 0:
+            return np.zeros_like(values)
+    return (values - np.float32(mean)) / np.float32(std)
+
+
+def padding_value(low: float, high: float, settings: IntensitySettings = IntensitySettings()) -> float:
+    """What a crop holds outside an image whose values span [low, high]: the CT window's low end
+    (air), else 0 (the public pipeline's MR background), or the image's minimum where no voxel is
+    above 0 (a shifted image, whose brightest value 0 would otherwise be)."""
+    if settings.mode == "ct":
+        return float(settings.window[0])
+    return 0.0 if high > 0 else float(low)

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .crops import CANONICAL_DIRECTION, CROP_SIZE, CROP_SPACING, IntensitySettings, normalize_crop
+from .crops import CANONICAL_DIRECTION, CROP_SIZE, CROP_SPACING, IntensitySettings, normalize_crop, padding_value
 
 
 def image_affine(image: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
@@ -81,11 +81,20 @@ def resample_to_crop(
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(resampled).transpose(2, 1, 0))
 
 
+def image_padding_value(image: sitk.Image, settings: IntensitySettings = IntensitySettings()) -> float:
+    """:func:`~FastSAM3DLib.crops.padding_value` of an image (one pass over it for its range)."""
+    if settings.mode == "ct":
+        return padding_value(0.0, 0.0, settings)
+    statistics = sitk.MinimumMaximumImageFilter()
+    statistics.Execute(image)
+    return padding_value(statistics.GetMinimum(), statistics.GetMaximum(), settings)
+
+
 def crop_tensor(
     image: sitk.Image, crop: CropGrid, settings: IntensitySettings = IntensitySettings()
 ) -> torch.Tensor:
-    """The normalised model input for a crop: 1 x 1 x size^3 float32."""
-    array = normalize_crop(resample_to_crop(image, crop), settings)
+    """The normalised model input for a crop, padded as the session pads: 1 x 1 x size^3 float32."""
+    array = normalize_crop(resample_to_crop(image, crop, default=image_padding_value(image, settings)), settings)
     return torch.from_numpy(array)[None, None]
 
 

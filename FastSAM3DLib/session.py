@@ -40,6 +40,7 @@ from .preprocess import (
     image_affine,
     index_to_physical,
     normalize_crop,
+    padding_value,
     physical_to_index,
     resample_to_crop,
 )
@@ -258,9 +259,7 @@ class Session:
         with self._lock:
             self._generation += 1
             self._image = loaded
-            # What a crop holds outside the image in the MR rule: 0, the public pipeline's background,
-            # unless no voxel is above 0 (a shifted image), where 0 would be its brightest value.
-            self._outside = 0.0 if high > 0 else float(low)
+            self._outside = padding_value(low, high, self.intensity)
             self._next_timings = {}
             self._embeddings.clear()
             self._pending.clear()
@@ -311,8 +310,7 @@ class Session:
         try:
             start = time.perf_counter()
             check(0.0)
-            default = self.intensity.window[0] if self.intensity.mode == "ct" else self._outside
-            array = resample_to_crop(self.image, crop, default=default)
+            array = resample_to_crop(self.image, crop, default=self._outside)
             tensor = torch.from_numpy(normalize_crop(array, self.intensity))[None, None].to(self.device)
             encoder = self.model.image_encoder
             if self._fast:  # its blocks share the model's blocks' hooks
@@ -326,6 +324,8 @@ class Session:
                     raise EmbeddingCancelled("the session's image changed while embedding")
                 self.encoder_calls += 1
                 self._embeddings[crop] = embedding
+                # From now on the cache holds it: once evicted it is released (and embedded again if needed).
+                self._pending.pop(crop, None)
                 self._evict()
             self._next_timings["embed_s"] = time.perf_counter() - start
             self._report("ready", 1.0)
@@ -792,10 +792,18 @@ class Session:
         return image
 
     def predicted_iou(self, object: int = 0) -> Optional[float]:
-        """The decoder's IoU estimate for the object's most recently decoded crop."""
+        """The decoder's IoU estimate for the crop the object's newest prompt was decoded in (of the
+        crops holding it, the one it lies most central in); None before any prompt."""
         state = self._object(object)
         self._update(state)
-        return state.iou[state.crops[-1]] if state.crops and state.crops[-1] in state.iou else None
+        if not state.prompts:
+            return None
+        newest = np.asarray(state.prompts[-1].center)
+        holding = [c for c in state.crops if c.contains(newest) and c in state.iou]
+        if not holding:
+            return None
+        crop = min(holding, key=lambda c: np.linalg.norm(c.to_index(newest)[0] - c.size / 2))
+        return state.iou[crop]
 
     # -- uncertainty -----------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from ..crops import (
     P_SCALE_SHIFT,
     IntensitySettings,
     normalize_crop,
+    padding_value,
     random_affine,
 )
 
@@ -320,7 +321,8 @@ def draw_phantom_crop(
     The phantom (:func:`~FastSAM3DLib.data.phantoms.make_phantom_arrays`, a target of more than
     ``min_voxels`` voxels) is resampled onto a session crop grid centred near its target as
     :func:`jittered_center` places it (linear; the label linear then >= 0.5; edge values up to half
-    a voxel out and zero beyond, as SimpleITK resamples), augmented with
+    a voxel out, as SimpleITK resamples, and beyond them what the session pads with:
+    :func:`~FastSAM3DLib.crops.padding_value`), augmented with
     :func:`FastSAM3DLib.data.augment`, and normalised with the MR rule or, for a share
     ``ct_window_fraction`` of CT phantoms, the CT window. The generator is drawn from in the pool's
     order, so the pool's entries are these crops.
@@ -355,12 +357,15 @@ def draw_phantom_crop(
         position = (matrix[a, 0] * axes[:, None, None] + matrix[a, 1] * axes[None, :, None]
                     + matrix[a, 2] * axes[None, None, :] + offset[a])
         within &= (position >= -0.5) & (position <= n - 0.5)
-    raw = ndimage.affine_transform(phantom.image, matrix, offset, output_shape=shape, order=1, mode="nearest") * within
+    settings = IntensitySettings(mode="ct") if ct else IntensitySettings()
+    outside = padding_value(float(phantom.image.min()), float(phantom.image.max()), settings)  # as the session pads
+    raw = np.where(within, ndimage.affine_transform(phantom.image, matrix, offset, output_shape=shape, order=1, mode="nearest"),
+                   np.float32(outside))
     target = (ndimage.affine_transform(label.astype(np.float32), matrix, offset, output_shape=shape, order=1,
                                        mode="nearest") >= 0.5) & within
     if augment_crop:
         raw, target = augment(raw.astype(np.float32), target, rng)
-    image = normalize_crop(raw, IntensitySettings(mode="ct") if ct else IntensitySettings())
+    image = normalize_crop(raw, settings)
     return image, target.astype(np.uint8), f"phantom:{phantom.modality}:{phantom.kinds.get(phantom.target_id, '?')}"
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from ..preprocess import CropGrid, IntensitySettings, normalize_crop, resample_to_crop
+from ..preprocess import CropGrid, IntensitySettings, image_padding_value, normalize_crop, resample_to_crop
 from .live import draw_phantom_crop, jittered_center
 from .paths import DEFAULT_POOL
 
@@ -104,7 +104,7 @@ def prepare_crop(
     if center_lps is None:
         center_lps = jittered_center(*label_bbox_lps(label), rng)
     crop = CropGrid.around(center_lps)
-    raw = resample_to_crop(image, crop)
+    raw = resample_to_crop(image, crop, default=image_padding_value(image, intensity))  # padded as the session pads
     target = resample_to_crop(sitk.Cast(label, sitk.sitkFloat32), crop) >= 0.5
     if augment_crop:
         from ..data.augment import augment

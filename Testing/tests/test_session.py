@@ -259,6 +259,12 @@ def test_embedding_cache_is_bounded_by_bytes(tiny):
         session.predict()
     assert session.cached_bytes() <= 2 * one
     assert session.encoder_calls == 4
+    # Found by review: evicted embeddings stayed referenced (all four in memory) and were served again.
+    held = {id(future.result()) for future in session._pending.values()}
+    assert len(held) <= 2
+    session.add_point(index_to_physical(image, (10, 20, 20)), object=session.new_object())
+    session.predict(object=1)
+    assert session.encoder_calls == 5  # its crop was evicted: embedded again, and cached again
 
 
 def test_uncertainty_methods_and_scaling(tiny):
@@ -652,3 +658,59 @@ def test_a_box_may_reach_past_the_image_but_its_centre_must_be_in_it(tiny):
     assert nz.size and np.all(nz.min(0)[::-1] >= [30, 40, 20])
     with pytest.raises(PromptError, match="the centre of box .* is outside the image"):
         session.add_box(index_to_physical(image, (45, 10, 10)), index_to_physical(image, (60, 20, 20)))
+
+
+def test_the_predicted_iou_is_that_of_the_newest_prompts_crop(tiny):
+    """Found by review: ``predicted_iou`` reported the crop added last, not the one the newest prompt
+    was decoded in (the CLI's ``--json`` printed it)."""
+    image = _image(size=(400, 20, 20), spacing=(2.0, 2.0, 2.0))
+    session = Session(tiny, prefetch=False, precision="fp32")
+    session.set_image(image)
+    assert session.predicted_iou() is None
+    session.add_point_voxel((20, 10, 10))
+    session.predict()
+    session.add_point_voxel((380, 10, 10))
+    session.predict()
+    state = session._objects[0]
+    first, second = state.crops
+    session.add_point_voxel((25, 12, 10), positive=False)
+    session.predict()
+    assert state.iou[first] != state.iou[second]
+    assert session.predicted_iou() == state.iou[first]
+
+
+@pytest.mark.parametrize("mode", ["mr", "ct"])
+def test_an_image_of_one_foreground_value_gives_bounded_model_input(mode):
+    """Found by review: a binary mask, a label map or a CT clipped at its window's top has a
+    foreground of one value; its standard deviation 0 made the rest of the crop about -1e10."""
+    from FastSAM3DLib.crops import IntensitySettings, normalize_crop
+
+    array = np.zeros((64,) * 3, np.float32)
+    array[20:40, 20:40, 20:40] = 100.0
+    if mode == "ct":
+        array = np.where(array > 0, 500.0, -1000.0).astype(np.float32)  # bone above the window, air
+    normalised = normalize_crop(array, IntensitySettings(mode))
+    assert set(np.unique(normalised).round(6)) == {-1.0, 0.0}
+    assert not normalize_crop(np.full((8,) * 3, 7.0, np.float32)).any()  # one value everywhere: zeros, as before
+
+
+def test_crops_outside_a_ct_image_are_air_in_training_and_evaluation_as_in_the_session():
+    """Found by review: ``crop_tensor`` (the quick evaluation) and the training pool padded outside the
+    image with 0 (soft tissue in HU), where the session pads CT with the window's low end (air)."""
+    from FastSAM3DLib.crops import IntensitySettings
+    from FastSAM3DLib.preprocess import CropGrid, crop_tensor
+    from FastSAM3DLib.train.pool import prepare_crop
+
+    array = np.full((60,) * 3, -1000, np.int16)
+    array[10:50, 10:50, 10:50] = np.random.default_rng(0).integers(20, 80, (40,) * 3)
+    image = sitk.GetImageFromArray(array)
+    ct = IntensitySettings("ct")
+    corner = index_to_physical(image, (59, 59, 59))
+    crop = CropGrid.around(corner)
+    tensor = crop_tensor(image, crop, ct)[0, 0].numpy()
+    label = sitk.GetImageFromArray((array > 0).astype(np.uint8))
+    label.CopyInformation(image)
+    pooled, _ = prepare_crop(image, label, np.random.default_rng(0), augment_crop=False, intensity=ct, center_lps=corner)
+    # Crop voxel (0, 0, 0) lies outside the image, (66, 66, 62) in its air corner (-1000 HU), (76, 76, 50) in tissue.
+    for normalised in (tensor, pooled):
+        assert normalised[0, 0, 0] == pytest.approx(normalised[66, 66, 62]) and normalised[0, 0, 0] < normalised[76, 76, 50]

@@ -462,3 +462,28 @@ def test_cli_offers_every_session_precision():
     from FastSAM3DLib.session import PRECISIONS
 
     assert tuple(SESSION_PRECISIONS) == tuple(PRECISIONS)
+
+
+def test_the_fast_path_follows_weights_that_were_replaced():
+    """Found by review: the fast path was rebuilt only when a parameter changed in place, so after
+    ``load_state_dict(assign=True)`` (or a move to another dtype or device) it kept the old weights."""
+    from FastSAM3DLib import build_model
+    from FastSAM3DLib.quantize import fast_path
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    torch.manual_seed(1)
+    other = build_model("tiny")
+    before = fast_path(model, "fp32-fast")
+    model.load_state_dict(other.state_dict(), assign=True)
+    model.eval()
+    after = fast_path(model, "fp32-fast")
+    assert after is not before
+    embedding, coords = torch.randn(1, 48, 8, 8, 8), torch.rand(1, 2, 3) * 127
+    labels, previous = torch.tensor([[1, 0]]), torch.zeros(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        exact = model.decode(embedding, coords, labels, previous)[0]
+        fast = after.decode(embedding, coords, labels, previous)[0]
+    assert torch.allclose(exact, fast, atol=1e-4, rtol=1e-4)
+    model.double()
+    assert fast_path(model, "fp32-fast") is not after
