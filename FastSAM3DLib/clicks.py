@@ -18,7 +18,7 @@ maps the click to a matching voxel of the full-resolution crop.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional, Tuple
+from typing import Literal, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -41,17 +41,22 @@ def _check_masks(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, np.ndarr
     return pred.astype(bool, copy=False), gt.astype(bool, copy=False)
 
 
-def _max_distance(mask: np.ndarray) -> Tuple[float, Optional[Tuple[int, int, int]]]:
-    """Largest distance-transform value of ``mask`` (padded by one background voxel) and where it is."""
+def _max_distance(mask: np.ndarray, spacing: Optional[Sequence[float]] = None) -> Tuple[float, Optional[Tuple[int, int, int]]]:
+    """Largest distance-transform value of ``mask`` (padded by one background voxel; in millimetres
+    for a ``spacing`` along the array's axes) and where it is."""
     if not mask.any():
         return 0.0, None
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     flat = int(np.argmax(distance))
     return float(distance.flat[flat]), tuple(int(i) for i in np.unravel_index(flat, mask.shape))
 
 
 def next_click(
-    pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator, mode: ClickMode = "interior"
+    pred: np.ndarray,
+    gt: np.ndarray,
+    rng: np.random.Generator,
+    mode: ClickMode = "interior",
+    spacing: Optional[Sequence[float]] = None,
 ) -> Optional[Click]:
     """The next simulated click for a prediction.
 
@@ -61,6 +66,9 @@ def next_click(
       rng: the generator for "random" clicks (and nothing else: "interior" is deterministic,
         ties broken by the first voxel in C order).
       mode: "interior" or "random" (see the module docstring).
+      spacing: the voxel size along the arrays' three axes (mm), so that "interior" is the deepest
+        in millimetres on an anisotropic grid (deepest in voxels it can lie near a thin side);
+        None: isotropic (the model crops).
 
     Returns:
       the click, or None when the prediction has no error.
@@ -72,8 +80,8 @@ def next_click(
     false_negative = gt & ~pred
     false_positive = pred & ~gt
     if mode == "interior":
-        fn_distance, fn_index = _max_distance(false_negative)
-        fp_distance, fp_index = _max_distance(false_positive)
+        fn_distance, fn_index = _max_distance(false_negative, spacing)
+        fp_distance, fp_index = _max_distance(false_positive, spacing)
         if fn_index is None and fp_index is None:
             return None
         if fp_index is None or (fn_index is not None and fn_distance >= fp_distance):

@@ -7,7 +7,8 @@ the classical marker-watershed baseline — with its speed mode, click mode and 
    ``prompt="box"``, the target's bounding box);
 2. each later click is simulated by :func:`FastSAM3DLib.clicks.next_click` on the current
    prediction, **in the image's own grid**: the next interaction of the first two is at the
-   interior-most error voxel, later ones uniformly from the error region; the click's voxel centre
+   interior-most error voxel (deepest in millimetres, so anisotropic grids do not change it),
+   later ones uniformly from the error region; the click's voxel centre
    is converted to LPS millimetres and given to the session like a user's click;
 3. the prediction is the session's mask on the image's grid; Dice against the target is
    computed there after every interaction.
@@ -35,6 +36,7 @@ import csv
 import io
 import json
 import logging
+import os
 import platform
 import time
 import zlib
@@ -121,21 +123,91 @@ def mni152_cases(structures: Optional[Sequence[str]] = None) -> List[Case]:
     return [Case(n, template.image, template.labels[n], "new subject") for n in names]
 
 
-def folder_cases(root: str | Path, labels: Optional[Sequence[str]] = None) -> List[Case]:
-    """Every foreground value of every case of an imagesTr/labelsTr folder (optionally only
-    ``labels``, given as label values or ``case:value`` names)."""
-    from .data.folder import iter_folder_labels
+class _LastCase:
+    """The folder case read last (its image and label map) and the target mask made last, kept
+    for the case's other targets and the target's other uses."""
 
-    wanted = set(labels or [])
-    cases = []
-    for sample in iter_folder_labels(root):
-        name = f"{sample.case_id}:{sample.label_value}"
-        if wanted and name not in wanted and str(sample.label_value) not in wanted:
-            continue
-        cases.append(Case(name, sample.image, sample.label, "unknown"))
-    if not cases:
-        raise FastSAM3DInputError(f"{root}: no labelled targets found" + (f" matching {sorted(wanted)}" if wanted else ""))
-    return cases
+    def __init__(self) -> None:
+        self.case = None
+        self.image: Optional[sitk.Image] = None
+        self.labels: Optional[sitk.Image] = None
+        self.target: Optional[Tuple[object, int, sitk.Image]] = None
+
+    def read(self, case) -> Tuple[sitk.Image, sitk.Image]:
+        from .data.folder import read_case
+
+        if case != self.case:
+            self.case = self.image = self.labels = self.target = None  # the previous case is released first
+            self.image, self.labels = read_case(case)
+            self.case = case
+        return self.image, self.labels
+
+    def mask(self, case, value: int) -> sitk.Image:
+        """uint8 0/1 mask of ``value`` in the case's label map."""
+        labels = self.read(case)[1]
+        if self.target is None or self.target[:2] != (case, value):
+            self.target = (case, value, sitk.Cast(labels == value, sitk.sitkUInt8))
+        return self.target[2]
+
+
+class FolderTarget:
+    """One label value of one case of an imagesTr/labelsTr folder, read when it is evaluated, so
+    that a dataset's images are not all in memory at once (a :class:`Case` otherwise)."""
+
+    group = "unknown"
+
+    def __init__(self, case, value: int, reader: _LastCase) -> None:
+        self.case, self.value, self._reader = case, value, reader
+        self.name = f"{case.case_id}:{value}"
+
+    @property
+    def image(self) -> sitk.Image:
+        return self._reader.read(self.case)[0]
+
+    @property
+    def label(self) -> sitk.Image:
+        return self._reader.mask(self.case, self.value)
+
+
+def folder_cases(root: str | Path, labels: Optional[Sequence[str]] = None) -> List[FolderTarget]:
+    """Every foreground value of every case of an imagesTr/labelsTr folder (optionally only
+    ``labels``: label values, ``case:value`` names, or label names from its dataset.json, whose
+    "ignore" label is never a target).
+
+    Every label map is read and every image's header checked here, so a bad file is reported before
+    any case is evaluated; the images themselves are read one case at a time during the evaluation.
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`FastSAM3DLib.data.folder.find_cases` and the checks
+        (the message names the file); FastSAM3DInputError: a wanted label that no case holds.
+    """
+    from tqdm import tqdm
+
+    from .data.folder import check_case_header, find_cases, read_label_map, read_label_names
+
+    names = read_label_names(root)
+    wanted = list(dict.fromkeys(labels or []))
+    matched = set()
+    reader, targets = _LastCase(), []
+    for case in tqdm(find_cases(root), desc="reading labels", unit="case", leave=False, disable=None):
+        label = read_label_map(case)
+        check_case_header(case, label)
+        present = np.unique(sitk.GetArrayViewFromImage(label))
+        for value in (int(v) for v in present[present > 0]):
+            if names.get(value) == "ignore":
+                continue
+            keys = {f"{case.case_id}:{value}", str(value)} | ({names[value]} if value in names else set())
+            if wanted and not keys & set(wanted):
+                continue
+            matched |= keys
+            targets.append(FolderTarget(case, value, reader))
+    missing = [w for w in wanted if w not in matched]
+    if missing:
+        known = ", ".join(f"{v} ({n})" for v, n in sorted(names.items())) or "label values, or case:value names"
+        raise FastSAM3DInputError(f"{root}: --structures {' '.join(missing)}: no case holds such a label (known: {known})")
+    if not targets:
+        raise FastSAM3DInputError(f"{root}: no labelled targets found")
+    return targets
 
 
 # -- methods ------------------------------------------------------------------------------------
@@ -372,9 +444,10 @@ class ImageClick:
 def simulated_click(image: sitk.Image, gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator, mode: str) -> Optional[ImageClick]:
     """The next click of the protocol (:func:`~FastSAM3DLib.clicks.next_click`, ``mode`` "interior" or
     "random") for a prediction ``pred`` of ``gt`` (bool (z, y, x) arrays on ``image``'s grid),
-    computed on the bounding box of the two; None when the prediction has no error."""
+    computed on the bounding box of the two, with distances in millimetres; None when the
+    prediction has no error."""
     box = _bounding_box(gt, pred)
-    click = next_click(pred[box], gt[box], rng, mode)
+    click = next_click(pred[box], gt[box], rng, mode, spacing=image.GetSpacing()[::-1])
     if click is None:
         return None
     index = tuple(int(i + s.start) for i, s in zip(click.index, box))[::-1]
@@ -731,6 +804,20 @@ def trained_structures(model_path: Optional[str | Path]) -> Optional[Tuple[str, 
     return tuple(str(name) for name in trained) if isinstance(trained, list) else None
 
 
+def _check_output_folder(folder: Path) -> None:
+    """Refuse, before any work, an output folder that could not be made or written to: a file, or
+    under a file or a folder without write permission (the results come at the end of the run)."""
+    if folder.exists() and not folder.is_dir():
+        raise FastSAM3DInputError(f"--out {folder}: exists and is not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FastSAM3DInputError(f"--out {folder}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FastSAM3DInputError(f"--out {folder}: {existing} is not writable")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -747,8 +834,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise FastSAM3DInputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     variants = _variants(args)
     out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FastSAM3DInputError(f"--out {out_dir}: exists and is not a folder")
+    _check_output_folder(out_dir)
     if args.data == "colin27":
         cases = colin27_cases(args.structures, trained_structures(args.model) if any(v.method == "model" for v in variants) else None)
     elif args.data == "mni152":

@@ -289,6 +289,21 @@ def check_image_file(path: Union[str, os.PathLike]) -> None:
     _complete_file_reader(Path(path))
 
 
+def read_image_information(path: Union[str, os.PathLike]) -> sitk.ImageFileReader:
+    """An image file's header (size, spacing, origin, direction, pixel type, through the reader's
+    getters) without its voxels, after checking that the file holds every voxel it declares.
+
+    Raises:
+      ImageError: missing, empty, unreadable or truncated file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty")
+    return _complete_file_reader(path)
+
+
 def _complete_file_reader(path: Path) -> sitk.ImageFileReader:
     """A reader with the header of ``path`` read, after checking that the file holds every voxel
     the header declares (a gzip stream must decompress whole); raises ImageError otherwise."""

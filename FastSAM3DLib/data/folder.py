@@ -17,6 +17,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import ImageError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -72,7 +74,10 @@ def grid_mismatch(image: sitk.Image, reference: sitk.Image, tolerance: float = 1
 
 
 def _split_name(path: Path) -> Optional[Tuple[str, str]]:
-    """(stem, suffix) of a readable image file name, or None for other files."""
+    """(stem, suffix) of a readable image file name, or None for other files (and for hidden ones,
+    such as the ``._CASE.nii.gz`` resource forks macOS leaves on shared drives)."""
+    if path.name.startswith("."):
+        return None
     for suffix in IMAGE_SUFFIXES:
         if path.name.endswith(suffix) and len(path.name) > len(suffix):
             return path.name[: -len(suffix)], suffix
@@ -88,7 +93,8 @@ def find_cases(root: Union[str, Path], images_dir: str = "imagesTr", labels_dir:
     Raises:
       FileNotFoundError: a folder is missing or empty, or an image has no label (or a label no
         image); the message names the file and the path that was expected.
-      ValueError: one case has two images for channel 0 (``CASE.nii.gz`` and ``CASE_0000.nii.gz``).
+      ValueError: one case has two images for channel 0 (``CASE.nii.gz`` and ``CASE_0000.nii.gz``),
+        or two label maps (``CASE.nrrd`` and ``CASE.nii.gz``).
     """
     root = Path(root)
     image_root, label_root = root / images_dir, root / labels_dir
@@ -117,8 +123,11 @@ def find_cases(root: Union[str, Path], images_dir: str = "imagesTr", labels_dir:
     labels: Dict[str, Path] = {}
     for path in sorted(label_root.iterdir()):
         split = _split_name(path)
-        if split is not None:
-            labels[split[0]] = path
+        if split is None:
+            continue
+        if split[0] in labels:
+            raise ValueError(f"{path}: case {split[0]!r} already has the label map {labels[split[0]]}")
+        labels[split[0]] = path
 
     if not images:
         raise FileNotFoundError(f"{image_root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
@@ -133,26 +142,88 @@ def find_cases(root: Union[str, Path], images_dir: str = "imagesTr", labels_dir:
     return [FolderCase(case_id, images[case_id], labels[case_id]) for case_id in sorted(images)]
 
 
-def read_case(case: FolderCase) -> Tuple[sitk.Image, sitk.Image]:
-    """Read one case's image and integer label map, checking they share a grid.
+def read_label_map(case: FolderCase) -> sitk.Image:
+    """Read one case's label map strictly (a truncated file is refused) and check its values.
 
     Raises:
-      ValueError: the grids differ, or the label map holds negative or non-integer values; the
-        message names both files.
+      ValueError (``ImageError``): unreadable, truncated, not a 3D scalar map, or holding negative
+        or non-integer values; the message names the file.
     """
-    image = sitk.ReadImage(str(case.image_path))
-    label = sitk.ReadImage(str(case.label_path))
-    if image.GetNumberOfComponentsPerPixel() != 1 or label.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{case.image_path} / {case.label_path}: expected single-component images")
-    mismatch = grid_mismatch(label, image)
-    if mismatch is not None:
-        raise ValueError(f"{case.label_path}: label grid differs from image {case.image_path}: {mismatch}")
+    from ..io import read_image
+
+    label = read_image(case.label_path)
+    if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageError(f"{case.label_path}: expected a 3D label map of one value per voxel, got a {label.GetDimension()}D image "
+                         f"with {label.GetNumberOfComponentsPerPixel()} components per voxel")
     values = sitk.GetArrayViewFromImage(label)
     if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
-        raise ValueError(f"{case.label_path}: label map has non-integer values")
+        raise ImageError(f"{case.label_path}: label map has non-integer values")
     if values.min() < 0:
-        raise ValueError(f"{case.label_path}: label map has negative values")
+        raise ImageError(f"{case.label_path}: label map has negative values")
+    return label
+
+
+def read_case(case: FolderCase, label: Optional[sitk.Image] = None) -> Tuple[sitk.Image, sitk.Image]:
+    """Read one case's image and integer label map (or take the label map already read), strictly,
+    checking the image as the session will and that the two share a grid.
+
+    Raises:
+      ValueError (``ImageError``): as :func:`read_label_map`; an unreadable, truncated or invalid
+        image (the message names the file); or grids that differ (the message names both files).
+    """
+    from ..io import read_image, validate_image
+
+    if label is None:
+        label = read_label_map(case)
+    image = read_image(case.image_path)
+    validate_image(image, str(case.image_path))
+    mismatch = grid_mismatch(label, image)
+    if mismatch is not None:
+        raise ImageError(f"{case.label_path}: label grid differs from image {case.image_path}: {mismatch}")
     return image, label
+
+
+def check_case_header(case: FolderCase, label: sitk.Image) -> None:
+    """Check a case's image from its header alone (every voxel present, 3D, one value per voxel, on
+    the label map's grid), so that a bad case of a dataset is reported before any case is used.
+
+    Raises:
+      ValueError (``ImageError``): naming the file and what was expected.
+    """
+    from ..io import read_image_information
+
+    header = read_image_information(case.image_path)
+    if header.GetDimension() != 3 or header.GetNumberOfComponents() != 1:
+        raise ImageError(f"{case.image_path}: expected a 3D volume of one value per voxel, got a {header.GetDimension()}D image "
+                         f"with {header.GetNumberOfComponents()} components per voxel")
+    mismatch = grid_mismatch(label, header)
+    if mismatch is not None:
+        raise ImageError(f"{case.label_path}: label grid differs from image {case.image_path}: {mismatch}")
+
+
+def read_label_names(root: Union[str, Path]) -> Dict[int, str]:
+    """Label value -> name from ``root/dataset.json`` if there is one (nnU-Net v2 ``{"name": value}``
+    or v1 ``{"value": "name"}``); {} otherwise. Region labels (lists of values) are left out.
+
+    Raises:
+      ValueError: dataset.json is not valid JSON.
+    """
+    import json
+
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        labels = json.loads(path.read_text()).get("labels", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a valid dataset.json ({error})") from None
+    names: Dict[int, str] = {}
+    for key, value in labels.items() if isinstance(labels, dict) else ():
+        if isinstance(value, int) and not isinstance(value, bool):
+            names[value] = str(key)
+        elif isinstance(key, str) and key.isdigit() and isinstance(value, str):
+            names[int(key)] = value
+    return names
 
 
 def iter_folder_labels(

@@ -120,15 +120,15 @@ def test_protocol_bookkeeping_with_scripted_predictions():
         index = np.round(case.image.TransformPhysicalPointToContinuousIndex(point.tolist())).astype(int)[::-1]
         assert gt[tuple(index)] == positive  # lands on the target for positive clicks, off it for negative
         assert previous[tuple(index)] != gt[tuple(index)]  # in the error region of the previous prediction
-    assert result.clicks[0]["index_xyz"] == list(
-        np.unravel_index(np.argmax(_edt(gt)), gt.shape)[::-1]
+    assert result.clicks[0]["index_xyz"] == list(  # the deepest in millimetres
+        np.unravel_index(np.argmax(_edt(gt, case.image.GetSpacing()[::-1])), gt.shape)[::-1]
     )
 
 
-def _edt(mask):
+def _edt(mask, sampling=None):
     from scipy import ndimage
 
-    return ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    return ndimage.distance_transform_edt(np.pad(mask, 1), sampling=sampling)[1:-1, 1:-1, 1:-1]
 
 
 def test_noc_and_summaries():
@@ -400,3 +400,70 @@ def test_the_label_box_holds_the_label_on_an_oblique_grid():
     voxels = np.argwhere(sitk.GetArrayViewFromImage(case.label))[:, ::-1]
     points = np.array([case.label.TransformIndexToPhysicalPoint([int(v) for v in voxel]) for voxel in voxels])
     assert np.all(points >= low) and np.all(points <= high)
+
+
+def test_a_dataset_folders_problems_are_named_before_any_case_is_evaluated(tmp_path, capsys):
+    """Found by review: a truncated label or image was scored as if complete; a macOS ``._`` file
+    ended as an internal error; a bad case was reported without its file after the cases before it
+    had run; an unknown ``--structures`` value was dropped silently; ``--out`` under a file failed
+    only after the whole run; and every image of the dataset was held in memory at once."""
+    from FastSAM3DLib.evaluate import folder_cases
+
+    root = tmp_path / "data"
+    _write_folder(root)
+    two = _sphere_case(name="two", size=(32, 32, 28), spacing=(1.5, 1.5, 1.5), seed=1)
+    labels = sitk.GetArrayFromImage(two.label)
+    labels[:, :, :4] = 2  # a second label, named "ignore" below
+    label = sitk.GetImageFromArray(labels)
+    label.CopyInformation(two.image)
+    sitk.WriteImage(two.image, str(root / "imagesTr" / "two_0000.nii.gz"))
+    sitk.WriteImage(label, str(root / "labelsTr" / "two.nii.gz"))
+    (root / "imagesTr" / "._two_0000.nii.gz").write_bytes(os.urandom(300))  # a resource fork: not a case
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ball": 1, "ignore": 2}}))
+
+    targets = folder_cases(root)
+    assert [t.name for t in targets] == ["ball:1", "two:1"]  # the "ignore" label is no target
+    assert targets[0]._reader.image is None  # nothing read beyond the label maps and headers yet
+    assert [t.name for t in folder_cases(root, ["ball"])] == ["ball:1", "two:1"]  # dataset.json's name
+
+    def run(*extra, out="eval"):
+        capsys.readouterr()
+        status = main(["evaluate", "--data", str(root), "--method", "watershed", "--clicks", "1", "--no-progress",
+                       "--out", str(tmp_path / out), *extra])
+        return status, capsys.readouterr().err
+
+    status, err = run("--structures", "1", "99")
+    assert status == 2 and "99" in err and "ball" in err
+    (tmp_path / "afile").write_text("")
+    status, err = run(out="afile/eval")
+    assert status == 2 and "afile" in err
+    assert run()[0] == 0
+
+    image = root / "imagesTr" / "two_0000.nii.gz"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])  # a cut-off copy
+    status, err = run(out="eval2")
+    assert status == 2 and "two_0000.nii.gz" in err and "truncated" in err
+    assert not (tmp_path / "eval2").exists()
+    nan = sitk.GetArrayFromImage(two.image)
+    nan[3, 3, 3] = np.nan
+    broken = sitk.GetImageFromArray(nan)
+    broken.CopyInformation(two.image)
+    image.unlink()
+    sitk.WriteImage(broken, str(root / "imagesTr" / "two_0000.nrrd"))  # ITK's NIfTI reader turns NaN into 0
+    status, err = run(out="eval2")
+    assert status == 2 and "two_0000.nrrd" in err and "NaN" in err
+
+
+def test_the_interior_most_click_is_deepest_in_millimetres():
+    """Found by review: the simulated user's first click was the deepest voxel counted in voxels, so
+    on a thick-slice grid it could land near a thin side of the target."""
+    from FastSAM3DLib.evaluate import simulated_click
+
+    gt = np.zeros((7, 64, 64), bool)
+    gt[1:6, 2:62, 2:62] = True  # 5 slices of 6 mm, 60 x 60 voxels of 0.3 mm
+    image = sitk.GetImageFromArray(gt.astype(np.float32))
+    image.SetSpacing((0.3, 0.3, 6.0))
+    click = simulated_click(image, gt, np.zeros_like(gt), np.random.default_rng(0), "interior")
+    x, y, z = click.index_xyz
+    assert 2 <= z <= 4 and 29 <= x <= 33 and 29 <= y <= 33  # without the spacing: (2, 2, 2), 0.9 mm from a side
