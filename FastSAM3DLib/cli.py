@@ -170,7 +170,11 @@ def _add_prompts(session, image, args: argparse.Namespace) -> List[Dict[str, obj
     record = []
     for kind, values in _parse_prompts(args):
         if kind == "box":
-            a, b = to_lps(values[:3]), to_lps(values[3:])
+            # The engine's box is axis-aligned in LPS. A box of voxel indices on an oblique grid is
+            # not, and its two corners alone can span a flat LPS box: take the box around all eight.
+            low, high = np.minimum(values[:3], values[3:]), np.maximum(values[:3], values[3:])
+            corners = np.array([to_lps(tuple(np.where(bits, high, low))) for bits in np.ndindex(2, 2, 2)])
+            a, b = corners.min(0), corners.max(0)
             session.add_box(a, b)
             record.append({"box_lps": [a.tolist(), b.tolist()]})
         else:

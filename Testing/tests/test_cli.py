@@ -313,3 +313,22 @@ def test_candidate_of_a_lone_click(tmp_path, capsys):
         status, error = segment(*extra, "--out", str(out))
         assert status == 2 and message in error
         assert not out.exists()
+
+
+def test_a_voxel_box_on_an_oblique_grid_keeps_every_voxel_of_the_box(model_path, tmp_path, capsys):
+    """Found by review: ``--voxel --box`` took the LPS box between the two corners' centres, which on
+    a grid rotated 45 degrees is flat (refused) or leaves out most of the voxel box."""
+    array = np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    c = s = np.sqrt(0.5)
+    image.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))
+    path = tmp_path / "oblique.nrrd"
+    sitk.WriteImage(image, str(path))
+    status = main(["segment", str(path), "--voxel", "--box", "10,14,5,22,26,13", "--model", str(model_path),
+                   "--out", str(tmp_path / "m.nrrd"), "--json"])
+    assert status == 0
+    low, high = (np.asarray(v) for v in json.loads(capsys.readouterr().out)["prompts"][0]["box_lps"])
+    for index in np.ndindex(2, 2, 2):  # every corner voxel of the box given lies in the box used
+        corner = np.where(index, (22, 26, 13), (10, 14, 5))
+        point = np.asarray(image.TransformIndexToPhysicalPoint(tuple(int(v) for v in corner)))
+        assert np.all(point >= low - 1e-6) and np.all(point <= high + 1e-6)
