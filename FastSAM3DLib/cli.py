@@ -209,7 +209,12 @@ def _segment(args: argparse.Namespace) -> Dict[str, object]:
     with Session(model, precision=args.precision, intensity=intensity, click_mode=args.click_mode, prefetch=False,
                  refinement=refinement) as session:
         started = time.perf_counter()
-        session.set_image(args.image)  # reads and validates the file once
+        if args.series is not None:
+            from .io import read_image
+
+            session.set_image(read_image(args.image, series=args.series), name=str(args.image))
+        else:
+            session.set_image(args.image)  # reads and validates the file once
         image = session.image
         read_s = time.perf_counter() - started
         start = time.perf_counter()
@@ -236,6 +241,7 @@ def _segment(args: argparse.Namespace) -> Dict[str, object]:
         voxels = int(np.count_nonzero(array))
         return {
             "image": str(args.image),
+            **({"series": args.series} if args.series is not None else {}),
             "output": str(out),
             "voxels": voxels,
             "volume_ml": voxels * float(np.prod(image.GetSpacing())) / 1000.0,
@@ -299,7 +305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.png = str(out_dir / "demo_overlay.png")
     args.uncertainty = None
     args.voxel = args.ras = False
-    args.ct_window = None
+    args.ct_window = args.series = None
     args.click_mode = "all"
     args.no_refine = False
     args.candidate = None
@@ -436,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--box", action=_OrderedPrompts, metavar="X1,Y1,Z1,X2,Y2,Z2", help="two opposite box corners")
     segment.add_argument("--candidate", type=int, metavar="K",
                          help="one --point only: show candidate mask K (0, 1, 2: small to large) instead of the model's pick")
+    segment.add_argument("--series", metavar="UID", help="for a DICOM folder holding several series: the Series Instance UID to read")
     segment.add_argument("--voxel", action="store_true", help="coordinates are voxel indices (x, y, z) instead of LPS mm")
     segment.add_argument("--ras", action="store_true", help="coordinates are RAS mm (as Slicer shows them) instead of LPS mm")
     segment.add_argument("--out", required=True, help="output mask (.nii.gz, .nrrd, .mha)")

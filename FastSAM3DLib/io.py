@@ -8,7 +8,7 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -176,37 +176,25 @@ def _reader_message(error: RuntimeError) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def read_image(path: Union[str, os.PathLike]) -> sitk.Image:
+def read_image(path: Union[str, os.PathLike], series: Optional[str] = None) -> sitk.Image:
     """Read any image SimpleITK reads (NIfTI, NRRD, MHA, ...) or a DICOM series folder, strictly.
 
     A file whose voxel data is shorter than its header declares (a cut-off download or copy) is
     refused, for every format, instead of being zero-filled as some SimpleITK readers would do.
+    A DICOM folder must hold one series, or ``series`` (a Series Instance UID) says which; its
+    slices must be evenly spaced (a missing slice would stretch the volume's geometry).
 
     Raises:
-      ImageError: missing/unreadable/truncated file, or a folder with no DICOM series.
+      ImageError: missing/unreadable/truncated file, a folder with no DICOM series, with several
+        and none chosen (the message lists them), or with unevenly spaced slices.
     """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such image file or folder")
     if path.is_dir():
-        # ITK prints a warning of its own for a folder without a series; the error below says it better.
-        # The switch is process-wide: one lock, so that concurrent reads restore it right.
-        with _ITK_WARNINGS:
-            shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-            sitk.ProcessObject.SetGlobalWarningDisplay(False)
-            try:
-                series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            finally:
-                sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-        if not series:
-            raise ImageError(f"{path}: folder holds no DICOM series (expected DICOM files, or give an image file)")
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
-        try:
-            return reader.Execute()
-        except RuntimeError as error:
-            raise ImageError(f"{path}: could not read its DICOM series: {error}") from None
+        return _read_dicom_series(path, series)
+    if series is not None:
+        raise ImageError(f"{path}: a DICOM series ({series}) was chosen, but this is a file, not a DICOM folder")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty")
     reader = _complete_file_reader(path)
@@ -214,6 +202,67 @@ def read_image(path: Union[str, os.PathLike]) -> sitk.Image:
         return reader.Execute()
     except RuntimeError as error:
         raise ImageError(f"{path}: not a readable image ({_reader_message(error)})") from None
+
+
+def _read_dicom_series(path: Path, series: Optional[str]) -> sitk.Image:
+    # ITK prints warnings of its own (a folder without a series, uneven slices); the errors below
+    # say it better. The switch is process-wide: one lock, so that concurrent reads restore it right.
+    with _ITK_WARNINGS:
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            found = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+            files = {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid)) for uid in found}
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    if not found:
+        raise ImageError(f"{path}: folder holds no DICOM series (expected DICOM files, or give an image file)")
+    if (series is None and len(found) > 1) or (series is not None and series not in files):
+
+        def describe(uid: str) -> str:
+            header = sitk.ImageFileReader()
+            header.SetFileName(files[uid][0])
+            header.ReadImageInformation()
+            description = header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else ""
+            return f"{uid} ({len(files[uid])} files{f', {description!r}' if description else ''})"
+
+        listed = "; ".join(describe(uid) for uid in sorted(found, key=lambda uid: -len(files[uid])))
+        asked = f"has no series {series}" if series is not None else f"holds {len(found)} DICOM series"
+        raise ImageError(f"{path}: folder {asked}; choose one (fastsam3d segment --series UID, or "
+                         f"read_image(folder, series=UID)): {listed}")
+    chosen = files[series if series is not None else found[0]]
+    _check_even_slices(path, chosen)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(chosen)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise ImageError(f"{path}: could not read its DICOM series: {_reader_message(error)}") from None
+
+
+def _check_even_slices(path: Path, files: List[str]) -> None:
+    """Raise ImageError if a series' slice positions (along their normal) are not evenly spaced."""
+    if len(files) < 3:
+        return
+    positions = []
+    normal = None
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        if not (header.HasMetaDataKey("0020|0032") and header.HasMetaDataKey("0020|0037")):
+            return  # no positions to check (ITK then spaces the slices by their header)
+        position = np.array([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+        if normal is None:
+            cosines = np.array([float(v) for v in header.GetMetaData("0020|0037").split("\\")])
+            normal = np.cross(cosines[:3], cosines[3:])
+        positions.append(float(position @ normal))
+    gaps = np.diff(np.sort(positions))
+    if gaps.size and (gaps.max() - gaps.min()) > max(0.01, 0.01 * np.median(gaps)):
+        raise ImageError(
+            f"{path}: the series' slices are not evenly spaced (gaps from {gaps.min():.3g} to {gaps.max():.3g} mm: a "
+            "missing or duplicated slice?); a volume read from it would have the wrong geometry"
+        )
 
 
 def validate_image(image: sitk.Image, name: str = "image") -> Tuple[float, float]:

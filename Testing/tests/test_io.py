@@ -12,10 +12,13 @@ from FastSAM3DLib import ImageError
 from FastSAM3DLib.io import load_image, read_image, validate_image, write_image_atomic
 
 
-def _write_dicom_series(array: np.ndarray, spacing, origin, folder: Path) -> None:
-    """One CT slice per file, with the tags ITK/GDCM use to rebuild the volume's geometry."""
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.1234567890"
+def _write_dicom_series(array: np.ndarray, spacing, origin, folder: Path, series_uid="1.2.826.0.1.3680043.2.1125.1.1234567890",
+                        description="", skip=()) -> None:
+    """One CT slice per file, with the tags ITK/GDCM use to rebuild the volume's geometry (slices
+    ``skip`` left out)."""
     for z in range(array.shape[0]):
+        if z in skip:
+            continue
         slice_image = sitk.GetImageFromArray(array[z : z + 1].astype(np.int16))
         slice_image.SetSpacing((spacing[0], spacing[1], spacing[2]))
         slice_image.SetOrigin((origin[0], origin[1], origin[2] + z * spacing[2]))
@@ -31,10 +34,11 @@ def _write_dicom_series(array: np.ndarray, spacing, origin, folder: Path) -> Non
             "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",
             "0018|0050": f"{spacing[2]:.4f}",
             "0008|0018": f"{series_uid}.{z + 1}",
+            "0008|103e": description,
         }
         for key, value in tags.items():
             slice_image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice_{z:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{series_uid[-4:]}_slice_{z:03d}.dcm"))
         writer.Execute(slice_image)
 
 
@@ -48,6 +52,40 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
     assert np.allclose(image.GetSpacing(), spacing, atol=1e-3)
     assert np.allclose(image.GetOrigin(), origin, atol=1e-3)
     assert np.array_equal(sitk.GetArrayFromImage(image), array)
+
+
+def test_a_folder_of_several_series_is_read_only_when_one_is_chosen(tmp_path, capsys):
+    """Found by review: a DICOM folder holding several series (a localizer beside the scan) was read
+    as its first series without a word, and a series with a missing slice was read on a stretched grid."""
+    from FastSAM3DLib import build_model, save_model
+    from FastSAM3DLib.cli import main
+
+    rng = np.random.default_rng(1)
+    scan = rng.integers(-1000, 1000, size=(12, 20, 24)).astype(np.int16)
+    scout = rng.integers(-1000, 1000, size=(3, 20, 24)).astype(np.int16)
+    scan_uid, scout_uid = "1.2.826.0.1.3680043.2.1125.1.1111", "1.2.826.0.1.3680043.2.1125.1.2222"
+    _write_dicom_series(scan, (0.8, 0.8, 2.5), (-10.0, 20.0, 30.0), tmp_path, scan_uid, "T1 axial")
+    _write_dicom_series(scout, (0.8, 0.8, 5.0), (-10.0, 20.0, 30.0), tmp_path, scout_uid, "localizer")
+    with pytest.raises(ImageError, match=rf"holds 2 DICOM series; choose one .*{scan_uid} \(12 files, 'T1 axial'\); "
+                                         rf"{scout_uid} \(3 files, 'localizer'\)"):
+        read_image(tmp_path)
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(tmp_path, series=scan_uid)), scan)
+    with pytest.raises(ImageError, match="has no series 9.9"):
+        read_image(tmp_path, series="9.9")
+
+    model = tmp_path.parent / "tiny.safetensors"
+    save_model(build_model("tiny"), model)
+    out = tmp_path.parent / "m.nrrd"
+    common = ["--voxel", "--point", "12,10,6", "--model", str(model), "--out", str(out)]
+    assert main(["segment", str(tmp_path), *common]) == 2 and "--series UID" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path), "--series", scan_uid, *common]) == 0
+    assert sitk.ReadImage(str(out)).GetSize() == (24, 20, 12)
+
+    gap = tmp_path.parent / "gap"
+    gap.mkdir()
+    _write_dicom_series(scan, (0.8, 0.8, 2.5), (-10.0, 20.0, 30.0), gap, skip=(5,))
+    with pytest.raises(ImageError, match=r"not evenly spaced \(gaps from 2.5 to 5 mm"):
+        read_image(gap)
 
 
 def test_folder_without_dicom_is_an_error(tmp_path):
