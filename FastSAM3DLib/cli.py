@@ -198,10 +198,20 @@ def _segment(args: argparse.Namespace) -> Dict[str, object]:
     _check_distinct_outputs(args.image, {"--out": out, "--uncertainty": uncertainty_out, "--png": png_out})
     if args.voxel and args.ras:
         raise UsageError("--voxel and --ras cannot be combined: points are either voxel indices or RAS millimetres")
+    if uncertainty_out is None and (args.uncertainty_n is not None or args.uncertainty_method is not None):
+        raise UsageError("--uncertainty-n and --uncertainty-method describe the map --uncertainty FILE writes: give --uncertainty too")
+    args.uncertainty_n = 16 if args.uncertainty_n is None else args.uncertainty_n
+    args.uncertainty_method = args.uncertainty_method or "mc-dropout"
     if uncertainty_out is not None and args.uncertainty_n < 2:
         raise UsageError(f"--uncertainty-n {args.uncertainty_n}: needs at least 2 stochastic decodes to measure a spread")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: expected a number of threads, or 0 for torch's default")
     _parse_prompts(args)
     intensity = _intensity(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model = _load_model(args)
     model_s = time.perf_counter() - started
@@ -303,7 +313,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.prompts = [("point", ",".join(str(v) for v in info["click_point_lps_mm"]))]
     args.out = str(out_dir / "demo_mask.nii.gz")
     args.png = str(out_dir / "demo_overlay.png")
-    args.uncertainty = None
+    args.uncertainty = args.uncertainty_n = args.uncertainty_method = None
+    args.threads = 0
     args.voxel = args.ras = False
     args.ct_window = args.series = None
     args.click_mode = "all"
@@ -447,8 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--ras", action="store_true", help="coordinates are RAS mm (as Slicer shows them) instead of LPS mm")
     segment.add_argument("--out", required=True, help="output mask (.nii.gz, .nrrd, .mha)")
     segment.add_argument("--uncertainty", help="also write a per-voxel uncertainty map here")
-    segment.add_argument("--uncertainty-n", type=int, default=16, help="stochastic decodes for --uncertainty (16)")
-    segment.add_argument("--uncertainty-method", default="mc-dropout", choices=["mc-dropout", "click-jitter"])
+    segment.add_argument("--uncertainty-n", type=int, help="stochastic decodes for --uncertainty (16)")
+    segment.add_argument("--uncertainty-method", choices=["mc-dropout", "click-jitter"],
+                         help="for --uncertainty: MC dropout (default) or the click-jitter ensemble")
+    segment.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own choice)")
     segment.add_argument("--png", help="write a three-plane overlay picture here")
     segment.add_argument("--json", action="store_true", help="print one JSON object describing the result")
     segment.add_argument("--ct-window", metavar="LOW,HIGH", help="CT intensity window in HU (default: MR z-normalisation)")
@@ -522,7 +535,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Training is long work whose milestones (resumed at step N, wrote FILE and its sha256) are what its user reads.
+    quiet = logging.INFO if args.command == "train" else logging.WARNING
+    logging.basicConfig(level=logging.DEBUG if args.debug else quiet, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except FastSAM3DInputError as error:

@@ -166,6 +166,9 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_path, tmp_pat
         (("--uncertainty", "{tmp}/mask.nii.gz"), "is also given as --out"),
         (("--png", "{tmp}/mask.nii.gz"), "expected a file name ending in one of .png"),
         (("--device", "gpu"), "--device gpu:"),
+        (("--uncertainty-n", "32"), "give --uncertainty too"),  # was silently ignored (found by review)
+        (("--uncertainty-method", "click-jitter"), "give --uncertainty too"),
+        (("--threads", "-2"), "--threads -2: expected a number of threads"),
     ],
 )
 def test_usage_errors_exit_2_before_anything_is_loaded_or_written(extra, message, model_path, tmp_path, capsys):
