@@ -159,6 +159,12 @@ class Session:
       click_mode: "all" decodes each crop with every click inside it; "newest" with only the
         latest one (the public evaluation's way).
       prefetch: start embedding the crop at the image centre as soon as an image is set.
+      reuse_crops: decode an object's first prompt in a crop already embedded (the prefetched
+        one, another object's) when it lies well inside it: no new embedding, but the mask then
+        depends on what was embedded before, since the model's answer changes with where the object
+        sits in its crop. False: an object's crops follow from its own prompts alone (its first
+        prompt's crop is centred on it), so the same clicks give the same mask whatever came before,
+        as in ``fastsam3d segment`` and ``evaluate`` (for label maps that must be reproducible).
       mc_dropout_rate: dropout rate for MC-dropout uncertainty when the model was trained without
         dropout (its configured rate is used otherwise).
       refinement: where the logits are within a band of 0 the image's intensities help decide
@@ -177,6 +183,7 @@ class Session:
         cache_bytes: int = 1 << 30,
         click_mode: str = "all",
         prefetch: bool = True,
+        reuse_crops: bool = True,
         mc_dropout_rate: float = 0.1,
         refinement: Optional[BoundaryRefinement] = BoundaryRefinement(),
         progress_callback: Optional[ProgressCallback] = None,
@@ -198,6 +205,7 @@ class Session:
         self.cache_bytes = int(cache_bytes)
         self.click_mode = click_mode
         self.prefetch = prefetch
+        self.reuse_crops = reuse_crops
         self.mc_dropout_rate = mc_dropout_rate
         self._refinement = refinement
         self.progress_callback = progress_callback
@@ -407,8 +415,11 @@ class Session:
         return tuple(float(v) for v in values)
 
     def _crop_for(self, state: _ObjectState, center: np.ndarray) -> CropGrid:
-        """The crop a prompt at ``center`` is decoded in: the object's own, a cached one, or a new one."""
-        candidates = list(state.crops) + [c for c in list(self._embeddings) + list(self._pending) if c not in state.crops]
+        """The crop a prompt at ``center`` is decoded in: the object's own, a cached one (``reuse_crops``),
+        or a new one centred on it."""
+        candidates = list(state.crops)
+        if self.reuse_crops:
+            candidates += [c for c in list(self._embeddings) + list(self._pending) if c not in state.crops]
         inside = [c for c in candidates if c.contains(center, margin=CROP_MARGIN)]
         if inside:
             return min(inside, key=lambda c: np.linalg.norm(c.to_index(center)[0] - c.size / 2))

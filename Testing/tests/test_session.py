@@ -714,3 +714,27 @@ def test_crops_outside_a_ct_image_are_air_in_training_and_evaluation_as_in_the_s
     # Crop voxel (0, 0, 0) lies outside the image, (66, 66, 62) in its air corner (-1000 HU), (76, 76, 50) in tissue.
     for normalised in (tensor, pooled):
         assert normalised[0, 0, 0] == pytest.approx(normalised[66, 66, 62]) and normalised[0, 0, 0] < normalised[76, 76, 50]
+
+
+def test_without_crop_reuse_the_same_clicks_give_the_same_mask_whatever_came_before(tiny):
+    """Found by review: an object's first click was decoded in whatever crop was already embedded
+    (the prefetched one, another object's), so a saved click log replayed to another label map
+    unless the object order and the prefetch were replayed too."""
+    image = _image(size=(60, 60, 40), spacing=(1.5, 1.5, 1.5))
+
+    def mask(first_other: bool, reuse: bool):
+        session = Session(tiny, precision="fp32", prefetch=True, reuse_crops=reuse)
+        session.set_image(image, wait=True)
+        target = session.new_object()
+        if first_other:
+            other = session.new_object()
+            session.add_point_voxel((20, 30, 20), object=other)
+            session.predict(object=other)
+        session.add_point_voxel((38, 28, 22), object=target)
+        return sitk.GetArrayFromImage(session.predict(object=target)), session.encoder_calls
+
+    alone, calls = mask(False, reuse=False)
+    assert calls == 2  # the prefetched crop, and one centred on the click
+    assert np.array_equal(mask(True, reuse=False)[0], alone)
+    reused, calls = mask(False, reuse=True)
+    assert calls == 1 and not np.array_equal(reused, alone)  # the prefetched crop: another answer
