@@ -562,6 +562,12 @@ class Session:
         coords, labels, used = self._crop_prompts(state, crop)
         if not used:
             return
+        if not any(p.positive for p in used):
+            # A crop opened by exclude clicks alone marks nothing: decoded, its mask would be the
+            # model's guess with nothing to include, added to the object's.
+            state.logits.pop(crop, None)
+            state.decoded[crop] = len(state.prompts)
+            return
         embedding = self._embedding(crop)
         start = time.perf_counter()
         previous = state.logits.get(crop)

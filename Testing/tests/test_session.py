@@ -738,3 +738,20 @@ def test_without_crop_reuse_the_same_clicks_give_the_same_mask_whatever_came_bef
     assert np.array_equal(mask(True, reuse=False)[0], alone)
     reused, calls = mask(False, reuse=True)
     assert calls == 1 and not np.array_equal(reused, alone)  # the prefetched crop: another answer
+
+
+def test_a_crop_holding_only_exclude_clicks_adds_nothing_to_the_object(tiny):
+    """Found by review: an exclude click far from the object opened a crop of its own, decoded from
+    that click alone, and whatever the model made of it was added to the object's mask."""
+    image = _image(size=(400, 20, 20), spacing=(2.0, 2.0, 2.0))
+    session = Session(tiny, prefetch=False, precision="fp32", refinement=None)
+    session.set_image(image)
+    session.add_point_voxel((20, 10, 10))
+    first = sitk.GetArrayFromImage(session.predict())
+    session.add_point_voxel((300, 10, 10), positive=False)  # 560 mm away: a crop of its own
+    assert len(session._objects[0].crops) == 2
+    after = sitk.GetArrayFromImage(session.predict())
+    assert not after[:, :, 120:].any()  # beyond the first crop: nothing
+    assert np.array_equal(after, first)
+    session.add_point_voxel((310, 10, 10))  # an include click there decodes that crop
+    assert sitk.GetArrayFromImage(session.predict())[10, 10, 310] == 1
