@@ -34,6 +34,8 @@ from .modeling import Sam3D, select_by_iou
 from .paste import BoundaryRefinement, CropPaster
 from .quantize import check_mode, fast_path, resolve_precision, runs_fast_path
 from .preprocess import (
+    CROP_SIZE,
+    CROP_SPACING,
     CropGrid,
     IntensitySettings,
     Region,
@@ -463,6 +465,10 @@ class Session:
         if np.any(extent < min(self.image.GetSpacing())):
             raise PromptError(f"box {_fmt(a)} - {_fmt(b)} is flat (extent {_fmt(extent)} mm): give two opposite corners of a 3D box")
         self._check_point((np.asarray(a) + np.asarray(b)) / 2.0, f"the centre of box {_fmt(a)} - {_fmt(b)}")
+        field = CROP_SIZE * CROP_SPACING
+        if np.any(extent > field):
+            logger.warning("box %s - %s spans %s mm: the model sees %g mm at a time around its centre, and the "
+                           "object beyond that is not segmented (clicks there add it)", _fmt(a), _fmt(b), _fmt(extent), field)
         self._push(state, Prompt(a, True, b))
 
     def _candidate_crop(self, state: _ObjectState) -> Optional[CropGrid]:

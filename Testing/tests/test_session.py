@@ -755,3 +755,17 @@ def test_a_crop_holding_only_exclude_clicks_adds_nothing_to_the_object(tiny):
     assert np.array_equal(after, first)
     session.add_point_voxel((310, 10, 10))  # an include click there decodes that crop
     assert sitk.GetArrayFromImage(session.predict())[10, 10, 310] == 1
+
+
+def test_a_box_wider_than_the_models_view_says_what_is_left_out(tiny, caplog):
+    """Found by review: a box wider than the 192 mm crop was decoded in one crop, clipped to it
+    without a word."""
+    image = _image(size=(200, 40, 40), spacing=(1.5, 1.5, 1.5))
+    session = Session(tiny, prefetch=False, precision="fp32")
+    session.set_image(image)
+    with caplog.at_level("WARNING", logger="FastSAM3DLib.session"):
+        session.add_box(index_to_physical(image, (10, 5, 5)), index_to_physical(image, (60, 30, 30)))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="FastSAM3DLib.session"):
+        session.add_box(index_to_physical(image, (5, 5, 5)), index_to_physical(image, (190, 30, 30)))
+    assert "the model sees 192 mm at a time" in caplog.text
