@@ -905,16 +905,22 @@ class Session:
             batch_labels = torch.cat([batch_labels, torch.ones((n, 1), dtype=torch.int64)], dim=1)
         decoder = self.model.mask_decoder
         dropouts = [m for m in decoder.modules() if isinstance(m, torch.nn.Dropout)]
-        # Dropout draws from torch's global generator: seeded here for reproducibility, inside a fork
-        # so that the caller's random state is what it was.
-        with _model_lock(self.model), torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        # Dropout draws from the global generator of the model's device: seeded here for
+        # reproducibility, inside a fork so that the caller's random state is what it was (the
+        # generator of that device only: torch.manual_seed would reseed every device's).
+        cuda = self.device.type == "cuda"
+        with _model_lock(self.model), torch.inference_mode(), torch.random.fork_rng(devices=[self.device] if cuda else []):
             saved = [(m, m.p, m.training) for m in dropouts]
             try:
                 if method == "mc-dropout":
                     configured = float(self.model.config.get("decoder_dropout", 0.0))
                     rate = configured if configured > 0 else self.mc_dropout_rate
-                    if self.device.type == "cpu":  # the CPU generator only: torch.manual_seed would reseed CUDA's too
-                        torch.default_generator.manual_seed(int(torch.randint(1 << 30, (1,), generator=generator)))
+                    value = int(torch.randint(1 << 30, (1,), generator=generator))
+                    if cuda:
+                        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                        torch.cuda.default_generators[index].manual_seed(value)
+                    elif self.device.type == "cpu":
+                        torch.default_generator.manual_seed(value)
                     for module in dropouts:
                         module.p = rate
                         module.train()

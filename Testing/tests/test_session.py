@@ -769,3 +769,17 @@ def test_a_box_wider_than_the_models_view_says_what_is_left_out(tiny, caplog):
     with caplog.at_level("WARNING", logger="FastSAM3DLib.session"):
         session.add_box(index_to_physical(image, (5, 5, 5)), index_to_physical(image, (190, 30, 30)))
     assert "the model sees 192 mm at a time" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mc_dropout_on_cuda_is_reproducible_and_leaves_the_callers_cuda_random_state():
+    """Found by review: the seed reached only the CPU generator, which CUDA's dropout does not use."""
+    torch.manual_seed(0)
+    session = Session(build_model("tiny"), device="cuda", precision="fp32", prefetch=False)
+    session.set_image(_image())
+    session.add_point_voxel((20, 25, 15))
+    session.predict()
+    state = torch.cuda.get_rng_state()
+    first = sitk.GetArrayFromImage(session.uncertainty(n=4, seed=3)[1])
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert np.array_equal(sitk.GetArrayFromImage(session.uncertainty(n=4, seed=3)[1]), first)
