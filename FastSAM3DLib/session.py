@@ -393,6 +393,7 @@ class Session:
         return sorted(self._objects)
 
     def _object(self, handle: int) -> _ObjectState:
+        self._check_open()  # every use of an object: a closed session answers nothing, even from its cache
         self.image  # noqa: B018
         if handle not in self._objects:
             raise PromptError(f"object {handle!r} does not exist (known: {self.objects}); use new_object()")

@@ -642,10 +642,12 @@ def test_a_closed_session_says_so_and_records_nothing(tiny):
     with Session(tiny, prefetch=False, precision="fp32") as session:
         session.set_image(_image())
         session.add_point_voxel((20, 25, 15))
-    for use in (lambda: session.add_point_voxel((10, 10, 10)), lambda: session.set_image(_image()), session.predict):
+        session.predict()  # found by review: afterwards its cached result was still given
+    for use in (lambda: session.add_point_voxel((10, 10, 10)), lambda: session.set_image(_image()), session.predict,
+                session.predict_changes, session.undo, session.candidates, session.predicted_iou):
         with pytest.raises(RuntimeError, match="this Session was closed"):
             use()
-    assert len(session.prompts()) == 1
+    assert len(session._objects[0].prompts) == 1
 
 
 def test_a_box_may_reach_past_the_image_but_its_centre_must_be_in_it(tiny):
