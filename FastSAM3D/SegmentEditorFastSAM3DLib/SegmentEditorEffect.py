@@ -102,6 +102,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.showClicksCheckBox = qt.QCheckBox("Show clicks")
         self.showClicksCheckBox.toolTip = "Show the clicks as green (include) and red (exclude) points."
         self.scriptedEffect.addOptionsWidget(self.showClicksCheckBox)
+        self.refineCheckBox = qt.QCheckBox("Refine boundary")
+        self.refineCheckBox.toolTip = ("Where the model is unsure of the boundary, let the volume's intensities decide "
+                                       "(shared with the FastSAM3D module; the current clicks are decided again).")
+        self.scriptedEffect.addOptionsWidget(self.refineCheckBox)
         buttons = qt.QHBoxLayout()
         self.undoClickButton = qt.QPushButton("Remove last click")
         self.undoClickButton.toolTip = "Re-segment without the last click (the editor's Undo restores the previous result exactly)."
@@ -117,6 +121,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         buttons.addWidget(self.candidateButton)
         self.scriptedEffect.addOptionsWidget(buttons)
         self.showClicksCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.refineCheckBox.connect("toggled(bool)", self.onRefineBoundaryToggled)
         self.undoClickButton.connect("clicked()", self.onRemoveLastClick)
         self.clearClicksButton.connect("clicked()", self.onNewObject)
         self.candidateButton.connect("clicked()", self.onOtherCandidate)
@@ -125,12 +130,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault(SHOW_CLICKS, 1)
 
     def updateGUIFromMRML(self):
-        wasBlocked = self.showClicksCheckBox.blockSignals(True)
-        try:
-            self.showClicksCheckBox.checked = self.scriptedEffect.integerParameter(SHOW_CLICKS) != 0
-        finally:
-            self.showClicksCheckBox.blockSignals(wasBlocked)
+        for checkBox, checked in ((self.showClicksCheckBox, self.scriptedEffect.integerParameter(SHOW_CLICKS) != 0),
+                                  (self.refineCheckBox, sharedLogic().refineBoundary)):
+            wasBlocked = checkBox.blockSignals(True)
+            try:
+                checkBox.checked = checked
+            finally:
+                checkBox.blockSignals(wasBlocked)
         self._updateClickDisplay()
+
+    def onRefineBoundaryToggled(self, checked):
+        """The same clicks, decided with or without the volume's intensities near the boundary."""
+        sharedLogic().setRefineBoundary(checked)
+        self._followSegment()
+        if self.clicks:
+            self._submit(newClick=False)
 
     def updateMRMLFromGUI(self):
         self.scriptedEffect.setParameter(SHOW_CLICKS, 1 if self.showClicksCheckBox.checked else 0)

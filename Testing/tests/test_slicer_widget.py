@@ -1010,3 +1010,18 @@ def test_the_effect_keeps_a_click_when_another_segment_of_its_layer_changes(app)
         drain(effect.queue, effect.timer.fire)
     expected = _balls(volume, [((7.0, 0.0, 0.0), True), ((-5.0, 0.0, 0.0), True)])
     assert np.array_equal(app.logic.segmentArray(segmentation, target), expected)
+
+
+def test_the_effect_switches_the_boundary_refinement_and_decides_its_clicks_again(app):
+    """Left over from a review: the Segment Editor effect had no control of the boundary refinement."""
+    volume, segmentation, target, _ = small_scene(app.scene)
+    wrapper, effect, click = _effect_after_one_click(app, volume, segmentation, target)
+    effect.updateGUIFromMRML()
+    assert effect.refineCheckBox.checked is True and app.logic.refineBoundary is True
+    ball = app.logic.segmentArray(segmentation, target).copy()
+    effect.onRefineBoundaryToggled(False)
+    assert app.logic.refineBoundary is False and effect.queue.busy  # the same click, decided again
+    drain(effect.queue, effect.timer.fire)
+    assert np.array_equal(app.logic.segmentArray(segmentation, target), ball)  # the stand-in ignores the setting
+    effect.updateGUIFromMRML()
+    assert effect.refineCheckBox.checked is False
