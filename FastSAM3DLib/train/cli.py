@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
+    from .interactive import DEFAULT_MODEL
+
     parser.add_argument("--run-dir", default=defaults.run_dir, help="checkpoints, metrics.json, curves.png (default: %(default)s)")
     parser.add_argument("--pool", dest="pool_dir", default=defaults.pool_dir, help="prepared crop pool (default: %(default)s)")
     parser.add_argument("--live", default=None, metavar="PACK",
@@ -32,10 +34,14 @@ def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument("--phantom-workers", type=int, default=defaults.phantom_workers,
                         help="with --live-phantoms: worker processes (0: the machine's cores less two)")
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="build the pool up to this many crops first (0: use as is)")
-    parser.add_argument("--model", default=defaults.model, help="architecture of a fresh model (build.CONFIGS name, default: %(default)s)")
-    parser.add_argument("--init", default=None, help="weights to start from when there is no checkpoint to resume (e.g. the bundled model)")
+    parser.add_argument("--model", default=defaults.model,
+                        help=f"architecture of a new run (build.CONFIGS name; default: {DEFAULT_MODEL}, or that of --init); "
+                             "a run that resumes keeps its own")
+    parser.add_argument("--init", default=None,
+                        help="weights to start a new run from (e.g. the bundled model); a run that resumes from its checkpoint ignores it")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="total optimizer steps (default: %(default)s)")
-    parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes, help="stop with a checkpoint after this wall time (0: none)")
+    parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
+                        help="stop with a checkpoint after this wall time of the command (0: none); rerun it to resume")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="crops per step and rank (default: %(default)s)")
     parser.add_argument("--click-iters", type=int, default=defaults.click_iters, help="click iterations per crop (default: %(default)s)")
     parser.add_argument("--grad-iters", type=int, default=defaults.grad_iters, help="iterations with gradients: the first + random others (default: all)")
@@ -63,7 +69,7 @@ def _add_interactive_options(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument("--heldout", dest="heldout", action="store_true", default=True, help="leave HELDOUT_STRUCTURES out (default)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads per process")
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every, help="log the loss every N steps (default: %(default)s)")
     parser.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="Colin27 quick eval every N steps (0: never)")
     parser.add_argument("--eval-clicks", type=int, default=defaults.eval_clicks)
@@ -108,8 +114,10 @@ def _run_pool(args: argparse.Namespace) -> int:
     from ..data.colin27 import STRUCTURES, TRAIN_STRUCTURES
     from .pool import PoolSpec, build_pool
 
-    structures = STRUCTURES if args.include_heldout else TRAIN_STRUCTURES
-    spec = PoolSpec(size=args.size, phantom_fraction=args.phantom_fraction, structures=tuple(structures), min_voxels=args.min_voxels, augment=not args.no_augment, seed=args.seed)
+    colin27 = args.colin27 or not args.data  # Colin27 is the default source; with --data only when asked
+    structures = tuple(STRUCTURES if args.include_heldout else TRAIN_STRUCTURES) if colin27 else None
+    spec = PoolSpec(size=args.size, phantom_fraction=args.phantom_fraction, structures=structures, min_voxels=args.min_voxels,
+                    augment=not args.no_augment, seed=args.seed, colin27=colin27, data=tuple(args.data or ()))
     entries = build_pool(args.out, spec, workers=args.workers)
     logger.info("pool %s holds %d crops", args.out, len(entries))
     return 0
@@ -172,17 +180,20 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
     Each leaf parser sets ``func(args) -> exit status``.
     """
     from .distill import DistillConfig
-    from .export import DEFAULT_EXPORT
     from .interactive import InteractiveConfig
     from .paths import DEFAULT_CACHE, DEFAULT_POOL
 
     train = subparsers.add_parser("train", help="train or distil models, build training pools, export weights")
     sub = train.add_subparsers(dest="train_command", required=True)
 
-    pool = sub.add_parser("pool", help="build a pool of prepared 128^3 training crops")
+    pool = sub.add_parser("pool", help="build (or extend, with the same settings) a pool of prepared 128^3 training crops")
     pool.add_argument("--out", default=str(DEFAULT_POOL / "train-s0"), help="pool folder (default: %(default)s)")
     pool.add_argument("--size", type=int, default=1000)
-    pool.add_argument("--phantom-fraction", type=float, default=0.5)
+    pool.add_argument("--phantom-fraction", type=float, default=0.5, help="share of procedural phantoms; the rest are labelled crops")
+    pool.add_argument("--data", action="append", metavar="DIR",
+                      help="crop the labels of your own imagesTr/labelsTr folder (each label value a structure; repeat for more "
+                           "folders) instead of Colin27")
+    pool.add_argument("--colin27", action="store_true", help="with --data: crop the Colin27 structures too (without --data they are the labelled crops)")
     pool.add_argument("--min-voxels", type=int, default=1000, help="skip labels with at most this many voxels in the crop")
     pool.add_argument("--include-heldout", action="store_true", help="also crop the held-out Colin27 structures")
     pool.add_argument("--no-augment", action="store_true")
@@ -203,7 +214,8 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
     distill = sub.add_parser("distill", help="layer-wise progressive distillation from a teacher, then the decoder fine-tune")
     distill_defaults = DistillConfig()
     _add_interactive_options(distill, distill_defaults)
-    distill.add_argument("--teacher", required=True, help="teacher checkpoint (anything load_model/load_image_encoder reads)")
+    distill.add_argument("--teacher", required=True,
+                         help="teacher checkpoint (anything load_model/load_image_encoder reads); a run directory keeps its teacher")
     distill.add_argument("--distill-steps", type=int, default=distill_defaults.distill_steps, help="encoder distillation steps (all stages)")
     distill.add_argument("--distill-lr", type=float, default=distill_defaults.distill_lr)
     distill.add_argument("--accumulate", type=int, default=distill_defaults.accumulate, help="gradient accumulation steps")
@@ -217,8 +229,8 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
     evaluate.set_defaults(func=_run_eval)
 
     export = sub.add_parser("export", help="write a training checkpoint as the bundled safetensors model")
-    export.add_argument("checkpoint", help="training checkpoint (.pt) or weights file")
-    export.add_argument("--out", default=str(DEFAULT_EXPORT))
+    export.add_argument("checkpoint", help="training checkpoint (.pt) or weights file (.safetensors, .pth)")
+    export.add_argument("--out", required=True, help="safetensors file to write (and its .sha256 beside it)")
     export.add_argument("--dtype", choices=("float16", "float32", "auto"), default="auto", help="auto: fp16 if fp32 would exceed 50 MB")
     export.add_argument("--eval-json", default=None, help="a `train eval` report to put in the model card")
     export.add_argument("--notes", default="", help="free text for the model card")
@@ -226,7 +238,7 @@ def add_train_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
     average = sub.add_parser("average", help="write the average of several runs' weights (a model soup) as a safetensors model")
     average.add_argument("checkpoints", nargs="+", help="training checkpoints (.pt) or weight files of one architecture")
-    average.add_argument("--out", default=str(DEFAULT_EXPORT))
+    average.add_argument("--out", required=True, help="safetensors file to write (and its .sha256 beside it)")
     average.add_argument("--dtype", choices=("float16", "float32", "auto"), default="auto", help="auto: fp16 if fp32 would exceed 50 MB")
     average.add_argument("--notes", default="", help="free text for the model card")
     average.set_defaults(func=_run_average)
@@ -260,9 +272,19 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``python -m FastSAM3DLib.train.cli`` (logging to stderr)."""
+    """Entry point of ``python -m FastSAM3DLib.train.cli`` (logging to stderr): exit statuses as ``fastsam3d``'s
+    (2 for bad input, 130 for Ctrl-C; SIGTERM during training exits 143)."""
+    from ..errors import FastSAM3DInputError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return train_main(argv)
+    try:
+        return train_main(argv)
+    except FastSAM3DInputError as error:
+        print(f"fastsam3d: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastsam3d: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

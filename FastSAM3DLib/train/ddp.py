@@ -13,10 +13,12 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from ..errors import FastSAM3DInputError
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +50,16 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
 
     Returns:
       this process's :class:`DistInfo`.
+
+    Raises:
+      FastSAM3DInputError: "cuda" asked for where CUDA is not available.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but CUDA is not available here")
+        raise FastSAM3DInputError("--device cuda: CUDA is not available here (use --device cpu or auto)")
     torch_device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(torch_device)
@@ -86,10 +91,10 @@ def all_reduce_mean(value: float, info: Optional[DistInfo] = None) -> float:
     return float(tensor.item()) / dist.get_world_size()
 
 
-def broadcast_flag(flag: bool, info: Optional[DistInfo] = None) -> bool:
-    """Rank 0's boolean, on every rank (e.g. "time to stop")."""
+def broadcast_ints(values: Sequence[int], info: Optional[DistInfo] = None) -> List[int]:
+    """Rank 0's integers, on every rank (e.g. "time to stop", "stopped by signal N"); the values themselves without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64, device=info.device if info and info.device.type == "cuda" else "cpu")
+        return [int(v) for v in values]
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=info.device if info and info.device.type == "cuda" else "cpu")
     dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
+    return [int(v) for v in tensor.tolist()]

@@ -1,8 +1,10 @@
-"""Export a training checkpoint as the bundled model: safetensors + sha256 + a model card in the metadata.
+"""Export a training checkpoint as a bundled-style model: safetensors + sha256 + a model card in the metadata.
 
-``fastsam3d train export ~/.cache/fastsam3d/runs/<run>/checkpoints/last.pt`` writes
-``Resources/Models/fastsam3d-bundled.safetensors`` (and its ``.sha256``) with
-:func:`FastSAM3DLib.checkpoint.save_model`. Weights are stored in fp16 when fp32 would exceed the
+``fastsam3d train export ~/.cache/fastsam3d/runs/<run>/checkpoints/last.pt --out FILE.safetensors``
+writes ``FILE.safetensors`` (and its ``.sha256``) with :func:`FastSAM3DLib.checkpoint.save_model`;
+the output is always named, so that no test export lands in ``Resources/Models`` as the bundled
+model (copy a file there once it has earned it). A weights file (``.safetensors``, ``.pth``) is
+exported the same way, with its own card if it has one. Weights are stored in fp16 when fp32 would exceed the
 repository's 50 MB budget; ``load_model`` reads them back into the fp32 model (``load_state_dict``
 copies cast). The metadata carries the architecture (``config``) and a ``model_card`` JSON: data,
 recipe, steps, wall time, hardware, the development Dice table if given, and known limits.
@@ -20,13 +22,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..checkpoint import MODELS_DIR, BUNDLED_MODEL_NAME, save_model
-from ..errors import CheckpointError
+from ..checkpoint import save_model
+from ..errors import CheckpointError, FastSAM3DInputError
 from ..modeling import Sam3D
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EXPORT = MODELS_DIR / BUNDLED_MODEL_NAME
 SIZE_LIMIT_BYTES = 50 * 1000 * 1000
 
 KNOWN_LIMITS = (
@@ -38,15 +39,37 @@ KNOWN_LIMITS = (
 )
 
 
-def _load_training_model(checkpoint: str | os.PathLike) -> tuple[Sam3D, Dict[str, Any]]:
-    from .interactive import load_checkpoint, model_from_checkpoint
+def _training_payload(path: str | os.PathLike) -> Optional[Dict[str, Any]]:
+    """The contents of a training checkpoint (a ``torch.save`` dict with ``model_config``), or None
+    for any other file: a weights file, or one that only ``load_model`` can read or explain."""
+    from .interactive import load_checkpoint
 
-    payload = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(payload)
+    if Path(path).suffix == ".safetensors":
+        return None
+    try:
+        payload = load_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a weights-only torch file; load_model says what it is
+        return None
+    return payload if isinstance(payload, dict) and "model_config" in payload else None
+
+
+def _load_any(path: str | os.PathLike) -> tuple[Sam3D, Optional[Dict[str, Any]]]:
+    """(model, training info: step, wall time, recipe) of a training checkpoint, or (model, None) of a
+    weights file (read with :func:`FastSAM3DLib.checkpoint.load_model`).
+
+    Raises:
+      CheckpointError: a file that is neither (the message says what it is).
+    """
+    from ..checkpoint import load_model
+    from .interactive import model_from_checkpoint
+
+    payload = _training_payload(path)
+    if payload is None:
+        return load_model(path, device="cpu"), None
     info: Dict[str, Any] = {"step": int(payload.get("step", 0)), "elapsed_s": float(payload.get("elapsed_s", 0.0))}
     if "config" in payload:
         info["recipe"] = json.loads(payload["config"])
-    return model, info
+    return model_from_checkpoint(payload), info
 
 
 def _hardware() -> str:
@@ -75,17 +98,34 @@ def _trained_structures(recipe: Dict[str, Any]) -> Optional[List[str]]:
     return sorted({str(e["structure"]) for e in entries if e.get("source") == "colin27"})
 
 
+def _data(recipe: Dict[str, Any]) -> str:
+    """What the run trained on: its live pack, or the sources its pool's spec.json names."""
+    colin27 = ("Colin27 T1 (Debian mricron-data ch2/aal/ch2bet) training structures "
+               f"{'(hippocampus, amygdala, thalamus held out)' if recipe.get('heldout', True) else '(all deep structures)'}")
+    if recipe.get("live_phantoms"):
+        sources = (colin27 + " made on the training device from a pack + procedural MR/CT-like phantoms "
+                   f"({recipe['live_phantoms']:.0%} of each batch on average)")
+    elif recipe.get("live"):
+        sources = colin27 + " made on the training device from a pack (no phantoms in this run)"
+    else:
+        spec = None
+        if recipe.get("pool_dir") and Path(recipe["pool_dir"]).is_dir():
+            from .pool import read_spec  # SimpleITK: only for a pool
+
+            spec = read_spec(recipe["pool_dir"])
+        parts = [colin27] if spec is None or spec.colin27 else []
+        if spec is not None and spec.data:
+            parts.append(f"labelled user data ({', '.join(spec.data)})")
+        if spec is None or spec.phantom_fraction > 0:
+            parts.append("procedural MR/CT-like phantoms")
+        sources = " + ".join(parts)
+    return sources + "; crops made like the session's preprocessing, augmented"
+
+
 def _card(model: Sam3D, info: Dict[str, Any], checkpoint_name: str, notes: str) -> Dict[str, Any]:
     """The model card of a model trained by the run that ``info`` (step, wall time, recipe) describes."""
     recipe = info.get("recipe", {})
     trained = _trained_structures(recipe)
-    if not recipe.get("live"):
-        source = " + procedural MR/CT-like phantoms"
-    elif recipe.get("live_phantoms"):
-        source = (" made on the training device from a pack + procedural MR/CT-like phantoms "
-                  f"({recipe['live_phantoms']:.0%} of each batch on average)")
-    else:
-        source = " made on the training device from a pack (no phantoms in this run)"
     return {
         "name": "fastsam3d-bundled",
         "architecture": model.config.get("name", "custom"),
@@ -94,12 +134,7 @@ def _card(model: Sam3D, info: Dict[str, Any], checkpoint_name: str, notes: str) 
         "steps": info["step"],
         "wall_time_hours": round(info["elapsed_s"] / 3600.0, 2),
         "hardware": _hardware(),
-        "data": (
-            "Colin27 T1 (Debian mricron-data ch2/aal/ch2bet) training structures "
-            f"{'(hippocampus, amygdala, thalamus held out)' if recipe.get('heldout', True) else '(all deep structures)'}"
-            + source
-            + "; crops made like the session's preprocessing, augmented"
-        ),
+        "data": _data(recipe),
         "recipe": recipe,
         # What `fastsam3d evaluate` marks "seen" (None: the pool could not be read here).
         "trained_structures": trained,
@@ -108,16 +143,14 @@ def _card(model: Sam3D, info: Dict[str, Any], checkpoint_name: str, notes: str) 
     }
 
 
-def export_model(
-    model: Sam3D, out: str | os.PathLike = DEFAULT_EXPORT, dtype: str = "auto", card: Optional[Dict[str, Any]] = None
-) -> str:
+def export_model(model: Sam3D, out: str | os.PathLike, dtype: str = "auto", card: Optional[Dict[str, Any]] = None) -> str:
     """Save ``model`` as safetensors (fp16 if ``dtype`` says so, or "auto" and fp32 would pass 50 MB).
 
     Returns:
       the sha256 of the written file.
     """
     if dtype not in ("auto", "float16", "float32"):
-        raise ValueError(f"dtype must be auto, float16 or float32, got {dtype!r}")
+        raise FastSAM3DInputError(f"dtype must be auto, float16 or float32, got {dtype!r}")
     fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
     half = dtype == "float16" or (dtype == "auto" and fp32_bytes > SIZE_LIMIT_BYTES)
     export = model.to("cpu")
@@ -136,22 +169,33 @@ def export_model(
 
 def export_checkpoint(
     checkpoint: str | os.PathLike,
-    out: str | os.PathLike = DEFAULT_EXPORT,
+    out: str | os.PathLike,
     dtype: str = "auto",
     notes: str = "",
     eval_json: Optional[str | os.PathLike] = None,
 ) -> str:
-    """Export a training checkpoint (``last.pt``/``step_*.pt``) with a model card; returns the sha256.
+    """Export a training checkpoint (``last.pt``/``step_*.pt``) or a weights file with a model card; returns the sha256.
 
     Arguments:
-      checkpoint: a checkpoint written by interactive or distillation training.
-      out: the safetensors path (default: the bundled model in ``Resources/Models``).
+      checkpoint: a checkpoint written by interactive or distillation training (its card describes
+        the run), or a weights file ``load_model`` reads (its card is the file's own, if any, with
+        ``exported_from`` added).
+      out: the safetensors path.
       dtype: "auto", "float16" or "float32".
       notes: free text for the card (e.g. which run, what changed).
       eval_json: a report of ``fastsam3d train eval`` (its summary and per-structure Dice go in the card).
     """
-    model, info = _load_training_model(checkpoint)
-    card = _card(model, info, Path(checkpoint).name, notes)
+    from ..checkpoint import read_model_card
+
+    model, info = _load_any(checkpoint)
+    if info is not None:
+        card = _card(model, info, Path(checkpoint).name, notes)
+    else:
+        card = {**read_model_card(checkpoint), "exported_from": Path(checkpoint).name, "architecture": model.config.get("name", "custom"),
+                "parameters": int(sum(p.numel() for p in model.parameters()))}
+        card.pop("storage_dtype", None)  # export_model records this file's
+        if notes:
+            card["notes"] = notes
     if eval_json:
         report = json.loads(Path(eval_json).read_text())
         card["development_dice"] = {"summary": report.get("summary"), "per_structure": report.get("per_structure")}
@@ -160,14 +204,7 @@ def export_checkpoint(
 
 def load_weights(path: str | os.PathLike) -> Sam3D:
     """A model from a training checkpoint (``.pt`` with ``model_config``) or anything ``load_model`` reads."""
-    from ..checkpoint import load_model
-    from .interactive import load_checkpoint, model_from_checkpoint
-
-    if str(path).endswith(".pt"):
-        payload = load_checkpoint(path)
-        if isinstance(payload, dict) and "model_config" in payload:
-            return model_from_checkpoint(payload)
-    return load_model(path, device="cpu")
+    return _load_any(path)[0]
 
 
 def _architecture(model: Sam3D) -> Dict[str, Any]:
@@ -175,7 +212,7 @@ def _architecture(model: Sam3D) -> Dict[str, Any]:
 
 
 def average_checkpoints(
-    checkpoints: List[str | os.PathLike], out: str | os.PathLike = DEFAULT_EXPORT, dtype: str = "auto", notes: str = ""
+    checkpoints: List[str | os.PathLike], out: str | os.PathLike, dtype: str = "auto", notes: str = ""
 ) -> str:
     """Export the uniform average of the weights of several runs (a "model soup"); returns the sha256.
 
@@ -195,11 +232,8 @@ def average_checkpoints(
         raise CheckpointError(f"averaging needs at least two checkpoints; got {len(checkpoints)}")
     ingredients: List[Dict[str, Any]] = []
     for path in checkpoints:
-        if str(path).endswith(".pt"):
-            model, info = _load_training_model(path)
-        else:
-            model, info = load_weights(path), {"step": None, "elapsed_s": 0.0}
-        ingredients.append({"file": str(path), "model": model, "info": info})
+        model, info = _load_any(path)
+        ingredients.append({"file": str(path), "model": model, "info": info or {"step": None, "elapsed_s": 0.0}})
     first = ingredients[0]["model"]
     for item in ingredients[1:]:
         ours, theirs = _architecture(item["model"]), _architecture(first)

@@ -34,9 +34,11 @@ upsampling and distance transform per iteration. Every random choice of step ``s
 comes from ``numpy.random.default_rng((seed, r, s))`` and ``torch.manual_seed`` of the same, so a
 resumed run continues exactly as an uninterrupted one.
 
-Outputs (rank 0 only), under ``run_dir``: ``checkpoints/last.pt`` (every ``checkpoint_minutes``
-and at the end; state dicts and numbers only, loadable with ``torch.load(weights_only=True)``),
-``checkpoints/step_NNNNNN.pt`` snapshots at each evaluation, ``metrics.json`` and ``curves.png``.
+Outputs (rank 0 only), under ``run_dir``: ``checkpoints/last.pt`` (every ``checkpoint_minutes``,
+at the end, and when Ctrl-C or SIGTERM stops the run: :mod:`.signals`; state dicts and numbers only,
+loadable with ``torch.load(weights_only=True)``), ``checkpoints/step_NNNNNN.pt`` snapshots at each
+evaluation, ``metrics.json`` and ``curves.png``. A run resumes from ``last.pt`` with the checkpoint's
+architecture and start (``model``, ``init``), which the recorded configuration then names.
 """
 
 from __future__ import annotations
@@ -57,17 +59,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..build import build_model, count_parameters
+from ..build import CONFIGS, build_model, count_parameters, model_config
 from ..clicks import next_click_lowres
+from ..errors import CheckpointError, FastSAM3DInputError
 from ..modeling import Sam3D, select_by_iou
 from . import ddp
 from .losses import segmentation_loss
 from .live import LiveCrops, PhantomFeed
 from .paths import DEFAULT_CACHE, DEFAULT_POOL
+from .signals import StopSignals, stop_exception
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RUNS = DEFAULT_CACHE / "runs"
+DEFAULT_MODEL = "fastsam3d-384"
+# Settings in a model's config that change neither its weights nor its layers: a run may change them.
+NOT_ARCHITECTURE = ("name", "source", "sha256", "decoder_dropout", "first_click_multimask")
 
 
 @dataclass
@@ -84,8 +91,10 @@ class InteractiveConfig:
         by ``phantom_workers`` processes on the machine's CPU cores (:class:`~FastSAM3DLib.train.live.PhantomFeed`;
         0 = the machine's cores less two, shared by the ranks on it); the pool's share is a half.
       pool_size: build the pool up to this many entries first if it has fewer (0: use it as it is).
-      model: a ``build.CONFIGS`` name for a fresh model.
-      init: weights to start from (any file ``load_model`` reads) when there is no checkpoint to resume.
+      model: a ``build.CONFIGS`` name: the architecture of a fresh model (None: ``DEFAULT_MODEL``, or
+        that of ``init``); a run resumed from its checkpoint, or started from ``init``, refuses another.
+      init: weights to start a new run from (any file ``load_model`` reads); a run that resumes
+        from its checkpoint keeps the start it had (a different ``init`` is ignored with a warning).
       steps: total optimizer steps of the run (a resumed run continues up to it).
       max_minutes: stop (with a checkpoint) after this much wall time in this process; 0 = no limit.
       batch_size: crops per step and rank.
@@ -106,7 +115,7 @@ class InteractiveConfig:
         IoU head picks the candidate.
       best_feedback: with ``multimask``, the probability (per crop) that the first click feeds back
         the candidate with the highest actual IoU instead of the IoU head's pick.
-      pos_weight: foreground weight in the cross-entropy (1: MONAI's DiceCELoss).
+      pos_weight: foreground weight in the cross-entropy of "dicece" (1: MONAI's DiceCELoss).
       loss: "dicebalanced" (default: Dice + class-balanced CE; plain DiceCE and DiceFocal collapsed to
         empty masks on small targets from scratch), "dicece" (MONAI DiceCELoss) or "dicefocal".
       balance_cap: for "dicebalanced": one foreground voxel weighs at most this many background
@@ -128,7 +137,7 @@ class InteractiveConfig:
     live_phantoms: float = 0.0
     phantom_workers: int = 0
     pool_size: int = 0
-    model: str = "fastsam3d-384"
+    model: Optional[str] = None
     init: Optional[str] = None
     steps: int = 10000
     max_minutes: float = 0.0
@@ -165,34 +174,68 @@ class InteractiveConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        """Raise ValueError on inconsistent settings."""
+        """Raise FastSAM3DInputError (a ValueError) on inconsistent settings."""
+        if self.model is not None and self.model not in CONFIGS:
+            raise FastSAM3DInputError(f"--model {self.model!r}: unknown architecture; expected one of {', '.join(CONFIGS)}")
         if self.prompt_mode not in ("all", "newest"):
-            raise ValueError(f"prompt_mode must be 'all' or 'newest', got {self.prompt_mode!r}")
+            raise FastSAM3DInputError(f"prompt_mode must be 'all' or 'newest', got {self.prompt_mode!r}")
         if self.loss_grid not in ("low", "full"):
-            raise ValueError(f"loss_grid must be 'low' or 'full', got {self.loss_grid!r}")
+            raise FastSAM3DInputError(f"loss_grid must be 'low' or 'full', got {self.loss_grid!r}")
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+            raise FastSAM3DInputError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.autocast not in ("auto", "bf16", "off"):
-            raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+            raise FastSAM3DInputError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if self.loss not in ("dicece", "dicebalanced", "dicefocal"):
+            raise FastSAM3DInputError(f"loss must be 'dicece', 'dicebalanced' or 'dicefocal', got {self.loss!r}")
+        # The neutral values are the defaults: anything else was asked for, and would be ignored.
+        if self.pos_weight != 1.0 and self.loss != "dicece":
+            raise FastSAM3DInputError(f"--pos-weight {self.pos_weight} weighs the cross-entropy of --loss dicece only; this run uses --loss {self.loss}")
+        if self.balance_cap != 0.0 and self.loss != "dicebalanced":
+            raise FastSAM3DInputError(f"--balance-cap {self.balance_cap} belongs to --loss dicebalanced only; this run uses --loss {self.loss}")
         if self.click_iters < 1 or self.batch_size < 1 or self.steps < 0:
-            raise ValueError("click_iters and batch_size must be at least 1, steps at least 0")
+            raise FastSAM3DInputError("click_iters and batch_size must be at least 1, steps at least 0")
         if self.grad_iters is not None and not 1 <= self.grad_iters <= self.click_iters:
-            raise ValueError(f"grad_iters must be in 1..click_iters ({self.click_iters}), got {self.grad_iters}")
+            raise FastSAM3DInputError(f"grad_iters must be in 1..click_iters ({self.click_iters}), got {self.grad_iters}")
         low, high = self.multimask_bins
         if not 0 < low < high < 1:
-            raise ValueError(f"multimask_bins must be two increasing fractions in (0, 1), got {self.multimask_bins}")
+            raise FastSAM3DInputError(f"multimask_bins must be two increasing fractions in (0, 1), got {self.multimask_bins}")
         if self.multimask and self.iou_weight <= 0:
-            raise ValueError("multimask training needs iou_weight > 0: the IoU head picks among the candidates")
+            raise FastSAM3DInputError("multimask training needs iou_weight > 0 (--iou-weight): the IoU head picks among the candidates")
         if not 0.0 <= self.best_feedback <= 1.0:
-            raise ValueError(f"best_feedback is a probability, in [0, 1]; got {self.best_feedback}")
+            raise FastSAM3DInputError(f"best_feedback is a probability, in [0, 1]; got {self.best_feedback}")
         if self.best_feedback and not self.multimask:
-            raise ValueError("best_feedback chooses among the candidate masks: it needs multimask")
+            raise FastSAM3DInputError("best_feedback chooses among the candidate masks: it needs multimask")
         if not 0.0 <= self.live_phantoms <= 1.0:
-            raise ValueError(f"live_phantoms is a share of each batch, in [0, 1]; got {self.live_phantoms}")
+            raise FastSAM3DInputError(f"live_phantoms is a share of each batch, in [0, 1]; got {self.live_phantoms}")
         if self.live_phantoms and not self.live:
-            raise ValueError("live_phantoms needs live (a pack): a pool has its phantoms already")
+            raise FastSAM3DInputError("live_phantoms needs live (a pack): a pool has its phantoms already")
+        if self.live_weights and not self.live:
+            raise FastSAM3DInputError("--live-weights weighs the structures of a pack: it needs --live (a pool's crops are drawn uniformly)")
         if self.phantom_workers < 0:
-            raise ValueError(f"phantom_workers must be 0 (the machine's cores less two) or more, got {self.phantom_workers}")
+            raise FastSAM3DInputError(f"phantom_workers must be 0 (the machine's cores less two) or more, got {self.phantom_workers}")
+
+
+def architecture_differences(config: Dict[str, Any], other: Dict[str, Any]) -> List[str]:
+    """The architecture settings (see ``NOT_ARCHITECTURE``) in which two model configs differ, as "key a != b"."""
+    keys = sorted(k for k in set(config) | set(other) if k not in NOT_ARCHITECTURE)
+    # JSON-normalised: a config read back from a checkpoint has lists where a fresh one may have tuples.
+    a, b = json.loads(json.dumps({k: config.get(k) for k in keys})), json.loads(json.dumps({k: other.get(k) for k in keys}))
+    return [f"{k} {a[k]} != {b[k]}" for k in keys if a[k] != b[k]]
+
+
+def check_model_option(name: Optional[str], config: Dict[str, Any], what: str, remedy: str) -> None:
+    """Refuse a ``--model`` (``name``; None: not given) whose architecture is not that of a model's ``config``.
+
+    Arguments:
+      what: where the model comes from, for the message (e.g. "run/checkpoints/last.pt holds").
+      remedy: how to train ``name`` instead, for the message.
+    """
+    if name is None:
+        return
+    differences = architecture_differences(config, model_config(name))
+    if differences:
+        raise FastSAM3DInputError(f"--model {name}: {what} a {config.get('name', 'custom')!r} model, another architecture "
+                                  f"({'; '.join(differences)}); {remedy}")
 
 
 def seed_multimask_tokens(model: Sam3D) -> None:
@@ -482,19 +525,51 @@ def _parameter_groups(model: Sam3D, parameters: List[nn.Parameter], cfg: Interac
     return [g for g in groups if g["params"]]
 
 
-def _regroup(saved: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    """An optimizer state saved with the IoU head inside the decoder group, split like ``optimizer``'s groups.
+def _trained_parameters(model: Sam3D, freeze_encoder: bool) -> List[nn.Parameter]:
+    """The parameters a run with ``freeze_encoder`` trains, in the model's order."""
+    frozen = {id(p) for p in model.image_encoder.parameters()} if freeze_encoder else set()
+    return [p for p in model.parameters() if id(p) not in frozen]
 
-    The IoU head's parameters come last in the model's order, so the saved decoder group ends with
-    them; per-parameter state is keyed by position and stays as it is.
+
+def resumed_optimizer_state(
+    saved: Dict[str, Any], saved_freeze_encoder: bool, model: Sam3D, optimizer: torch.optim.Optimizer
+) -> Dict[str, Any]:
+    """A saved optimizer state rewritten for ``optimizer``'s parameters and groups (to ``load_state_dict``).
+
+    The state is keyed by position: the saved run numbered the parameters it trained (all, or all
+    but the image encoder's with ``saved_freeze_encoder``) group after group. Its groups, those of
+    :func:`_parameter_groups` or an older split with the IoU head inside the decoder group, both
+    list them in the model's order (the IoU head's come last). So each parameter's moments follow
+    it by name into this run's groups; a parameter this run trains for the first time (the encoder
+    after a frozen-encoder run) starts without moments, and the group settings are this run's.
+
+    Raises:
+      CheckpointError: the saved state does not fit the model (another parameter count or shape).
     """
-    groups = optimizer.param_groups
-    if len(saved["param_groups"]) != len(groups) - 1:
-        return saved
-    *kept, decoder = saved["param_groups"]
-    head = len(groups[-1]["params"])
-    split = [{**decoder, "params": decoder["params"][:-head]}, {**decoder, "params": decoder["params"][-head:]}]
-    return {"state": saved["state"], "param_groups": [*kept, *split]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    saved_params = _trained_parameters(model, saved_freeze_encoder)
+    saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(saved_ids) != len(saved_params):
+        raise CheckpointError(f"the checkpoint's optimizer state holds {len(saved_ids)} parameters; "
+                              f"the model trains {len(saved_params)} with freeze_encoder={saved_freeze_encoder}")
+    by_name = {names[id(p)]: saved["state"][i] for i, p in zip(saved_ids, saved_params) if i in saved["state"]}
+    state = optimizer.state_dict()
+    current = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in zip((i for group in state["param_groups"] for i in group["params"]), current):
+        moments = by_name.get(names[id(param)])
+        if moments is None:
+            continue
+        if moments["exp_avg"].shape != param.shape:
+            raise CheckpointError(f"the checkpoint's optimizer state of {names[id(param)]} has shape "
+                                  f"{tuple(moments['exp_avg'].shape)}, the parameter {tuple(param.shape)}")
+        state["state"][index] = moments
+    return state
+
+
+def architecture_name(model: Sam3D) -> Optional[str]:
+    """The ``build.CONFIGS`` name of the model's architecture (its own name if that fits), or None for another one."""
+    names = [model.config.get("name"), *CONFIGS]
+    return next((n for n in names if n in CONFIGS and not architecture_differences(model.config, model_config(n))), None)
 
 
 def _initial_model(cfg: InteractiveConfig) -> Sam3D:
@@ -502,12 +577,13 @@ def _initial_model(cfg: InteractiveConfig) -> Sam3D:
         from ..checkpoint import load_model
 
         model = load_model(cfg.init, device="cpu")
+        check_model_option(cfg.model, model.config, f"--init {cfg.init} is", "leave --model out to train the architecture of --init")
         logger.info("initialised from %s", cfg.init)
         model.config.pop("source", None)
         model.config.pop("sha256", None)
         return model
     torch.manual_seed(cfg.seed)  # the same fresh weights on every rank and every rerun
-    return build_model(cfg.model)
+    return build_model(cfg.model or DEFAULT_MODEL)
 
 
 def _plot(history: List[Dict], evals: List[Dict], path: Path) -> None:
@@ -560,26 +636,36 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     info = ddp.setup(cfg.device)
     run_dir, pool_dir = Path(cfg.run_dir), Path(cfg.pool_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last) if last.exists() else None
+    recorded: Dict[str, Any] = json.loads(payload.get("config", "{}")) if payload is not None else {}
+    if payload is not None:  # settings the checkpoint decides, checked before any work
+        check_model_option(cfg.model, json.loads(payload["model_config"]), f"the run's checkpoint {last} holds",
+                           "to train another architecture, start a new run (another --run-dir)")
+        if cfg.init and cfg.init != recorded.get("init"):
+            logger.warning("--init %s ignored: %s resumes from its checkpoint (the run started from %s); --init only starts a new run",
+                           cfg.init, run_dir, recorded.get("init") or "a fresh model")
+        cfg = dataclasses.replace(cfg, init=recorded.get("init"))
+
     live: Optional[LiveCrops] = None
     if cfg.live:
         live = LiveCrops(cfg.live, info.device, heldout=cfg.heldout, weights=cfg.live_weights)
         source = f"live crops of {len(live.structures)} structures from {cfg.live}"
     else:
-        from .pool import PoolSpec, build_pool, read_index
+        from .pool import PoolSpec, build_pool, empty_pool_error, read_index, read_spec
 
         if info.is_main and cfg.pool_size and len(read_index(pool_dir)) < cfg.pool_size:
             from ..data.colin27 import STRUCTURES, TRAIN_STRUCTURES
 
-            structures = TRAIN_STRUCTURES if cfg.heldout else STRUCTURES
-            build_pool(pool_dir, PoolSpec(size=cfg.pool_size, structures=tuple(structures), seed=cfg.seed))
+            # A pool is extended as it was built (build_pool refuses another recipe).
+            spec = read_spec(pool_dir) or PoolSpec(structures=tuple(TRAIN_STRUCTURES if cfg.heldout else STRUCTURES), seed=cfg.seed)
+            build_pool(pool_dir, dataclasses.replace(spec, size=cfg.pool_size))
         ddp.barrier()
         entries = usable_entries(pool_dir, cfg.heldout)
         if not entries:
-            raise ValueError(f"{pool_dir}: the training pool is empty; build it with `fastsam3d train pool --out {pool_dir}`")
+            raise empty_pool_error(pool_dir)
         source = f"{len(entries)} pool entries"
 
-    last = run_dir / "checkpoints" / "last.pt"
-    payload = load_checkpoint(last) if last.exists() else None
     if payload is not None:
         model = model_from_checkpoint(payload)
         start_step, elapsed_before = int(payload["step"]), float(payload.get("elapsed_s", 0.0))
@@ -587,10 +673,11 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
     else:
         model = _initial_model(cfg)
         start_step, elapsed_before = 0, 0.0
+    cfg = dataclasses.replace(cfg, model=architecture_name(model))  # what is recorded: the architecture trained
     if cfg.multimask and model.mask_decoder.num_mask_tokens != 4:
-        raise ValueError(f"multimask training needs 3 multimask outputs; this decoder has {model.mask_decoder.num_mask_tokens - 1}")
+        raise FastSAM3DInputError(f"multimask training needs 3 multimask outputs; this decoder has {model.mask_decoder.num_mask_tokens - 1}")
     if not cfg.multimask and model.config.get("first_click_multimask"):
-        raise ValueError(
+        raise FastSAM3DInputError(
             "this model answers a first click with its candidate masks (config first_click_multimask); "
             "train it with --multimask (and --iou-weight > 0), or the candidates go stale while the decoder moves"
         )
@@ -603,10 +690,11 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_parameter_groups(model, parameters, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if payload is not None:
-        multipliers = [g["lr_mult"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(_regroup(payload["optimizer"], optimizer))
-        for group, multiplier in zip(optimizer.param_groups, multipliers):  # this run's settings, not the saved ones
-            group["lr_mult"] = multiplier
+        saved_freeze = bool(recorded.get("freeze_encoder", False))
+        if saved_freeze != cfg.freeze_encoder:
+            logger.info("the run trained %s; now %s: moments of the parameters trained before are kept",
+                        *(("the decoder only" if frozen else "the whole model") for frozen in (saved_freeze, cfg.freeze_encoder)))
+        optimizer.load_state_dict(resumed_optimizer_state(payload["optimizer"], saved_freeze, model, optimizer))
     step_module: nn.Module = InteractiveStep(model, cfg)
     if info.distributed:
         step_module = nn.parallel.DistributedDataParallel(
@@ -656,57 +744,63 @@ def train_interactive(cfg: InteractiveConfig) -> Dict[str, Any]:
         workers = cfg.phantom_workers or max(1, (cores - 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         phantoms = PhantomFeed(workers, info.device, seed=(cfg.seed, info.rank, step))  # resumed: new phantoms
         logger.info("phantom crops from %d worker processes, %.0f %% of each batch on average", workers, 100 * cfg.live_phantoms)
-    try:
-        while step < cfg.steps:
-            t0 = time.time()
-            rng = np.random.default_rng((cfg.seed, info.rank, step))
-            torch.manual_seed((cfg.seed * 1_000_003 + info.rank * 7_919 + step) % (2**63))
-            if live is not None:
-                from_phantoms = int(rng.binomial(cfg.batch_size, cfg.live_phantoms)) if phantoms is not None else 0
-                parts = [source.sample(n, rng) for source, n in ((live, cfg.batch_size - from_phantoms), (phantoms, from_phantoms)) if n]
-                images, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            else:
-                images, targets, _ = sample_batch(pool_dir, entries, cfg.batch_size, rng)
-                images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group.get("lr_mult", 1.0) * lr_factor(step, cfg)
-            loss, stats = step_module(images, targets, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            window["loss"].append(float(loss.detach()))
-            window["dice_first"].append(stats["dice_first"])
-            window["dice_last"].append(stats["dice_last"])
-            window["seconds"].append(time.time() - t0)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "time_s": elapsed_before + time.time() - started}
-                record.update({k: ddp.all_reduce_mean(float(np.mean(v)), info) for k, v in window.items()})
-                if info.is_main:
-                    history.append(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", d1=f"{record['dice_first']:.2f}", dN=f"{record['dice_last']:.2f}", s=f"{record['seconds']:.2f}")
-                    logger.info("step %d loss %.4f dice@1 %.3f dice@last %.3f %.2f s/step", step, record["loss"], record["dice_first"], record["dice_last"], record["seconds"])
-                window = {k: [] for k in window}
-            if info.is_main and cfg.eval_every and step % cfg.eval_every == 0:
-                evals.append(run_quick_eval(model, step, cfg.eval_clicks, cfg.heldout))
-                save_checkpoint(run_dir / "checkpoints" / f"step_{step:06d}.pt", {"model": model.state_dict(), "step": step, "model_config": _checkpoint_payload(model, optimizer, step, cfg, 0.0)["model_config"]})
-            now = time.time()
-            out_of_time = bool(cfg.max_minutes) and now - started > cfg.max_minutes * 60
-            stop = ddp.broadcast_flag(out_of_time, info)
-            if info.is_main and (now - last_save > cfg.checkpoint_minutes * 60 or stop):
-                write_outputs(step, elapsed_before + now - started)
-                last_save = time.time()
-            if stop:
-                logger.info("stopping at step %d: max_minutes reached", step)
-                break
-    finally:
-        bar.close()
-        if phantoms is not None:
-            phantoms.close()
-            logger.info("phantom crops: %d made, %d drawn", phantoms.received, phantoms.drawn)
+    with StopSignals() as stop_signals:  # Ctrl-C, SIGTERM: stop after the step under way, with its checkpoint
+        try:
+            while step < cfg.steps:
+                t0 = time.time()
+                rng = np.random.default_rng((cfg.seed, info.rank, step))
+                torch.manual_seed((cfg.seed * 1_000_003 + info.rank * 7_919 + step) % (2**63))
+                if live is not None:
+                    from_phantoms = int(rng.binomial(cfg.batch_size, cfg.live_phantoms)) if phantoms is not None else 0
+                    parts = [source.sample(n, rng) for source, n in ((live, cfg.batch_size - from_phantoms), (phantoms, from_phantoms)) if n]
+                    images, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+                else:
+                    images, targets, _ = sample_batch(pool_dir, entries, cfg.batch_size, rng)
+                    images, targets = images.to(info.device, non_blocking=True), targets.to(info.device, non_blocking=True)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * group.get("lr_mult", 1.0) * lr_factor(step, cfg)
+                loss, stats = step_module(images, targets, rng)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                window["loss"].append(float(loss.detach()))
+                window["dice_first"].append(stats["dice_first"])
+                window["dice_last"].append(stats["dice_last"])
+                window["seconds"].append(time.time() - t0)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "time_s": elapsed_before + time.time() - started}
+                    record.update({k: ddp.all_reduce_mean(float(np.mean(v)), info) for k, v in window.items()})
+                    if info.is_main:
+                        history.append(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", d1=f"{record['dice_first']:.2f}", dN=f"{record['dice_last']:.2f}", s=f"{record['seconds']:.2f}")
+                        logger.info("step %d loss %.4f dice@1 %.3f dice@last %.3f %.2f s/step", step, record["loss"], record["dice_first"], record["dice_last"], record["seconds"])
+                    window = {k: [] for k in window}
+                if info.is_main and cfg.eval_every and step % cfg.eval_every == 0:
+                    evals.append(run_quick_eval(model, step, cfg.eval_clicks, cfg.heldout))
+                    save_checkpoint(run_dir / "checkpoints" / f"step_{step:06d}.pt", {"model": model.state_dict(), "step": step, "model_config": _checkpoint_payload(model, optimizer, step, cfg, 0.0)["model_config"]})
+                now = time.time()
+                out_of_time = bool(cfg.max_minutes) and now - started > cfg.max_minutes * 60
+                # Rank 0's answers, so that every rank stops after the same step and none waits for one that has gone.
+                stop, signum = ddp.broadcast_ints([out_of_time, stop_signals.signum or 0], info)
+                if info.is_main and (now - last_save > cfg.checkpoint_minutes * 60 or stop or signum):
+                    write_outputs(step, elapsed_before + now - started)
+                    last_save = time.time()
+                if signum:
+                    if info.is_main:
+                        logger.warning("stopped by a signal after step %d; %s holds it: rerun the command to resume", step, last)
+                    raise stop_exception(signum)
+                if stop:
+                    logger.info("stopping at step %d: max_minutes reached", step)
+                    break
+        finally:
+            bar.close()
+            if phantoms is not None:
+                phantoms.close()
+                logger.info("phantom crops: %d made, %d drawn", phantoms.received, phantoms.drawn)
     if info.is_main:
         write_outputs(step, elapsed_before + time.time() - started)
     ddp.barrier()

@@ -1,19 +1,28 @@
 """Training pipeline: click simulator, one-sample overfit, exact resume, 2-process DDP, distillation,
-model soups and the IoU-head refit.
+model soups and the IoU-head refit; what a run does when stopped by a signal or resumed with other
+settings, pools from the user's labelled folders, and the command line's refusals.
 
 Everything runs on the "tiny" configurations and one- or two-crop pools written into temporary folders,
-so the whole file takes well under a minute on two CPU cores.
+so the whole file takes about two minutes on two CPU cores.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.multiprocessing as mp
 from hypothesis import given, settings
@@ -26,11 +35,13 @@ from FastSAM3DLib.checkpoint import read_model_card
 from FastSAM3DLib.clicks import Click, dice, next_click, next_click_lowres
 from FastSAM3DLib.errors import CheckpointError, FastSAM3DInputError
 from FastSAM3DLib.train.cli import main as train_main
-from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs
+from FastSAM3DLib.train.distill import DistillConfig, active_layers, distill_encoder, layer_pairs, train_distill
 from FastSAM3DLib.train.export import average_checkpoints
 from FastSAM3DLib.train.interactive import (InteractiveConfig, InteractiveStep, _checkpoint_payload, load_checkpoint, low_res_targets,
                                            save_checkpoint, seed_multimask_tokens, train_interactive)
-from FastSAM3DLib.train.pool import INDEX_NAME, _write_entry, read_index
+from FastSAM3DLib.train.pool import INDEX_NAME, PoolSpec, _write_entry, build_pool, read_index
+
+REPO = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------------------------
 # Click simulator
@@ -421,3 +432,249 @@ def test_iou_head_refit_changes_only_the_head_and_fits_it(tmp_path: Path, two_si
 
     with pytest.raises(FastSAM3DInputError, match="no pool entries"):
         collect_samples(before, tmp_path, crops=2, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping, resuming with other settings, and the command line's refusals
+
+
+def _save_tiny(path: Path, seed: int, name: str = "tiny") -> Path:
+    torch.manual_seed(seed)
+    save_model(build_model(name), path)
+    return path
+
+
+def _run_until_logged(command: list, pattern: str, timeout_s: float = 240.0):
+    """Start ``python -m FastSAM3DLib.train.cli COMMAND`` and return (process, stderr lines so far, match)
+    once a line of its log matches ``pattern``; its stderr keeps being read by a thread into the list."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "FastSAM3DLib.train.cli", *command], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and process.poll() is None:
+        found = next((m for m in map(re.compile(pattern).search, list(lines)) if m), None)
+        if found:
+            return process, lines, reader, found
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"{pattern!r} not logged in {timeout_s} s:\n{''.join(lines)[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, signum, status", [("interactive", signal.SIGINT, 130), ("distill", signal.SIGTERM, 143)])
+def test_a_signal_stops_training_with_the_checkpoint_of_the_last_step(tmp_path: Path, one_crop_pool: Path, caplog,
+                                                                       command: str, signum: int, status: int) -> None:
+    """Ctrl-C or SIGTERM: the run writes the checkpoint of its last completed step (long before the
+    periodic one) and exits with the usual status; a rerun continues from that step."""
+    run = tmp_path / "run"
+    common = ["--pool", str(one_crop_pool), "--model", "tiny", "--run-dir", str(run), "--device", "cpu", "--threads", "1",
+              "--log-every", "1", "--checkpoint-minutes", "1000", "--warmup-steps", "1"]
+    if command == "interactive":
+        args = ["interactive", *common, "--steps", "1000", "--click-iters", "1", "--eval-every", "0"]
+        checkpoint, logged = run / "checkpoints" / "last.pt", r"step (\d+) loss"
+    else:
+        teacher = _save_tiny(tmp_path / "teacher.safetensors", 0, "tiny-teacher")
+        args = ["distill", *common, "--teacher", str(teacher), "--distill-steps", "1000", "--finetune-steps", "0"]
+        checkpoint, logged = run / "checkpoints" / "distill_last.pt", r"distill step (\d+) loss"
+    process, lines, reader, _ = _run_until_logged(args, logged.replace(r"(\d+)", "2"))
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == status, "".join(lines)[-3000:]
+    reader.join(timeout=10)
+    saved = load_checkpoint(checkpoint)
+    last_logged = max(int(m.group(1)) for m in map(re.compile(logged).search, lines) if m)
+    assert saved["step"] >= last_logged >= 2, "the checkpoint holds every step the run had logged"
+    if command == "interactive":
+        assert json.loads((run / "metrics.json").read_text())["step"] == saved["step"]
+    else:
+        assert json.loads((run / "distill_metrics.json").read_text())["step"] == saved["step"]
+
+    with caplog.at_level(logging.INFO):
+        if command == "interactive":
+            result = train_interactive(_tiny_config(run, one_crop_pool, steps=saved["step"] + 1, click_iters=1, warmup_steps=1))
+            assert result["step"] == saved["step"] + 1
+            assert f"at step {saved['step']}" in caplog.text
+        else:
+            cfg = DistillConfig(run_dir=str(run), pool_dir=str(one_crop_pool), model="tiny", teacher=str(tmp_path / "teacher.safetensors"),
+                                distill_steps=1000, finetune_steps=0, max_minutes=1e-9, warmup_steps=1, threads=1, device="cpu")
+            assert distill_encoder(cfg) is None
+            assert load_checkpoint(checkpoint)["step"] == saved["step"] + 1
+
+
+@pytest.mark.slow
+def test_resume_after_switching_freeze_encoder_keeps_the_moments_of_shared_parameters(tmp_path: Path, one_crop_pool: Path) -> None:
+    """A decoder-only fine-tune continued with full training (and back): the optimizer keeps the moments
+    of the parameters trained before, starts the encoder's, and a frozen encoder stays as it was."""
+    run = tmp_path / "run"
+    names = [name for name, _ in build_model("tiny").named_parameters()]
+    encoder = [n for n in names if n.startswith("image_encoder.")]
+    last = run / "checkpoints" / "last.pt"
+    train_interactive(_tiny_config(run, one_crop_pool, steps=1, click_iters=1, freeze_encoder=True))
+    assert sum(len(g["params"]) for g in load_checkpoint(last)["optimizer"]["param_groups"]) == len(names) - len(encoder)
+
+    train_interactive(_tiny_config(run, one_crop_pool, steps=2, click_iters=1))
+    state = load_checkpoint(last)["optimizer"]["state"]  # keyed by position; parameters without gradients have none
+    steps = {name: float(state[i]["step"]) for i, name in enumerate(names) if i in state}
+    assert {steps[n] for n in encoder} == {1.0} and {steps[n] for n in steps if n not in encoder} == {2.0}
+
+    before = load_checkpoint(last)["model"]
+    train_interactive(_tiny_config(run, one_crop_pool, steps=3, click_iters=1, freeze_encoder=True))
+    payload = load_checkpoint(last)
+    assert {float(moments["step"]) for moments in payload["optimizer"]["state"].values()} == {3.0}
+    for key in encoder:
+        assert torch.equal(payload["model"][key], before[key]), key
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_architecture_and_records_what_was_trained(tmp_path: Path, one_crop_pool: Path, caplog) -> None:
+    run = tmp_path / "run"
+    train_interactive(_tiny_config(run, one_crop_pool, steps=1, click_iters=1))
+    with pytest.raises(FastSAM3DInputError, match=r"--model tiny-teacher: the run's checkpoint .* 'tiny' model.*block_kinds.*another --run-dir"):
+        train_interactive(_tiny_config(run, one_crop_pool, steps=2, click_iters=1, model="tiny-teacher"))
+
+    other = _save_tiny(tmp_path / "other.safetensors", 5)
+    with caplog.at_level(logging.WARNING):
+        train_interactive(_tiny_config(run, one_crop_pool, steps=2, click_iters=1, model=None, init=str(other)))
+    assert "--init" in caplog.text and "ignored" in caplog.text
+    for recorded in (json.loads(load_checkpoint(run / "checkpoints" / "last.pt")["config"]),
+                     json.loads((run / "metrics.json").read_text())["config"]):
+        assert recorded["init"] is None and recorded["model"] == "tiny"
+
+    # A new run from --init trains (and records) the architecture of --init, and refuses another --model.
+    train_interactive(_tiny_config(tmp_path / "from-init", one_crop_pool, steps=1, click_iters=1, model=None, init=str(other)))
+    recorded = json.loads((tmp_path / "from-init" / "metrics.json").read_text())["config"]
+    assert recorded["model"] == "tiny" and recorded["init"] == str(other)
+    with pytest.raises(FastSAM3DInputError, match=r"--model fastsam3d-384: --init .*other.safetensors is a 'tiny' model"):
+        train_interactive(_tiny_config(tmp_path / "refused", one_crop_pool, steps=1, model="fastsam3d-384", init=str(other)))
+
+
+@pytest.mark.slow
+def test_distillation_keeps_its_teacher_and_settings_and_stops_at_max_minutes(tmp_path: Path, one_crop_pool: Path, caplog) -> None:
+    teacher = _save_tiny(tmp_path / "teacher.safetensors", 0, "tiny-teacher")
+    other = _save_tiny(tmp_path / "other.safetensors", 1, "tiny-teacher")
+
+    def config(**overrides) -> DistillConfig:
+        base = dict(run_dir=str(tmp_path / "run"), pool_dir=str(one_crop_pool), model="tiny", teacher=str(teacher), distill_steps=2,
+                    finetune_steps=0, warmup_steps=1, threads=1, device="cpu", log_every=1)
+        return DistillConfig(**{**base, **overrides})
+
+    with caplog.at_level(logging.INFO):
+        done = distill_encoder(config())
+    assert load_checkpoint(done)["step"] == 2 and "distill step 2 loss" in caplog.text
+    with pytest.raises(FastSAM3DInputError, match=r"distilled.pt holds another distillation \(--teacher .*teacher.safetensors .*"
+                                                   r"other.safetensors .*\).*another --run-dir"):
+        distill_encoder(config(teacher=str(other)))
+    with pytest.raises(FastSAM3DInputError, match="--distill-steps 2 there, 3 asked"):
+        distill_encoder(config(distill_steps=3))
+    moved = tmp_path / "moved.safetensors"
+    moved.write_bytes(teacher.read_bytes())
+    assert distill_encoder(config(teacher=str(moved))) == done, "the same teacher (by content) moved elsewhere"
+
+    # --max-minutes covers the distillation: stopped after its first step, with a checkpoint, and no fine-tune.
+    result = train_distill(config(run_dir=str(tmp_path / "timed"), distill_steps=50, finetune_steps=5, max_minutes=1e-9))
+    assert result == {"distilled": None}
+    assert load_checkpoint(tmp_path / "timed" / "checkpoints" / "distill_last.pt")["step"] == 1
+    assert not (tmp_path / "timed" / "finetune").exists()
+
+
+def test_export_reads_a_weights_file_and_needs_out(tmp_path: Path, capsys) -> None:
+    weights = tmp_path / "weights.safetensors"
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    save_model(model, weights, {"model_card": json.dumps({"name": "start", "notes": "input card"})})
+    plain = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), plain)
+    for source in (weights, plain):
+        out = tmp_path / f"{source.stem}-export.safetensors"
+        assert train_main(["export", str(source), "--out", str(out), "--dtype", "float32", "--notes", "exported"]) == 0
+        for key, value in load_model(out, device="cpu").state_dict().items():
+            assert torch.equal(value, model.state_dict()[key]), key
+        card = read_model_card(out)
+        assert card["exported_from"] == source.name and card["notes"] == "exported" and card["architecture"] in ("tiny", "inferred")
+    assert read_model_card(tmp_path / "weights-export.safetensors")["name"] == "start", "the file's own card is kept"
+
+    for command in (["export", str(weights)], ["average", str(weights), str(plain)], ["export", "--help"]):
+        with pytest.raises(SystemExit):
+            train_main(command)
+    usage = capsys.readouterr()
+    assert "the following arguments are required: --out" in usage.err
+    assert re.search(r"usage: .* --out OUT", usage.out) and "[--out OUT]" not in usage.out
+
+
+@pytest.fixture(scope="module")
+def user_dataset(tmp_path_factory) -> Path:
+    """An imagesTr/labelsTr folder of two 48^3 cases at 1.5 mm: label 1 ("ball") of about 3000 voxels,
+    label 2 of 33 voxels (too small for a pool with --min-voxels 500)."""
+    root = tmp_path_factory.mktemp("user-data")
+    (root / "imagesTr").mkdir()
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ball": 1, "speck": 2}}))
+    grid = np.indices((48, 48, 48)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    for case, center in (("case0", 20.0), ("case1", 26.0)):
+        distance = np.sqrt(((grid - center) ** 2).sum(0))
+        labels = np.where(distance <= 9, 1, 0).astype(np.uint8)
+        labels[np.sqrt(((grid - 40.0) ** 2).sum(0)) <= 2] = 2
+        for array, folder, name in ((100.0 + 200.0 * (labels > 0) + rng.normal(0, 10, labels.shape), "imagesTr", f"{case}_0000"),
+                                    (labels, "labelsTr", case)):
+            image = sitk.GetImageFromArray(array.astype(np.float32 if folder == "imagesTr" else np.uint8))
+            image.SetSpacing((1.5, 1.5, 1.5))
+            sitk.WriteImage(image, str(root / folder / f"{name}.nii.gz"))
+    return root
+
+
+def test_pool_from_a_users_labelled_folder(tmp_path: Path, user_dataset: Path, one_crop_pool: Path) -> None:
+    """``train pool --data DIR``: crops of every label of every case (named from dataset.json) above
+    --min-voxels, no Colin27 unless asked; spec.json records the source. A dataset folder is no pool."""
+    pool = tmp_path / "pool"
+    assert train_main(["pool", "--data", str(user_dataset), "--out", str(pool), "--size", "4", "--phantom-fraction", "0",
+                       "--no-augment", "--min-voxels", "500"]) == 0
+    entries = read_index(pool)
+    assert len(entries) == 4
+    assert {e["source"] for e in entries} == {"data"} and {e["structure"] for e in entries} == {"ball"}
+    assert {e["case"] for e in entries} <= {"case0", "case1"} and min(e["voxels"] for e in entries) > 500
+    spec = json.loads((pool / "spec.json").read_text())
+    assert spec["data"] == [str(user_dataset.resolve())] and spec["colin27"] is False and spec["size"] == 4
+
+    with pytest.raises(FastSAM3DInputError, match=r"user-data\d* is a labelled dataset .*--data .*--pool") as refused:
+        train_interactive(_tiny_config(tmp_path / "run", user_dataset))
+    assert f"--out {user_dataset}`" not in str(refused.value)
+    assert train_main(["pool", "--out", str(user_dataset), "--size", "1"]) == 2
+    assert not (user_dataset / INDEX_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_pool_is_extended_only_with_its_recipe_and_spec_json_stays_true(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    spec = PoolSpec(size=2, phantom_fraction=1.0, augment=False, min_voxels=500)
+    assert len(build_pool(pool, spec, progress=False)) == 2
+    for other, field in ((PoolSpec(size=3, phantom_fraction=1.0, augment=False, min_voxels=500, seed=1), "seed"),
+                         (PoolSpec(size=3, phantom_fraction=0.5, augment=False, min_voxels=500), "phantom_fraction"),
+                         (PoolSpec(size=3, phantom_fraction=1.0, augment=True, min_voxels=500), "augment")):
+        with pytest.raises(FastSAM3DInputError, match=rf"built with another recipe \({field}: .*another --out"):
+            build_pool(pool, other, progress=False)
+    assert len(build_pool(pool, PoolSpec(size=1, phantom_fraction=1.0, augment=False, min_voxels=500), progress=False)) == 2
+    recorded = json.loads((pool / "spec.json").read_text())
+    assert recorded["size"] == 2 and recorded["seed"] == 0 and recorded["phantom_fraction"] == 1.0
+
+
+def test_ignored_or_inconsistent_options_are_refused_as_bad_input(tmp_path: Path) -> None:
+    for settings, message in (
+        (dict(pos_weight=2.0), r"--pos-weight 2.0 .* --loss dicece only"),
+        (dict(loss="dicece", balance_cap=5.0), r"--balance-cap 5.0 .* --loss dicebalanced only"),
+        (dict(live_weights={"brain": 0.5}), r"--live-weights .* needs --live"),
+        (dict(model="tiny-typo"), r"--model 'tiny-typo': unknown"),
+        (dict(multimask=True), r"needs iou_weight > 0 \(--iou-weight\)"),
+    ):
+        with pytest.raises(FastSAM3DInputError, match=message):
+            InteractiveConfig(**settings).validate()
+    InteractiveConfig(loss="dicece", pos_weight=2.0).validate()
+    InteractiveConfig(balance_cap=5.0).validate()
+
+    empty = tmp_path / "empty-pool"
+    empty.mkdir()
+    with pytest.raises(FastSAM3DInputError, match="the training pool is empty"):
+        train_interactive(_tiny_config(tmp_path / "run", empty))
+    assert train_main(["interactive", "--pool", str(empty), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]) == 2
