@@ -174,7 +174,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(self.POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
 
-        for source, title in zip(MODEL_SOURCES, (_("Bundled model"), _("Local checkpoint"), _("Public FastSAM3D weights"))):
+        for source, title in zip(MODEL_SOURCES, (_("Bundled model"), _("Local checkpoint"), _("Public SAM-Med3D-turbo weights"))):
             self.ui.modelSourceComboBox.addItem(title, source)
         for device in DEVICES:
             self.ui.deviceComboBox.addItem(device, device)
@@ -652,7 +652,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 source = self.logic.getParameter(node, "ModelSource")
                 path = self.logic.getParameter(node, "CheckpointPath")
                 if source == "public":
-                    path = str(self.logic.weightsDirectory() / "FastSAM3D.safetensors")
+                    path = str(self.logic.publicWeightsPath())
                     if not os.path.exists(path):
                         raise ValueError(_("Download the public weights first (Download public weights)."))
                 model = self.logic.loadModel(source, path, self.logic.getParameter(node, "Device"))

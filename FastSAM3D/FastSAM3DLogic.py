@@ -826,6 +826,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             return Path(app.cachePath) / "FastSAM3D"
         return Path.home() / ".cache" / "fastsam3d"
 
+    def publicWeightsPath(self, key: Optional[str] = None) -> Path:
+        """Where :meth:`downloadPublicWeights` keeps the converted public weights ``key`` (default: the pinned ones)."""
+        import FastSAM3DDownload
+
+        source = FastSAM3DDownload.PUBLIC_WEIGHTS[key or FastSAM3DDownload.DEFAULT_PUBLIC_WEIGHTS]
+        return self.weightsDirectory() / (Path(source.filename).stem + ".safetensors")
+
     def downloadPublicWeights(self, key: Optional[str] = None, progress=None, cancel=None) -> Path:
         """Download public weights (pinned sha256) and convert them once to safetensors; returns its path.
 
@@ -835,12 +842,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         """
         import FastSAM3DDownload
 
-        directory = self.weightsDirectory()
         source = FastSAM3DDownload.PUBLIC_WEIGHTS[key or FastSAM3DDownload.DEFAULT_PUBLIC_WEIGHTS]
-        converted = directory / (Path(source.filename).stem + ".safetensors")
+        converted = self.publicWeightsPath(key)
         if converted.exists():
             return converted
-        downloaded = FastSAM3DDownload.download_weights(source, directory, progress=progress, cancel=cancel)
+        downloaded = FastSAM3DDownload.download_weights(source, self.weightsDirectory(), progress=progress, cancel=cancel)
         _engine().convert_checkpoint(downloaded, converted, trust=True)
         return converted
 

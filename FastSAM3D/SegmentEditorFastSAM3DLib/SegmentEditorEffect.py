@@ -141,7 +141,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onRefineBoundaryToggled(self, checked):
         """The same clicks, decided with or without the volume's intensities near the boundary."""
-        sharedLogic().setRefineBoundary(checked)
+        logic = sharedLogic()
+        logic.setRefineBoundary(checked)
+        if hasattr(logic, "getParameterNode"):  # the module's setting too, or opening its panel would set it back
+            logic.setParameter(logic.getParameterNode(), "RefineBoundary", bool(checked))
         self._followSegment()
         if self.clicks:
             self._submit(newClick=False)

@@ -1025,3 +1025,26 @@ def test_the_effect_switches_the_boundary_refinement_and_decides_its_clicks_agai
     assert np.array_equal(app.logic.segmentArray(segmentation, target), ball)  # the stand-in ignores the setting
     effect.updateGUIFromMRML()
     assert effect.refineCheckBox.checked is False
+    # Found by review: the module's parameter node kept its own value and set the logic back.
+    module = app.module.FastSAM3DWidget(types.SimpleNamespace(isEntered=True))
+    module.setup()
+    assert app.logic.refineBoundary is False and module.ui.refineBoundaryCheckBox.checked is False
+
+
+def test_the_downloaded_public_weights_are_the_ones_loaded(app, monkeypatch, tmp_path):
+    """Found by review: the download kept sam_med3d_turbo.safetensors, while the module looked for
+    FastSAM3D.safetensors and kept asking for the download."""
+    widget, *_ = _widget(app)
+    monkeypatch.setattr(app.logic, "weightsDirectory", lambda: tmp_path)
+    loads = []
+
+    def load(source="bundled", checkpointPath=None, device=None):
+        loads.append((source, checkpointPath))
+        return types.SimpleNamespace(config={"source": checkpointPath})
+
+    monkeypatch.setattr(app.logic, "loadModel", load)
+    widget.ui.modelSourceComboBox.setCurrentIndex(widget.ui.modelSourceComboBox.findData("public"))
+    assert widget.onLoadModel() is False and "Download the public weights first" in widget.ui.statusLabel.text
+    app.logic.publicWeightsPath().write_bytes(b"converted weights")  # what downloadPublicWeights leaves
+    assert widget.onLoadModel() is True
+    assert loads == [("public", str(tmp_path / "sam_med3d_turbo.safetensors"))]
