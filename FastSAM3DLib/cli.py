@@ -28,6 +28,8 @@ logger = logging.getLogger("fastsam3d")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "Resources" / "Sample"
+# Until bundled weights pass their bar (issue 5), the demo shows what the training campaign has made so far.
+CAMPAIGN_MODEL = REPO_ROOT / "Resources" / "Training" / "fastsam3d-campaign.safetensors"
 
 
 class UsageError(FastSAM3DInputError):
@@ -301,10 +303,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir}: is a file; expected a folder (it is created if missing)")
     if args.model is None and bundled_model_path() is None:
-        raise CheckpointError(
-            f"no bundled model weights in this install (looked for {MODELS_DIR / BUNDLED_MODEL_NAME}): "
-            "run the demo with a checkpoint, `fastsam3d demo --model PATH`"
-        )
+        if not CAMPAIGN_MODEL.exists():
+            raise CheckpointError(
+                f"no bundled model weights in this install (looked for {MODELS_DIR / BUNDLED_MODEL_NAME}): "
+                "run the demo with a checkpoint, `fastsam3d demo --model PATH`"
+            )
+        args.model = str(CAMPAIGN_MODEL)
+        print(f"fastsam3d: no bundled model in this install yet; using the training campaign's current weights "
+              f"({CAMPAIGN_MODEL}), which are below the quality bar of a bundled model "
+              "(see Resources/Training/README.md)", file=sys.stderr)
     check_device_option(args.device)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)

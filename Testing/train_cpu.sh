@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Resumable CPU training of the bundled model: the recipe of the shipped weights (see
-# Resources/Models/README.md), two DDP ranks of one thread each (gloo).
+# Resumable CPU training of the bundled model: the campaign's recipe (see Resources/Training/README.md),
+# two DDP ranks of one thread each (gloo).
 #
 #   Testing/train_cpu.sh                          # defaults below; rerun the same command to resume
 #   MINUTES=60 LR=3e-5 BALANCE_CAP=5 Testing/train_cpu.sh

@@ -75,10 +75,27 @@ def test_demo_with_a_checkpoint_segments_the_sample(model_path, tmp_path, capsys
     assert "segmenting" in captured.err
 
 
+def test_demo_without_bundled_weights_shows_the_campaigns_and_says_so(model_path, tmp_path, capsys, monkeypatch):
+    """The README's first command works before bundled weights exist: with the training campaign's
+    current file (here a stand-in), named as such."""
+    import FastSAM3DLib.checkpoint as checkpoint
+    import FastSAM3DLib.cli as cli
+
+    monkeypatch.setattr(checkpoint, "bundled_model_path", lambda: None)
+    monkeypatch.setattr(cli, "CAMPAIGN_MODEL", model_path)
+    assert main(["demo", "--out-dir", str(tmp_path / "demo"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "no bundled model in this install yet" in captured.err and "below the quality bar" in captured.err
+    assert json.loads(captured.out)["output"] == str(tmp_path / "demo" / "demo_mask.nii.gz")
+
+
 def test_demo_without_weights_or_with_a_file_as_folder_creates_nothing(tmp_path, capsys, monkeypatch):
     import FastSAM3DLib.checkpoint as checkpoint
 
+    import FastSAM3DLib.cli as cli
+
     monkeypatch.setattr(checkpoint, "bundled_model_path", lambda: None)  # this install has none anyway; a later one may
+    monkeypatch.setattr(cli, "CAMPAIGN_MODEL", tmp_path / "no-campaign.safetensors")  # an install without either
     out_dir = tmp_path / "demo"
     assert main(["demo", "--out-dir", str(out_dir)]) == 2
     assert "fastsam3d demo --model PATH" in capsys.readouterr().err and not out_dir.exists()
