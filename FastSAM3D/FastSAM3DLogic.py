@@ -804,6 +804,12 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         if device is not None:
             self.device = device
         if source == "bundled":
+            if engine.bundled_model_path() is None:  # said in Slicer's terms, not the engine's Python/CLI ones
+                raise engine.CheckpointError(
+                    "this FastSAM3D install has no bundled model weights yet: in the FastSAM3D module's Model "
+                    "section choose 'Local checkpoint' (e.g. Resources/Training/fastsam3d-campaign.safetensors of the "
+                    "source tree) or download the public weights, then press Load model"
+                )
             model = engine.load_model(None, device=self.device)
         elif source in ("checkpoint", "public"):
             if not checkpointPath:

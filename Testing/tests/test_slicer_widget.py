@@ -425,7 +425,8 @@ def test_widget_live_update_undo_reset_uncertainty_and_scene_close(app):
         widget.ui.liveUpdateCheckBox.checked = True
         widget.updateParameterNodeFromGUI()
         include.AddControlPoint(7.0, 0.0, 0.0)
-        assert not widget.queue.busy and "bundled" in widget.ui.statusLabel.text
+        assert not widget.queue.busy and "no bundled model weights yet" in widget.ui.statusLabel.text
+        assert "Local checkpoint" in widget.ui.statusLabel.text  # said in the module's terms (found by review)
 
     # Closing the scene drops sessions; the (singleton, reset) parameter node gets defaults and new prompt nodes.
     app.scene.Clear(0)
