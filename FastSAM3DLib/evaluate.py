@@ -174,8 +174,9 @@ def folder_cases(root: str | Path, labels: Optional[Sequence[str]] = None) -> Li
     ``labels``: label values, ``case:value`` names, or label names from its dataset.json, whose
     "ignore" label is never a target).
 
-    Every label map is read and every image's header checked here, so a bad file is reported before
-    any case is evaluated; the images themselves are read one case at a time during the evaluation.
+    Every label map is read and every image's header checked here (a truncated, unreadable or
+    mismatched file is reported before any case is evaluated); the images themselves are read one
+    case at a time during the evaluation, where their voxel values (NaN, constant) are checked.
 
     Raises:
       FileNotFoundError, ValueError: as :func:`FastSAM3DLib.data.folder.find_cases` and the checks

@@ -663,11 +663,11 @@ class FastPath:
         return self._decoder(image_embeddings, coords, labels, mask_logits, multimask_output)
 
 
-_paths: "weakref.WeakKeyDictionary[Sam3D, Dict[str, Tuple[int, FastPath]]]" = weakref.WeakKeyDictionary()
+_paths: "weakref.WeakKeyDictionary[Sam3D, Dict[str, Tuple[Tuple[int, int], FastPath]]]" = weakref.WeakKeyDictionary()
 _paths_lock = threading.Lock()
 
 
-def _weights_fingerprint(model: nn.Module) -> Tuple[int, ...]:
+def _weights_fingerprint(model: nn.Module) -> Tuple[int, int]:
     """Changes whenever a parameter or buffer is modified in place (optimizer steps,
     ``load_state_dict``), replaced (``load_state_dict(assign=True)``) or moved to another device or
     dtype (``model.to``): what the fast path's restated copies were made from.
@@ -714,10 +714,10 @@ def fast_path(model: Sam3D, mode: str) -> FastPath:
       ValueError: see :func:`check_mode`.
     """
     check_mode(model, mode)
-    version = _weights_fingerprint(model)
+    fingerprint = _weights_fingerprint(model)
     with _paths_lock:
         entry = _paths.setdefault(model, {}).get(mode)
-        if entry is not None and entry[0] == version:
+        if entry is not None and entry[0] == fingerprint:
             return entry[1]
         int8, sparse = mode.startswith("int8"), "sparse" in mode
         kind = "int8" if int8 else "bf16" if mode == "bf16" else "fp32"
@@ -735,7 +735,7 @@ def fast_path(model: Sam3D, mode: str) -> FastPath:
             if restatable:
                 decoder = FastDecoder(model, int8=int8).eval()
         path = FastPath(model, mode, encoder, decoder)
-        _paths[model][mode] = (version, path)
+        _paths[model][mode] = (fingerprint, path)
         return path
 
 

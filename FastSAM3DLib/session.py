@@ -381,6 +381,7 @@ class Session:
 
     def new_object(self) -> int:
         """A handle for another object segmented on the same image (sharing the embeddings)."""
+        self._check_open()
         self.image  # noqa: B018 - raises if no image is set
         with self._lock:
             handle = self._next_object
@@ -569,10 +570,12 @@ class Session:
         coords, labels, used = self._crop_prompts(state, crop)
         if not used:
             return
-        if not any(p.positive for p in used):
+        if not any(p.positive for p in state.prompts if crop.contains(p.center)):
             # A crop opened by exclude clicks alone marks nothing: decoded, its mask would be the
-            # model's guess with nothing to include, added to the object's.
+            # model's guess with nothing to include, added to the object's. (All of the object's
+            # prompts in the crop decide, not only those decoded: "newest" decodes one.)
             state.logits.pop(crop, None)
+            state.iou.pop(crop, None)
             state.decoded[crop] = len(state.prompts)
             return
         embedding = self._embedding(crop)

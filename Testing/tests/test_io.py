@@ -13,7 +13,7 @@ from FastSAM3DLib.io import load_image, read_image, validate_image, write_image_
 
 
 def _write_dicom_series(array: np.ndarray, spacing, origin, folder: Path, series_uid="1.2.826.0.1.3680043.2.1125.1.1234567890",
-                        description="", skip=()) -> None:
+                        description="", skip=(), position_decimals=4) -> None:
     """One CT slice per file, with the tags ITK/GDCM use to rebuild the volume's geometry (slices
     ``skip`` left out)."""
     for z in range(array.shape[0]):
@@ -29,7 +29,7 @@ def _write_dicom_series(array: np.ndarray, spacing, origin, folder: Path, series
             "0020|000e": series_uid,
             "0020|000d": series_uid + ".0",
             "0020|0013": str(z + 1),
-            "0020|0032": "\\".join(f"{v:.4f}" for v in (origin[0], origin[1], origin[2] + z * spacing[2])),
+            "0020|0032": "\\".join(f"{v:.{position_decimals}f}" for v in (origin[0], origin[1], origin[2] + z * spacing[2])),
             "0020|0037": "1\\0\\0\\0\\1\\0",
             "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",
             "0018|0050": f"{spacing[2]:.4f}",
@@ -86,6 +86,11 @@ def test_a_folder_of_several_series_is_read_only_when_one_is_chosen(tmp_path, ca
     _write_dicom_series(scan, (0.8, 0.8, 2.5), (-10.0, 20.0, 30.0), gap, skip=(5,))
     with pytest.raises(ImageError, match=r"not evenly spaced \(gaps from 2.5 to 5 mm"):
         read_image(gap)
+    # Positions stored to 0.1 mm (gaps of 1.2 and 1.3 mm for 1.25 mm slices) are not a missing slice.
+    rounded = tmp_path.parent / "rounded"
+    rounded.mkdir()
+    _write_dicom_series(scan, (0.8, 0.8, 1.25), (-10.0, 20.0, 30.0), rounded, position_decimals=1)
+    assert read_image(rounded).GetSize() == (24, 20, 12)
 
 
 def test_folder_without_dicom_is_an_error(tmp_path):
