@@ -42,13 +42,16 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .clicks import dice, next_click
 from .errors import FastSAM3DInputError
+
+if TYPE_CHECKING:
+    from .data.folder import CaseCache, FolderCase
 
 logger = logging.getLogger(__name__)
 
@@ -123,40 +126,13 @@ def mni152_cases(structures: Optional[Sequence[str]] = None) -> List[Case]:
     return [Case(n, template.image, template.labels[n], "new subject") for n in names]
 
 
-class _LastCase:
-    """The folder case read last (its image and label map) and the target mask made last, kept
-    for the case's other targets and the target's other uses."""
-
-    def __init__(self) -> None:
-        self.case = None
-        self.image: Optional[sitk.Image] = None
-        self.labels: Optional[sitk.Image] = None
-        self.target: Optional[Tuple[object, int, sitk.Image]] = None
-
-    def read(self, case) -> Tuple[sitk.Image, sitk.Image]:
-        from .data.folder import read_case
-
-        if case != self.case:
-            self.case = self.image = self.labels = self.target = None  # the previous case is released first
-            self.image, self.labels = read_case(case)
-            self.case = case
-        return self.image, self.labels
-
-    def mask(self, case, value: int) -> sitk.Image:
-        """uint8 0/1 mask of ``value`` in the case's label map."""
-        labels = self.read(case)[1]
-        if self.target is None or self.target[:2] != (case, value):
-            self.target = (case, value, sitk.Cast(labels == value, sitk.sitkUInt8))
-        return self.target[2]
-
-
 class FolderTarget:
     """One label value of one case of an imagesTr/labelsTr folder, read when it is evaluated, so
     that a dataset's images are not all in memory at once (a :class:`Case` otherwise)."""
 
     group = "unknown"
 
-    def __init__(self, case, value: int, reader: _LastCase) -> None:
+    def __init__(self, case: "FolderCase", value: int, reader: "CaseCache") -> None:
         self.case, self.value, self._reader = case, value, reader
         self.name = f"{case.case_id}:{value}"
 
@@ -182,21 +158,14 @@ def folder_cases(root: str | Path, labels: Optional[Sequence[str]] = None) -> Li
       FileNotFoundError, ValueError: as :func:`FastSAM3DLib.data.folder.find_cases` and the checks
         (the message names the file); FastSAM3DInputError: a wanted label that no case holds.
     """
-    from tqdm import tqdm
-
-    from .data.folder import check_case_header, find_cases, read_label_map, read_label_names
+    from .data.folder import CaseCache, checked_label_maps, read_label_names, target_values
 
     names = read_label_names(root)
     wanted = list(dict.fromkeys(labels or []))
     matched = set()
-    reader, targets = _LastCase(), []
-    for case in tqdm(find_cases(root), desc="reading labels", unit="case", leave=False, disable=None):
-        label = read_label_map(case)
-        check_case_header(case, label)
-        present = np.unique(sitk.GetArrayViewFromImage(label))
-        for value in (int(v) for v in present[present > 0]):
-            if names.get(value) == "ignore":
-                continue
+    reader, targets = CaseCache(), []
+    for case, label in checked_label_maps(root):
+        for value, _count in target_values(label, names):
             keys = {f"{case.case_id}:{value}", str(value)} | ({names[value]} if value in names else set())
             if wanted and not keys & set(wanted):
                 continue

@@ -226,6 +226,60 @@ def read_label_names(root: Union[str, Path]) -> Dict[int, str]:
     return names
 
 
+def checked_label_maps(
+    root: Union[str, Path], progress: Optional[bool] = None, desc: str = "reading labels"
+) -> Iterator[Tuple[FolderCase, sitk.Image]]:
+    """Every case of a folder with its label map, read strictly, and its image's header checked
+    (:func:`check_case_header`), so that a bad file is reported before any image is read.
+
+    Arguments:
+      progress: show a tqdm bar (None: where the output is a terminal).
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`find_cases`, :func:`read_label_map` and
+        :func:`check_case_header`.
+    """
+    from tqdm import tqdm
+
+    for case in tqdm(find_cases(root), desc=desc, unit="case", leave=False, disable=None if progress is None else not progress):
+        label = read_label_map(case)
+        check_case_header(case, label)
+        yield case, label
+
+
+def target_values(label: sitk.Image, names: Dict[int, str]) -> List[Tuple[int, int]]:
+    """(value, voxel count) of each target of a label map: its foreground values but one that
+    ``names`` (:func:`read_label_names`) calls "ignore"."""
+    values, counts = np.unique(sitk.GetArrayViewFromImage(label), return_counts=True)
+    return [(v, c) for v, c in zip(values.tolist(), counts.tolist()) if v > 0 and names.get(int(v)) != "ignore"]
+
+
+class CaseCache:
+    """The folder case read last (its image and label map) and the target mask made last: a
+    dataset's cases are read one at a time, and a case's other targets reuse its read."""
+
+    def __init__(self) -> None:
+        self.case: Optional[FolderCase] = None
+        self.image: Optional[sitk.Image] = None
+        self.labels: Optional[sitk.Image] = None
+        self.target: Optional[Tuple[FolderCase, int, sitk.Image]] = None
+
+    def read(self, case: FolderCase) -> Tuple[sitk.Image, sitk.Image]:
+        """The case's image and label map (:func:`read_case`)."""
+        if case != self.case:
+            self.case = self.image = self.labels = self.target = None  # the previous case is released first
+            self.image, self.labels = read_case(case)
+            self.case = case
+        return self.image, self.labels
+
+    def mask(self, case: FolderCase, value: int) -> sitk.Image:
+        """uint8 0/1 mask of ``value`` in the case's label map."""
+        labels = self.read(case)[1]
+        if self.target is None or self.target[:2] != (case, value):
+            self.target = (case, value, sitk.Cast(labels == value, sitk.sitkUInt8))
+        return self.target[2]
+
+
 def iter_folder_labels(
     root: Union[str, Path], images_dir: str = "imagesTr", labels_dir: str = "labelsTr"
 ) -> Iterator[LabelSample]:

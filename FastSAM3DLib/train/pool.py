@@ -43,7 +43,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from ..crops import CROP_SPACING
-from ..data.folder import FolderCase
+from ..data.folder import CaseCache, FolderCase
 from ..errors import FastSAM3DInputError
 from ..preprocess import CropGrid, IntensitySettings, image_padding_value, normalize_crop, resample_to_crop
 from .live import draw_phantom_crop, jittered_center
@@ -161,21 +161,16 @@ def scan_data(folders: Sequence[str | os.PathLike], min_voxels: int, progress: b
     Raises:
       FastSAM3DInputError: a folder that is not a readable dataset (the message names the file).
     """
-    from ..data.folder import check_case_header, find_cases, read_label_map, read_label_names
+    from ..data.folder import checked_label_maps, read_label_names, target_values
 
     targets: List[DataTarget] = []
     skipped = 0
     for folder in folders:
         try:
             names = read_label_names(folder)
-            for case in tqdm(find_cases(folder), desc=f"labels of {Path(folder).name}", unit="case", disable=not progress):
-                label = read_label_map(case)
-                check_case_header(case, label)
-                values, counts = np.unique(sitk.GetArrayViewFromImage(label), return_counts=True)
+            for case, label in checked_label_maps(folder, progress, desc=f"labels of {Path(folder).name}"):
                 crop_voxels_per_voxel = math.prod(label.GetSpacing()) / CROP_SPACING**3
-                for value, count in zip(values.tolist(), counts.tolist()):
-                    if value == 0 or names.get(int(value)) == "ignore":
-                        continue
+                for value, count in target_values(label, names):
                     if count * crop_voxels_per_voxel <= min_voxels:
                         skipped += 1
                         continue
@@ -237,10 +232,10 @@ def prepare_crop(
 
 class _Sources:
     """Lazily loaded source volumes, one copy per process, and the user data's structures (set in
-    each worker process by :func:`_set_targets`)."""
+    each worker process by :func:`_set_targets`) with the case read last."""
 
     colin = None
-    case: Optional[Tuple[FolderCase, sitk.Image, sitk.Image]] = None
+    cases = CaseCache()
     targets: Sequence[DataTarget] = ()
 
     @classmethod
@@ -254,13 +249,7 @@ class _Sources:
     @classmethod
     def mask(cls, target: DataTarget) -> Tuple[sitk.Image, sitk.Image]:
         """The image of a target's case and the target's 0/1 mask (the case read last is kept)."""
-        from ..data.folder import read_case
-
-        if cls.case is None or cls.case[0] != target.case:
-            cls.case = None  # the previous case is released first
-            cls.case = (target.case, *read_case(target.case))
-        _, image, labels = cls.case
-        return image, sitk.Cast(labels == target.value, sitk.sitkUInt8)
+        return cls.cases.read(target.case)[0], cls.cases.mask(target.case, target.value)
 
 
 def _set_targets(targets: Sequence[DataTarget]) -> None:

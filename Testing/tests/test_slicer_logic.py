@@ -1042,28 +1042,35 @@ def test_a_non_linear_parent_transform_gives_the_linear_answer_quietly(ch2_node_
     assert "not linear" not in capfd.readouterr().err
 
 
-def test_a_box_at_the_edge_of_an_oblique_volume(tiny_logic):
-    """The engine's box is axis-aligned in LPS: around an oblique volume's edge its corners leave the
-    volume although the corners drawn lie in it; it is accepted, and the mask stays in the box."""
+def _noise_volume_and_segment(name: str, seed: int, ijkToRas: np.ndarray = np.eye(4)):
+    """A 40 x 40 x 12 volume of uniform noise with the given IJK-to-RAS matrix, and a segmentation
+    on its grid holding one empty segment: (scene, volume, segmentation, segment ID); the caller
+    keeps the scene, which its nodes do not hold."""
     from vtk.util import numpy_support
 
     scene = slicer.vtkMRMLScene()
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     data = vtk.vtkImageData()
     data.SetDimensions(40, 40, 12)
     data.AllocateScalars(vtk.VTK_FLOAT, 1)
-    numpy_support.vtk_to_numpy(data.GetPointData().GetScalars())[:] = np.random.default_rng(0).random(40 * 40 * 12) * 100
+    numpy_support.vtk_to_numpy(data.GetPointData().GetScalars())[:] = np.random.default_rng(seed).random(40 * 40 * 12) * 100
     volume.SetAndObserveImageData(data)
-    c = s = np.sqrt(0.5)
-    matrix = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
     vtkMatrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for col in range(4):
-            vtkMatrix.SetElement(r, col, matrix[r, col])
+            vtkMatrix.SetElement(r, col, ijkToRas[r, col])
     volume.SetIJKToRASMatrix(vtkMatrix)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    target = segmentation.GetSegmentation().AddEmptySegment("t")
+    return scene, volume, segmentation, segmentation.GetSegmentation().AddEmptySegment("t")
+
+
+def test_a_box_at_the_edge_of_an_oblique_volume(tiny_logic):
+    """The engine's box is axis-aligned in LPS: around an oblique volume's edge its corners leave the
+    volume although the corners drawn lie in it; it is accepted, and the mask stays in the box."""
+    c = s = np.sqrt(0.5)
+    matrix = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    _scene, volume, segmentation, target = _noise_volume_and_segment("oblique", 0, matrix)
     a, b = (matrix @ [1, 38, 2, 1])[:3], (matrix @ [1, 1, 9, 1])[:3]
     tiny_logic.segmentFromBox(volume, segmentation, target, a, b)
     voxels = exported_world_voxels(segmentation, target)
@@ -1075,18 +1082,7 @@ def test_a_box_past_the_volume_edge_is_taken_and_a_flat_one_is_explained(tiny_lo
     """Found by review: an ROI drawn around a structure at the edge of the field of view was refused
     because a corner lay outside the volume, though the engine takes such a box; and a flat ROI was
     explained in the engine's LPS millimetres, which Slicer never shows."""
-    from vtk.util import numpy_support
-
-    scene = slicer.vtkMRMLScene()
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "edge")
-    data = vtk.vtkImageData()
-    data.SetDimensions(40, 40, 12)
-    data.AllocateScalars(vtk.VTK_FLOAT, 1)
-    numpy_support.vtk_to_numpy(data.GetPointData().GetScalars())[:] = np.random.default_rng(1).random(40 * 40 * 12) * 100
-    volume.SetAndObserveImageData(data)
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    target = segmentation.GetSegmentation().AddEmptySegment("t")
+    _scene, volume, segmentation, target = _noise_volume_and_segment("edge", 1)
     a, b = np.array([-6.0, -6.0, 2.0]), np.array([10.0, 10.0, 8.0])  # RAS = IJK here; two faces lie past the volume
     tiny_logic.segmentFromBox(volume, segmentation, target, a, b)
     voxels = exported_world_voxels(segmentation, target)
